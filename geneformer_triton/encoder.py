@@ -81,8 +81,8 @@ class GeneformerEncoder(nn.Module):
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         emb = self.embeddings
-        length = input_ids.shape[1]
-        positions = torch.arange(length, device=input_ids.device).unsqueeze(0)
+        # positions derived from the input (not torch.arange) so traced graphs follow the input's device
+        positions = torch.cumsum(torch.ones_like(input_ids), dim=1) - 1
         x = emb.word_embeddings(input_ids) + emb.position_embeddings(positions)
         x = x + emb.token_type_embeddings.weight[0]
         return emb.LayerNorm(x)

@@ -1,0 +1,194 @@
+"""Load a Geneformer model: a checkpoint folder, a helical cache entry, or random weights by name.
+
+- Checkpoint folder: ``config.json`` + ``model.safetensors`` or ``pytorch_model.bin`` (the Geneformer
+  model repository and helical's cache hold these). Gene dictionaries are looked up in the folder
+  itself and then in its parent (helical keeps them one level up).
+- helical cache: ``<prefix>/.cache/helical/models/geneformer/<v1|v2|v3>/<model name>/`` where the prefix
+  is ``cache_dir`` or the ``CACHE_DIR_HELICAL_PREFIX`` environment variable (helical's own convention).
+- Random weights from a known model name with a fixed seed, for offline use; logged loudly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+from geneformer_triton.dictionaries import (
+    TOKEN_DICTIONARY_FILE,
+    DictionaryError,
+    GeneVocabulary,
+    load_vocabulary,
+)
+from geneformer_triton.encoder import Attention, GeneformerEncoder, Pooling
+from geneformer_triton.model_specs import ModelSpec, get_model_spec
+
+LOGGER = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class ModelLoadError(ValueError):
+    """A model cannot be loaded; the message says what is missing or inconsistent."""
+
+
+@dataclass
+class LoadedGeneformer:
+    """A loaded Geneformer (``BertForMaskedLM``, eval mode, fp32) and what it came from."""
+
+    model: BertForMaskedLM
+    name: str
+    source: str
+    random_weights: bool
+    weights_sha256: str
+    vocabulary: GeneVocabulary | None
+    special_tokens: bool
+
+    @property
+    def config(self) -> BertConfig:
+        return self.model.config
+
+    @property
+    def input_size(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+    def config_sha256(self) -> str:
+        return hashlib.sha256(self.model.config.to_json_string(use_diff=False).encode()).hexdigest()
+
+    def encoder(
+        self,
+        emb_layer: int = -1,
+        pooling: Pooling = "mean",
+        attention: Attention = "sdpa",
+        dtype: torch.dtype = torch.float32,
+    ) -> GeneformerEncoder:
+        """Encoder-only module over this model's weights (shared, not copied unless ``dtype`` differs)."""
+        if pooling == "cls" and not self.special_tokens:
+            raise ModelLoadError(f"{self.name} has no <cls> token: pooling='cls' needs a V2 model")
+        excluded = self.vocabulary.special_token_ids if (self.vocabulary and self.special_tokens) else ()
+        encoder = GeneformerEncoder(self.model.bert, emb_layer, pooling, excluded, attention).eval()
+        return encoder.to(dtype) if dtype != torch.float32 else encoder
+
+
+def _state_sha256(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def helical_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """helical's model cache folder for Geneformer (``<prefix>/.cache/helical/models/geneformer``)."""
+    prefix = cache_dir if cache_dir is not None else os.environ.get("CACHE_DIR_HELICAL_PREFIX", Path.home())
+    return Path(prefix) / ".cache" / "helical" / "models" / "geneformer"
+
+
+def _find_vocabulary(folder: Path) -> GeneVocabulary | None:
+    for candidate in (folder, folder.parent):
+        if (candidate / TOKEN_DICTIONARY_FILE).is_file():
+            return load_vocabulary(candidate)
+    return None
+
+
+def _check_config_matches(config: BertConfig, spec: ModelSpec, folder: Path) -> None:
+    expected = {
+        "num_hidden_layers": spec.num_hidden_layers,
+        "hidden_size": spec.hidden_size,
+        "max_position_embeddings": spec.input_size,
+    }
+    wrong = {k: (getattr(config, k), v) for k, v in expected.items() if getattr(config, k) != v}
+    if wrong:
+        details = ", ".join(f"{k}={got} (expected {want})" for k, (got, want) in wrong.items())
+        raise ModelLoadError(f"checkpoint {folder} does not match model name {spec.name}: {details}")
+
+
+def load_checkpoint(folder: str | Path, name: str | None = None) -> LoadedGeneformer:
+    """Load a Hugging Face checkpoint folder; ``name`` (optional) is checked against its config."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder} has no config.json: not a Hugging Face checkpoint folder")
+    if not any((folder / w).is_file() for w in WEIGHT_FILES):
+        raise ModelLoadError(f"{folder} has no weights file (expected one of {', '.join(WEIGHT_FILES)})")
+    config = BertConfig.from_pretrained(folder)
+    if name is not None:
+        _check_config_matches(config, get_model_spec(name), folder)
+    model = BertForMaskedLM.from_pretrained(folder, attn_implementation="sdpa").eval().float()
+    vocabulary = _find_vocabulary(folder)
+    if vocabulary is None:
+        LOGGER.warning("no gene dictionaries next to %s: pass dictionaries explicitly to tokenize", folder)
+    elif len(vocabulary) != config.vocab_size:
+        raise ModelLoadError(
+            f"token dictionary has {len(vocabulary)} entries but the checkpoint's vocab_size is {config.vocab_size}"
+        )
+    special = vocabulary.has_special_tokens if vocabulary is not None else config.max_position_embeddings > 2048
+    return LoadedGeneformer(
+        model=model,
+        name=name or folder.name,
+        source=str(folder.resolve()),
+        random_weights=False,
+        weights_sha256=_state_sha256(model),
+        vocabulary=vocabulary,
+        special_tokens=special,
+    )
+
+
+def random_geneformer(name: str, seed: int = 0, vocabulary: GeneVocabulary | None = None) -> LoadedGeneformer:
+    """Build ``name``'s architecture with random weights (seeded). Logged as a warning: no biology here."""
+    spec = get_model_spec(name)
+    config_dict = spec.bert_config_dict()
+    if vocabulary is not None:
+        config_dict["vocab_size"] = len(vocabulary)
+    LOGGER.warning(
+        "RANDOM WEIGHTS: %s is initialized randomly (seed %d) - embeddings carry no biological meaning; "
+        "pass a checkpoint folder or a helical cache for real weights",
+        name,
+        seed,
+    )
+    torch.manual_seed(seed)
+    model = BertForMaskedLM(BertConfig(**config_dict, attn_implementation="sdpa")).eval()
+    return LoadedGeneformer(
+        model=model,
+        name=name,
+        source=f"random:seed={seed}",
+        random_weights=True,
+        weights_sha256=_state_sha256(model),
+        vocabulary=vocabulary,
+        special_tokens=spec.special_tokens,
+    )
+
+
+def load_geneformer(
+    model: str | Path,
+    cache_dir: str | Path | None = None,
+    allow_random: bool = False,
+    seed: int = 0,
+    vocabulary: GeneVocabulary | None = None,
+) -> LoadedGeneformer:
+    """Load ``model``: a checkpoint folder, else a name found in the helical cache, else (if
+    ``allow_random``) random weights for that name. ``vocabulary`` overrides the dictionaries found."""
+    path = Path(model)
+    if path.is_dir():
+        loaded = load_checkpoint(path)
+    else:
+        spec = get_model_spec(str(model))
+        cached = helical_cache_dir(cache_dir) / spec.dictionary_version / spec.name
+        if cached.is_dir():
+            loaded = load_checkpoint(cached, spec.name)
+        elif allow_random:
+            return random_geneformer(spec.name, seed, vocabulary)
+        else:
+            raise ModelLoadError(
+                f"{spec.name} not found in the helical cache ({cached}); give a checkpoint folder, set "
+                "CACHE_DIR_HELICAL_PREFIX, or allow random weights"
+            )
+    if vocabulary is not None:
+        loaded.vocabulary = vocabulary
+    if loaded.vocabulary is None:
+        raise DictionaryError(f"no gene dictionaries found for {model}; pass a dictionary folder")
+    return loaded

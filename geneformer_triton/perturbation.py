@@ -1,0 +1,579 @@
+"""In-silico perturbation (ISP) of tokenized cells: perturbed sequences, scores, reference runner.
+
+The semantics follow Geneformer's ``InSilicoPerturber`` (delete / overexpress, cell- and gene-embedding
+shifts, goal-state shift); ``inhibit`` / ``activate``, which Geneformer lists but has not implemented,
+get the definition below. This module is split so that a Triton python (BLS) model can reuse it:
+
+* pure numpy: :func:`plan_perturbations` / :class:`PerturbationPlan` (perturbed token sequences and the
+  gene alignment), :func:`perturb_sequence`, :func:`chunk_by_token_budget`, :func:`pad_batch`,
+  :func:`reduce_scores`; importing the module does not import torch;
+* :func:`run_plan` / :func:`run_perturbation`: drive any ``encode(input_ids, attention_mask) ->
+  (cell_embedding [B,H], token_embeddings [B,L,H])`` callable (numpy int64 in, numpy or torch out),
+  e.g. :func:`torch_encode_fn` around :class:`geneformer_triton.encoder.GeneformerEncoder`, or a
+  function that calls the served encoder.
+
+Cell layout
+    A cell is a 1-D array of token ids in rank-value order, unpadded. With ``cls_token_id`` /
+    ``eos_token_id`` given (V2 models), a leading ``<cls>`` and a trailing ``<eos>`` stay in place;
+    special tokens anywhere else, the pad id, negative ids and repeated genes are errors. The
+    "genes" of a cell are its tokens without the special ones; ``n`` is their number (n >= 2).
+
+Perturbation types (``genes`` = the set perturbed at once, ``p`` = a gene's 0-based rank among genes)
+    * ``delete``: the genes are removed (length - len(genes)).
+    * ``overexpress``: the genes are moved to the front (right after ``<cls>``), in set order
+      (anchor genes first, then the targets as given); other genes keep their order. Length unchanged.
+    * ``inhibit`` / ``activate`` with ``rank_shift`` (required, > 0): ``k`` positions where
+      ``rank_shift >= 1`` (must be an integer) or ``k = max(1, floor(rank_shift * n + 0.5))`` where
+      ``0 < rank_shift < 1`` (a fraction of the cell's gene count, 0.25 ~ one quartile).
+      Each gene is given the sort key ``p + k + 0.5`` (inhibit) or ``p - k - 0.5`` (activate), other
+      genes keep key ``p``, and genes are stably re-sorted by key. For one gene this moves it to rank
+      ``min(p + k, n - 1)`` (inhibit) or ``max(p - k, 0)`` (activate), shifting the genes in between
+      by one; moves are clipped to the gene block (never past ``<cls>`` / ``<eos>``). Length unchanged.
+
+Targets
+    * ``"all"``: one perturbation per gene of the cell, in rank order (anchor genes skipped). No-op
+      perturbations (overexpressing / activating the first gene, inhibiting the last) are kept, so
+      results line up with the cell's genes (their scores are ~1 / ~0).
+    * a list of gene token ids, ``group=False``: one perturbation per entry, in list order.
+    * a list with ``group=True``: one perturbation of the whole set at once.
+    * ``anchor`` (token id or list): perturbed together with every perturbation above (Geneformer's
+      ``combos=1`` + ``anchor_gene``, generalised to any type and mode). Set order: anchors, then
+      target(s). A target equal to an anchor is an error (``"all"`` skips anchors instead).
+    Each perturbation set must leave at least one unperturbed gene (len(set) < n).
+
+Scores (per perturbation, float32, in target order; cosine similarities, 1 = unchanged)
+    * ``cell_shift``: cos(original cell embedding, perturbed cell embedding); cell embeddings are the
+      encoder's ``cell_embedding`` output (mean over non-pad, non-special tokens for
+      ``GeneformerEncoder(pooling="mean", excluded_token_ids=(cls, eos))``).
+    * ``goal_shift`` = cos(perturbed, goal) - cos(original, goal) when ``goal_state`` is given,
+      ``start_shift`` likewise for ``start_state`` (positive = towards that state).
+    * ``gene_shift``: mean over the genes NOT in the perturbation set of cos(token embedding in the
+      original cell, token embedding in the perturbed cell), genes matched by token id (for delete the
+      deleted positions are dropped from the original; for overexpress/inhibit/activate the moved
+      genes are excluded and the others compared wherever they now sit). Special tokens excluded.
+    * optional ``gene_cos`` [P, n]: those per-gene cosines in the original gene order, NaN for the
+      perturbed genes (Geneformer's gene-embedding shifts, reduced to one value per gene).
+    Token embeddings of a chunk are reduced right after its forward pass; nothing of size
+    [perturbations x length x hidden] is kept.
+
+Batching
+    The original cell and then every perturbed sequence (target order) are cut, in that order, into
+    consecutive chunks with ``batch * padded_length <= max_tokens`` (and ``batch <= max_batch``; a
+    single sequence longer than the budget gets a chunk of its own), right-padded with ``pad_token_id``
+    and an ``attention_mask``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+PERTURB_TYPES = ("delete", "overexpress", "inhibit", "activate")
+
+EncodeFn = Callable[[np.ndarray, np.ndarray], tuple[Any, Any]]
+
+DEFAULT_MAX_TOKENS = 16384
+
+
+class PerturbationError(ValueError):
+    """Invalid perturbation request (bad cell, target, anchor, type or option)."""
+
+
+# ----------------------------------------------------------------------------- cell layout
+
+
+@dataclass(frozen=True)
+class _Layout:
+    ids: np.ndarray  # full cell, int64
+    prefix: int  # 1 when a leading <cls> is kept in place
+    suffix: int  # 1 when a trailing <eos> is kept in place
+
+    @property
+    def genes(self) -> np.ndarray:
+        return self.ids[self.prefix : len(self.ids) - self.suffix]
+
+
+def _as_int_array(values: Any, what: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.dtype == bool or (arr.size > 0 and arr.dtype.kind not in "iu"):
+        raise PerturbationError(f"{what} must hold integer token ids, got dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
+
+
+def _layout(
+    input_ids: Any, cls_token_id: int | None, eos_token_id: int | None, pad_token_id: int | None
+) -> _Layout:
+    ids = _as_int_array(input_ids, "input_ids")
+    if ids.ndim != 1:
+        raise PerturbationError(f"input_ids must be a 1-D array of one cell's token ids, got shape {ids.shape}")
+    prefix = int(cls_token_id is not None and ids.size > 0 and ids[0] == cls_token_id)
+    suffix = int(eos_token_id is not None and ids.size > prefix and ids[-1] == eos_token_id)
+    specials = {t: name for t, name in ((cls_token_id, "<cls>"), (eos_token_id, "<eos>")) if t is not None}
+    seen: dict[int, int] = {}
+    for i in range(prefix, ids.size - suffix):
+        tok = int(ids[i])
+        if tok < 0:
+            raise PerturbationError(f"input_ids[{i}]={tok} is negative")
+        if pad_token_id is not None and tok == pad_token_id:
+            raise PerturbationError(
+                f"input_ids[{i}]={tok} is the pad id; pass the unpadded cell (input_ids[:length])"
+            )
+        if tok in specials:
+            raise PerturbationError(
+                f"input_ids[{i}]={tok} is the {specials[tok]} token; special tokens may only be "
+                "first (<cls>) or last (<eos>)"
+            )
+        if tok in seen:
+            raise PerturbationError(
+                f"gene token {tok} occurs twice in the cell (input_ids[{seen[tok]}] and input_ids[{i}])"
+            )
+        seen[tok] = i
+    n = ids.size - prefix - suffix
+    if n < 2:
+        raise PerturbationError(f"cell has {n} gene token(s); perturbation needs at least 2")
+    return _Layout(ids, prefix, suffix)
+
+
+def _check_type(perturb_type: Any) -> str:
+    if isinstance(perturb_type, (bytes, np.bytes_)):
+        perturb_type = perturb_type.decode()
+    if perturb_type not in PERTURB_TYPES:
+        raise PerturbationError(f"unknown perturb_type {perturb_type!r}; expected one of {', '.join(PERTURB_TYPES)}")
+    return str(perturb_type)
+
+
+def resolve_rank_shift(perturb_type: str, rank_shift: float | None, n_genes: int) -> int | None:
+    """Positions ``k`` an inhibit/activate moves a gene for a cell of ``n_genes`` genes (None otherwise).
+
+    ``rank_shift >= 1`` is a whole number of positions; ``0 < rank_shift < 1`` a fraction of ``n_genes``
+    (``k = max(1, floor(rank_shift * n_genes + 0.5))``).
+    """
+    perturb_type = _check_type(perturb_type)
+    if perturb_type in ("delete", "overexpress"):
+        if rank_shift is not None:
+            raise PerturbationError(f"rank_shift applies to inhibit/activate only, not to {perturb_type!r}")
+        return None
+    if rank_shift is None:
+        raise PerturbationError(f"perturb_type {perturb_type!r} needs rank_shift (positions >= 1, or a fraction in (0, 1))")
+    shift = float(rank_shift)
+    if not math.isfinite(shift) or shift <= 0:
+        raise PerturbationError(f"rank_shift must be > 0, got {rank_shift!r}")
+    if shift >= 1:
+        if shift != int(shift):
+            raise PerturbationError(f"rank_shift >= 1 counts positions and must be a whole number, got {rank_shift!r}")
+        return int(shift)
+    return max(1, int(math.floor(shift * n_genes + 0.5)))
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class PerturbationPlan:
+    """All perturbations of one cell; sequences and alignments are built on demand (numpy only).
+
+    ``perturbed_genes`` [P, m]: token ids perturbed together in each perturbation (anchors first).
+    """
+
+    original_ids: np.ndarray
+    perturb_type: str
+    perturbed_genes: np.ndarray
+    shift: int | None
+    prefix: int
+    suffix: int
+    _gene_index: dict[int, int] = field(repr=False, compare=False)
+
+    @property
+    def num_perturbations(self) -> int:
+        return int(self.perturbed_genes.shape[0])
+
+    @property
+    def set_size(self) -> int:
+        return int(self.perturbed_genes.shape[1])
+
+    @property
+    def genes(self) -> np.ndarray:
+        """The cell's gene tokens (no special tokens), rank order."""
+        return self.original_ids[self.prefix : len(self.original_ids) - self.suffix]
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.original_ids) - self.prefix - self.suffix
+
+    def lengths(self) -> np.ndarray:
+        """Length of every perturbed sequence [P]."""
+        length = len(self.original_ids) - (self.set_size if self.perturb_type == "delete" else 0)
+        return np.full(self.num_perturbations, length, dtype=np.int64)
+
+    def build(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Perturbation ``i``: (sequence [L'], original positions [K], perturbed positions [K]).
+
+        The two position arrays (K = n - m) locate each unperturbed gene, in original rank order, in
+        the original and in the perturbed sequence (same token id at both).
+        """
+        genes = self.genes
+        n, m, pre = self.n_genes, self.set_size, self.prefix
+        pos = np.fromiter((self._gene_index[int(t)] for t in self.perturbed_genes[i]), np.int64, m)
+        kept = np.delete(np.arange(n), pos)
+        if self.perturb_type == "delete":
+            new_genes = genes[kept]
+            new_pos = np.arange(n - m)
+        elif self.perturb_type == "overexpress":
+            new_genes = np.concatenate([genes[pos], genes[kept]])
+            new_pos = np.arange(m, n)
+        else:
+            keys = np.arange(n, dtype=np.float64)
+            step = self.shift + 0.5
+            keys[pos] += step if self.perturb_type == "inhibit" else -step
+            order = np.argsort(keys, kind="stable")
+            new_genes = genes[order]
+            inverse = np.empty(n, dtype=np.int64)
+            inverse[order] = np.arange(n)
+            new_pos = inverse[kept]
+        seq = np.concatenate([self.original_ids[:pre], new_genes, self.original_ids[len(self.original_ids) - self.suffix :]])
+        return seq.astype(np.int64, copy=False), kept + pre, new_pos + pre
+
+    def sequence(self, i: int) -> np.ndarray:
+        """Perturbed token sequence ``i`` (special tokens kept in place)."""
+        return self.build(i)[0]
+
+
+def plan_perturbations(
+    input_ids: Any,
+    perturb_type: str = "delete",
+    targets: str | int | Sequence[int] = "all",
+    *,
+    group: bool = False,
+    anchor: int | Sequence[int] | None = None,
+    rank_shift: float | None = None,
+    cls_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = 0,
+) -> PerturbationPlan:
+    """Validate a request and list the perturbations of one cell (see the module docstring)."""
+    perturb_type = _check_type(perturb_type)
+    lay = _layout(input_ids, cls_token_id, eos_token_id, pad_token_id)
+    genes = lay.genes
+    n = genes.size
+    index = {int(t): i for i, t in enumerate(genes)}
+    shift = resolve_rank_shift(perturb_type, rank_shift, n)
+
+    def check_in_cell(arr: np.ndarray, what: str) -> None:
+        for j, tok in enumerate(arr):
+            tok = int(tok)
+            if tok not in index:
+                special = " (a special token, never perturbed)" if tok in (cls_token_id, eos_token_id) else ""
+                raise PerturbationError(f"{what}[{j}]={tok} is not a gene of the cell{special} ({n} genes)")
+
+    anchors = np.zeros(0, dtype=np.int64) if anchor is None else _as_int_array(anchor, "anchor").reshape(-1)
+    check_in_cell(anchors, "anchor")
+    if len(set(anchors.tolist())) != anchors.size:
+        raise PerturbationError(f"anchor lists a gene twice: {anchors.tolist()}")
+    anchor_set = set(anchors.tolist())
+
+    if isinstance(targets, str):
+        if targets != "all":
+            raise PerturbationError(f"targets must be 'all' or a list of gene token ids, got {targets!r}")
+        if group:
+            raise PerturbationError("group=True needs an explicit target list (grouping 'all' perturbs every gene)")
+        target_arr = np.array([t for t in genes if int(t) not in anchor_set], dtype=np.int64)
+    else:
+        target_arr = _as_int_array(targets, "targets").reshape(-1)
+        if target_arr.size == 0:
+            raise PerturbationError("targets is empty; give at least one gene token id or 'all'")
+        check_in_cell(target_arr, "targets")
+        for j, tok in enumerate(target_arr):
+            if int(tok) in anchor_set:
+                raise PerturbationError(f"targets[{j}]={int(tok)} is also an anchor gene")
+        if group and len(set(target_arr.tolist())) != target_arr.size:
+            raise PerturbationError(f"gene set lists a gene twice: {target_arr.tolist()}")
+
+    if group:
+        sets = np.concatenate([anchors, target_arr])[None, :]
+    else:
+        sets = np.concatenate([np.broadcast_to(anchors, (target_arr.size, anchors.size)), target_arr[:, None]], axis=1)
+    m = sets.shape[1]
+    if m >= n:
+        raise PerturbationError(
+            f"perturbation set of {m} gene(s) (anchors + targets) leaves no unperturbed gene in a cell "
+            f"of {n} genes; it must be smaller than the cell's gene count"
+        )
+    if sets.shape[0] == 0:
+        raise PerturbationError("no gene left to perturb: every gene of the cell is an anchor")
+    return PerturbationPlan(
+        original_ids=lay.ids.copy(),
+        perturb_type=perturb_type,
+        perturbed_genes=np.ascontiguousarray(sets, dtype=np.int64),
+        shift=shift,
+        prefix=lay.prefix,
+        suffix=lay.suffix,
+        _gene_index=index,
+    )
+
+
+def perturb_sequence(
+    input_ids: Any,
+    genes: int | Sequence[int],
+    perturb_type: str,
+    *,
+    rank_shift: float | None = None,
+    cls_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = 0,
+) -> np.ndarray:
+    """One cell with ``genes`` perturbed together (a gene set, in the given order)."""
+    plan = plan_perturbations(
+        input_ids, perturb_type, np.atleast_1d(_as_int_array(genes, "genes")), group=True,
+        rank_shift=rank_shift, cls_token_id=cls_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+    )
+    return plan.sequence(0)
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def chunk_by_token_budget(lengths: Sequence[int], max_tokens: int, max_batch: int | None = None) -> list[tuple[int, int]]:
+    """Consecutive ``[start, stop)`` chunks with ``count * max(length) <= max_tokens`` and ``count <= max_batch``."""
+    if max_tokens < 1:
+        raise PerturbationError(f"max_tokens must be >= 1, got {max_tokens}")
+    if max_batch is not None and max_batch < 1:
+        raise PerturbationError(f"max_batch must be >= 1, got {max_batch}")
+    chunks: list[tuple[int, int]] = []
+    start, longest = 0, 0
+    for i, length in enumerate(lengths):
+        longest_with = max(longest, int(length))
+        count = i - start + 1
+        if count > 1 and (count * longest_with > max_tokens or (max_batch is not None and count > max_batch)):
+            chunks.append((start, i))
+            start, longest_with = i, int(length)
+        longest = longest_with
+    if len(lengths) > start:
+        chunks.append((start, len(lengths)))
+    return chunks
+
+
+def pad_batch(sequences: Sequence[np.ndarray], pad_token_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad sequences: (input_ids [B, L] int64, attention_mask [B, L] int64)."""
+    width = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), width), pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), width), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def cosine(a: np.ndarray, b: np.ndarray, eps: float = 1e-8) -> np.ndarray:
+    """Cosine similarity along the last axis (float64, broadcasting)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    na = np.maximum(np.linalg.norm(a, axis=-1), eps)
+    nb = np.maximum(np.linalg.norm(b, axis=-1), eps)
+    return np.sum(a * b, axis=-1) / (na * nb)
+
+
+def reduce_scores(
+    original_cell: np.ndarray,
+    original_tokens: np.ndarray,
+    cell_embs: np.ndarray,
+    token_embs: np.ndarray,
+    orig_pos: np.ndarray,
+    pert_pos: np.ndarray,
+    start_state: np.ndarray | None = None,
+    goal_state: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Scores of b perturbations from their embeddings (float64 arrays).
+
+    original_cell [H], original_tokens [L0, H], cell_embs [b, H], token_embs [b, L, H],
+    orig_pos / pert_pos [b, K] (from :meth:`PerturbationPlan.build`). Returns ``cell_shift`` [b],
+    ``gene_cos`` [b, K], ``gene_shift`` [b], and ``goal_shift`` / ``start_shift`` [b] when given.
+    """
+    cell_embs = np.asarray(cell_embs)
+    rows = np.arange(cell_embs.shape[0])[:, None]
+    gene_cos = cosine(np.asarray(original_tokens)[orig_pos], np.asarray(token_embs)[rows, pert_pos])
+    out = {
+        "cell_shift": cosine(cell_embs, original_cell[None, :]),
+        "gene_cos": gene_cos,
+        "gene_shift": gene_cos.mean(axis=1),
+    }
+    for name, state in (("goal_shift", goal_state), ("start_shift", start_state)):
+        if state is not None:
+            out[name] = cosine(cell_embs, state[None, :]) - cosine(original_cell, state)
+    return out
+
+
+@dataclass
+class PerturbationResult:
+    """Reduced ISP scores of one cell, one row per perturbation in target order (float32)."""
+
+    perturb_type: str
+    perturbed_genes: np.ndarray  # [P, m] int64
+    lengths: np.ndarray  # [P] int64, perturbed sequence lengths
+    cell_shift: np.ndarray  # [P]
+    gene_shift: np.ndarray  # [P]
+    goal_shift: np.ndarray | None = None  # [P]
+    start_shift: np.ndarray | None = None  # [P]
+    gene_cos: np.ndarray | None = None  # [P, n], NaN at perturbed genes
+    original_cell_embedding: np.ndarray | None = None  # [H]
+    num_forward_passes: int = 0
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        """Array fields that are set (for a server response)."""
+        names = ("perturbed_genes", "lengths", "cell_shift", "gene_shift", "goal_shift", "start_shift", "gene_cos")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+
+# ----------------------------------------------------------------------------- runners
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def torch_encode_fn(module: Any, device: Any = None) -> EncodeFn:
+    """Wrap a torch module ``(input_ids, attention_mask) -> (cell, tokens)`` as a numpy encode callable."""
+    import torch
+
+    if device is None:
+        param = next(iter(module.parameters()), None)
+        device = param.device if param is not None else "cpu"
+
+    def encode(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            cell, tokens = module(torch.from_numpy(input_ids).to(device), torch.from_numpy(attention_mask).to(device))
+        return _to_numpy(cell), _to_numpy(tokens)
+
+    return encode
+
+
+def _state(vec: Any, hidden: int, name: str) -> np.ndarray | None:
+    if vec is None:
+        return None
+    arr = np.asarray(_to_numpy(vec), dtype=np.float64).reshape(-1)
+    if arr.size != hidden:
+        raise PerturbationError(f"{name} has {arr.size} values; the encoder's hidden size is {hidden}")
+    return arr
+
+
+def run_plan(
+    encode: EncodeFn,
+    plan: PerturbationPlan,
+    *,
+    start_state: Any = None,
+    goal_state: Any = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int | None = None,
+    pad_token_id: int = 0,
+    return_gene_cos: bool = False,
+) -> PerturbationResult:
+    """Encode the original cell and every perturbation of ``plan`` in token-budget chunks and reduce."""
+    torch_mod = sys.modules.get("torch")
+    if torch_mod is not None and isinstance(encode, torch_mod.nn.Module):
+        encode = torch_encode_fn(encode)
+    P, n = plan.num_perturbations, plan.n_genes
+    lengths = np.concatenate([[len(plan.original_ids)], plan.lengths()])
+    chunks = chunk_by_token_budget(lengths, max_tokens, max_batch)
+
+    scores: dict[str, np.ndarray] = {}
+    gene_cos = np.full((P, n), np.nan, dtype=np.float32) if return_gene_cos else None
+    original_cell = original_tokens = None
+    start = goal = None
+    for c_start, c_stop in chunks:
+        items = [(i - 1,) + plan.build(i - 1) if i > 0 else None for i in range(c_start, c_stop)]
+        seqs = [plan.original_ids if it is None else it[1] for it in items]
+        ids, mask = pad_batch(seqs, pad_token_id)
+        cell_out, tok_out = encode(ids, mask)
+        cell_out, tok_out = _to_numpy(cell_out), _to_numpy(tok_out)
+        if cell_out.ndim != 2 or cell_out.shape[0] != len(seqs) or tok_out.shape[:2] != ids.shape or tok_out.ndim != 3:
+            raise PerturbationError(
+                f"encode returned cell_embedding {cell_out.shape} and token_embeddings {tok_out.shape} "
+                f"for input_ids {ids.shape}; expected [B, H] and [B, L, H]"
+            )
+        first = 0
+        if items[0] is None:  # chunk 0 starts with the original cell
+            original_cell = cell_out[0].astype(np.float64)
+            original_tokens = tok_out[0, : len(plan.original_ids)]
+            start = _state(start_state, original_cell.size, "start_state")
+            goal = _state(goal_state, original_cell.size, "goal_state")
+            first = 1
+        if first == len(items):
+            continue
+        idx = np.array([it[0] for it in items[first:]])
+        orig_pos = np.stack([it[2] for it in items[first:]])
+        pert_pos = np.stack([it[3] for it in items[first:]])
+        part = reduce_scores(original_cell, original_tokens, cell_out[first:], tok_out[first:], orig_pos, pert_pos, start, goal)
+        for key, val in part.items():
+            if key == "gene_cos":
+                if gene_cos is not None:
+                    gene_cos[idx[:, None], orig_pos - plan.prefix] = val
+                continue
+            scores.setdefault(key, np.empty(P, dtype=np.float32))[idx] = val
+    return PerturbationResult(
+        perturb_type=plan.perturb_type,
+        perturbed_genes=plan.perturbed_genes,
+        lengths=plan.lengths(),
+        cell_shift=scores["cell_shift"],
+        gene_shift=scores["gene_shift"],
+        goal_shift=scores.get("goal_shift"),
+        start_shift=scores.get("start_shift"),
+        gene_cos=gene_cos,
+        original_cell_embedding=None if original_cell is None else original_cell.astype(np.float32),
+        num_forward_passes=len(chunks),
+    )
+
+
+def run_perturbation(
+    encode: EncodeFn,
+    input_ids: Any,
+    perturb_type: str = "delete",
+    targets: str | int | Sequence[int] = "all",
+    *,
+    group: bool = False,
+    anchor: int | Sequence[int] | None = None,
+    rank_shift: float | None = None,
+    cls_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+    start_state: Any = None,
+    goal_state: Any = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int | None = None,
+    return_gene_cos: bool = False,
+) -> PerturbationResult:
+    """In-silico perturbation of one cell: :func:`plan_perturbations` then :func:`run_plan`."""
+    plan = plan_perturbations(
+        input_ids, perturb_type, targets, group=group, anchor=anchor, rank_shift=rank_shift,
+        cls_token_id=cls_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+    )
+    return run_plan(
+        encode, plan, start_state=start_state, goal_state=goal_state, max_tokens=max_tokens,
+        max_batch=max_batch, pad_token_id=pad_token_id, return_gene_cos=return_gene_cos,
+    )
+
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "PERTURB_TYPES",
+    "PerturbationError",
+    "PerturbationPlan",
+    "PerturbationResult",
+    "chunk_by_token_budget",
+    "cosine",
+    "pad_batch",
+    "perturb_sequence",
+    "plan_perturbations",
+    "reduce_scores",
+    "resolve_rank_shift",
+    "run_perturbation",
+    "run_plan",
+    "torch_encode_fn",
+]
