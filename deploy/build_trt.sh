@@ -24,7 +24,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 REPO=${MODEL_REPOSITORY:-model_repository}
-ONNX=${TRT_ONNX:-$REPO/geneformer_onnx/1/model.onnx}
+ONNX=${TRT_ONNX:-$REPO/geneformer_onnx/1/model.portable.onnx}
 PLAN=$REPO/geneformer_trt/1/model.plan
 PRECISION=${TRT_PRECISION:-fp16}
 WORKSPACE_GIB=${TRT_WORKSPACE_GIB:-4}

@@ -1,7 +1,7 @@
 """TensorRT engine (``model.plan``) for the Geneformer encoder, built at deploy time on the serving GPU.
 
 The source is the ONNX encoder written by ``gftriton export``
-(``model_repository/geneformer_onnx/1/model.onnx``: inputs ``input_ids`` and ``attention_mask``,
+(``model_repository/geneformer_onnx/1/model.portable.onnx``, standard ONNX ops only: inputs ``input_ids`` and ``attention_mask``,
 INT64 ``[batch, tokens]``; outputs ``cell_embedding`` FP32 ``[batch, H]`` and ``token_embeddings``
 FP32 ``[batch, tokens, H]``). The engine keeps those names and types, so the ``geneformer_trt``
 model (platform ``tensorrt_plan``) has the same interface as ``geneformer_onnx``.
@@ -84,7 +84,7 @@ NGC_TRITON_IMAGE = f"nvcr.io/nvidia/tritonserver:{NGC_RELEASE}-py3"
 NGC_TENSORRT_VERSION = "10.5"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_ONNX = Path("model_repository/geneformer_onnx/1/model.onnx")
+DEFAULT_ONNX = Path("model_repository/geneformer_onnx/1/model.portable.onnx")
 DEFAULT_PLAN = Path(f"model_repository/{TRT_MODEL_NAME}/1/model.plan")
 MANIFEST_NAME = "manifest.json"
 

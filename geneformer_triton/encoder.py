@@ -114,8 +114,8 @@ class GeneformerEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self._embed(input_ids)
-        mask = attention_mask.to(x.dtype)
-        additive_mask = ((1.0 - mask) * torch.finfo(x.dtype).min)[:, None, None, :]
+        # [B, 1, 1, L] additive mask in the layout onnxruntime's BERT attention fusion recognises
+        additive_mask = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
         for layer in self.layers:
             x = self._layer(layer, x, additive_mask)
         token_embeddings = x.float()

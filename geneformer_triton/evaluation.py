@@ -43,6 +43,8 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from geneformer_triton.fidelity import embedding_fidelity
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SEED = 0
@@ -344,31 +346,6 @@ def embedding_metrics(
 # --------------------------------------------------------------------------------------------
 # fidelity and side-by-side comparison
 # --------------------------------------------------------------------------------------------
-def embedding_fidelity(embeddings: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """Per-cell agreement of ``embeddings`` with ``reference`` (both ``[n_cells, H]``, same order).
-
-    Returns ``cosine_min`` / ``cosine_mean`` of the row-wise cosine similarity (a zero-norm row
-    counts 1 if both rows are zero, else 0), ``max_abs_err`` and ``mean_abs_err`` over all
-    elements.
-    """
-    a = np.asarray(embeddings, dtype=np.float64)
-    b = np.asarray(reference, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 2:
-        raise ValueError(f"shape mismatch: {a.shape} vs reference {b.shape}")
-    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    denom = na * nb
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.where(denom > 0, (a * b).sum(1) / np.where(denom > 0, denom, 1.0), (na == nb).astype(float))
-    cos = np.clip(cos, -1.0, 1.0)
-    err = np.abs(a - b)
-    return {
-        "cosine_min": float(cos.min()),
-        "cosine_mean": float(cos.mean()),
-        "max_abs_err": float(err.max()),
-        "mean_abs_err": float(err.mean()),
-    }
-
-
 def compare_methods(
     embeddings: Mapping[str, np.ndarray],
     labels: Sequence[str] | np.ndarray,

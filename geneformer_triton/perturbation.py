@@ -5,11 +5,11 @@ shifts, goal-state shift); ``inhibit`` / ``activate``, which Geneformer lists bu
 get the definition below. This module is split so that a Triton python (BLS) model can reuse it:
 
 * pure numpy: :func:`plan_perturbations` / :class:`PerturbationPlan` (perturbed token sequences and the
-  gene alignment), :func:`perturb_sequence`, :func:`chunk_by_token_budget`, :func:`pad_batch`,
+  gene alignment), :func:`perturb_sequence`, :func:`chunk_by_token_budget`, :func:`geneformer_triton.tokenizer.pad_token_batch`,
   :func:`reduce_scores`; importing the module does not import torch;
 * :func:`run_plan` / :func:`run_perturbation`: drive any ``encode(input_ids, attention_mask) ->
   (cell_embedding [B,H], token_embeddings [B,L,H])`` callable (numpy int64 in, numpy or torch out),
-  e.g. :func:`torch_encode_fn` around :class:`geneformer_triton.encoder.GeneformerEncoder`, or a
+  e.g. :func:`geneformer_triton.runtimes.torch_encode_fn` around :class:`geneformer_triton.encoder.GeneformerEncoder`, or a
   function that calls the served encoder.
 
 Cell layout
@@ -72,9 +72,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from geneformer_triton.runtimes import EncodeFn, to_numpy, torch_encode_fn
+from geneformer_triton.tokenizer import pad_token_batch
+
 PERTURB_TYPES = ("delete", "overexpress", "inhibit", "activate")
 
-EncodeFn = Callable[[np.ndarray, np.ndarray], tuple[Any, Any]]
 
 DEFAULT_MAX_TOKENS = 16384
 
@@ -356,15 +358,6 @@ def chunk_by_token_budget(lengths: Sequence[int], max_tokens: int, max_batch: in
     return chunks
 
 
-def pad_batch(sequences: Sequence[np.ndarray], pad_token_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad sequences: (input_ids [B, L] int64, attention_mask [B, L] int64)."""
-    width = max(len(s) for s in sequences)
-    ids = np.full((len(sequences), width), pad_token_id, dtype=np.int64)
-    mask = np.zeros((len(sequences), width), dtype=np.int64)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = seq
-        mask[row, : len(seq)] = 1
-    return ids, mask
 
 
 # ----------------------------------------------------------------------------- scores
@@ -433,32 +426,14 @@ class PerturbationResult:
 # ----------------------------------------------------------------------------- runners
 
 
-def _to_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch tensor
-        x = x.detach().float().cpu().numpy()
-    return np.asarray(x, dtype=np.float32)
 
 
-def torch_encode_fn(module: Any, device: Any = None) -> EncodeFn:
-    """Wrap a torch module ``(input_ids, attention_mask) -> (cell, tokens)`` as a numpy encode callable."""
-    import torch
-
-    if device is None:
-        param = next(iter(module.parameters()), None)
-        device = param.device if param is not None else "cpu"
-
-    def encode(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        with torch.inference_mode():
-            cell, tokens = module(torch.from_numpy(input_ids).to(device), torch.from_numpy(attention_mask).to(device))
-        return _to_numpy(cell), _to_numpy(tokens)
-
-    return encode
 
 
 def _state(vec: Any, hidden: int, name: str) -> np.ndarray | None:
     if vec is None:
         return None
-    arr = np.asarray(_to_numpy(vec), dtype=np.float64).reshape(-1)
+    arr = np.asarray(to_numpy(vec), dtype=np.float64).reshape(-1)
     if arr.size != hidden:
         raise PerturbationError(f"{name} has {arr.size} values; the encoder's hidden size is {hidden}")
     return arr
@@ -490,9 +465,9 @@ def run_plan(
     for c_start, c_stop in chunks:
         items = [(i - 1,) + plan.build(i - 1) if i > 0 else None for i in range(c_start, c_stop)]
         seqs = [plan.original_ids if it is None else it[1] for it in items]
-        ids, mask = pad_batch(seqs, pad_token_id)
+        ids, mask = pad_token_batch(seqs, pad_token_id)
         cell_out, tok_out = encode(ids, mask)
-        cell_out, tok_out = _to_numpy(cell_out), _to_numpy(tok_out)
+        cell_out, tok_out = to_numpy(cell_out), to_numpy(tok_out)
         if cell_out.ndim != 2 or cell_out.shape[0] != len(seqs) or tok_out.shape[:2] != ids.shape or tok_out.ndim != 3:
             raise PerturbationError(
                 f"encode returned cell_embedding {cell_out.shape} and token_embeddings {tok_out.shape} "
@@ -568,12 +543,10 @@ __all__ = [
     "PerturbationResult",
     "chunk_by_token_budget",
     "cosine",
-    "pad_batch",
     "perturb_sequence",
     "plan_perturbations",
     "reduce_scores",
     "resolve_rank_shift",
     "run_perturbation",
     "run_plan",
-    "torch_encode_fn",
 ]

@@ -11,15 +11,15 @@ import torch
 from transformers import BertConfig, BertModel
 
 from geneformer_triton.encoder import GeneformerEncoder
+from geneformer_triton.runtimes import torch_encode_fn
+from geneformer_triton.tokenizer import pad_token_batch
 from geneformer_triton.perturbation import (
     PerturbationError,
     chunk_by_token_budget,
-    pad_batch,
     perturb_sequence,
     plan_perturbations,
     resolve_rank_shift,
     run_perturbation,
-    torch_encode_fn,
 )
 
 CLS, EOS = 2, 3
@@ -250,7 +250,7 @@ def test_chunk_by_token_budget():
     assert chunk_by_token_budget([4, 3, 3, 3], 100, max_batch=3) == [(0, 3), (3, 4)]
     assert chunk_by_token_budget([5, 5], 2) == [(0, 1), (1, 2)]  # over budget alone: own chunk
     assert chunk_by_token_budget([], 8) == []
-    ids, mask = pad_batch([np.array([5, 6, 7]), np.array([8])])
+    ids, mask = pad_token_batch([np.array([5, 6, 7]), np.array([8])])
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     assert ids.dtype == mask.dtype == np.int64
 

@@ -1,0 +1,44 @@
+"""``gftriton export`` and ``gftriton export-tensorrt``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from export.repository import DEFAULT_FORMATS, ENCODER_FORMATS, export_model_repository
+from geneformer_triton.model_args import add_model_arguments, load_model_from_args
+
+LOGGER = logging.getLogger(__name__)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    loaded = load_model_from_args(args)
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    written = export_model_repository(loaded, args.repository, formats, args.emb_layer, args.pooling)
+    for name, path in written.items():
+        LOGGER.info("%-12s -> %s", name, path)
+    if loaded.random_weights:
+        LOGGER.warning("exported RANDOM weights (%s): fine for serving tests and benchmarks, not for biology", loaded.source)
+    return 0
+
+
+def run_export_tensorrt(args: argparse.Namespace) -> int:
+    from export import tensorrt_build
+
+    return tensorrt_build.main(["build", "--onnx", args.onnx, "--plan", args.plan, "--precision", args.precision])
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("export", help="export encoders (ONNX fp32/fp16, TorchScript) and tokenizer files into a Triton model repository")
+    add_model_arguments(parser)
+    parser.add_argument("--repository", default="model_repository", help="model repository folder")
+    parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS), help=f"comma list of {sorted(ENCODER_FORMATS)}")
+    parser.add_argument("--emb-layer", type=int, default=-1, help="hidden_states index to embed (helical meaning; -1 = last layer)")
+    parser.add_argument("--pooling", choices=["mean", "cls"], default="mean", help="cell embedding: mean of gene tokens or <cls> (V2)")
+    parser.set_defaults(func=run_export)
+
+    trt = subparsers.add_parser("export-tensorrt", help="build a TensorRT plan from the portable ONNX encoder (needs TensorRT and a GPU)")
+    trt.add_argument("--onnx", default="model_repository/geneformer_onnx/1/model.portable.onnx")
+    trt.add_argument("--plan", default="model_repository/geneformer_trt/1/model.plan")
+    trt.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
+    trt.set_defaults(func=run_export_tensorrt)

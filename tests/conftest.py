@@ -1,0 +1,89 @@
+"""Shared fixtures: real Geneformer dictionaries (../shared), a random-weight gf-6L-10M-i2048, an
+exported model repository, a real tritonserver serving it, and real cells (celltypist sample)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("GFTRITON_SHARED_DIR", REPO_ROOT.parent / "shared"))
+MODEL_NAME = "gf-6L-10M-i2048"
+N_CELLS = 48
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not (SHARED / "geneformer" / "v1" / "token_dictionary.json").is_file():
+        raise pytest.UsageError(f"Geneformer dictionaries not found under {SHARED}/geneformer (set GFTRITON_SHARED_DIR)")
+
+
+@pytest.fixture(scope="session")
+def v1_vocabulary():
+    from geneformer_triton.dictionaries import load_vocabulary
+
+    return load_vocabulary(SHARED / "geneformer" / "v1")
+
+
+@pytest.fixture(scope="session")
+def v2_vocabulary():
+    from geneformer_triton.dictionaries import load_vocabulary
+
+    return load_vocabulary(SHARED / "geneformer" / "v2")
+
+
+@pytest.fixture(scope="session")
+def loaded_model(v1_vocabulary):
+    """gf-6L-10M-i2048 with seeded random weights and the real V1 dictionaries."""
+    from geneformer_triton.loading import random_geneformer
+
+    return random_geneformer(MODEL_NAME, seed=0, vocabulary=v1_vocabulary)
+
+
+@pytest.fixture(scope="session")
+def reference_encoder(loaded_model):
+    """fp32 PyTorch reference encoder (numpy callable)."""
+    from geneformer_triton.runtimes import torch_encode_fn
+
+    return torch_encode_fn(loaded_model.encoder())
+
+
+@pytest.fixture(scope="session")
+def celltypist_cells(v1_vocabulary):
+    """The first N_CELLS real cells of the celltypist sample (raw counts, Ensembl ids in var)."""
+    from geneformer_triton.data.celltypist_sample import load_celltypist_sample
+
+    return load_celltypist_sample(n_cells=N_CELLS, symbol_to_ensembl=v1_vocabulary.gene_name_to_id)
+
+
+@pytest.fixture(scope="session")
+def celltypist_tokens(celltypist_cells, v1_vocabulary) -> list[np.ndarray]:
+    from geneformer_triton.tokenizer import RankValueTokenizer
+
+    tokenizer = RankValueTokenizer(v1_vocabulary, 2048, False)
+    adata = celltypist_cells
+    return tokenizer.tokenize_matrix(adata.X, list(adata.var["ensembl_id"]), adata.obs["n_counts"].to_numpy())
+
+
+@pytest.fixture(scope="session")
+def exported_repository(tmp_path_factory, loaded_model) -> Path:
+    """A copy of model_repository/ with every encoder format and the tokenizer files exported."""
+    from export.repository import export_model_repository
+
+    repository = tmp_path_factory.mktemp("exported") / "model_repository"
+    shutil.copytree(REPO_ROOT / "model_repository", repository,
+                    ignore=shutil.ignore_patterns("*.onnx", "*.pt", "*.plan", "*.json", "__pycache__"))
+    export_model_repository(loaded_model, repository)
+    return repository
+
+
+@pytest.fixture(scope="session")
+def triton_server(exported_repository):
+    """A real tritonserver (nvidia-pytriton wheel) serving the exported repository, CPU configs."""
+    from geneformer_triton.server import LocalTritonServer
+
+    with LocalTritonServer(exported_repository, model_config_name="cpu") as server:
+        yield server
