@@ -167,10 +167,12 @@ class GeneformerClient:
                 if not _is_unavailable(error):
                     raise InferenceError(f"{what}: {getattr(error, 'message', lambda: str(error))()}") from error
                 last = error
+                self._local = threading.local()  # reconnect on the next try
+                if attempt + 1 == self.retry.attempts:
+                    break  # no wait after the last try
                 wait = min(self.retry.backoff_s * 2**attempt, self.retry.max_backoff_s)
                 LOGGER.warning("%s: server unavailable (%s); retry %d/%d in %.1f s", what, error,
                                attempt + 1, self.retry.attempts - 1, wait)
-                self._local = threading.local()  # reconnect on the next try
                 time.sleep(wait)
         raise ServerUnavailableError(f"{what}: server {self.url} ({self.protocol}) unavailable after "
                                      f"{self.retry.attempts} tries: {last}")
@@ -248,6 +250,29 @@ class GeneformerClient:
                 bar.update(len(result))
         return results
 
+    def embed_cells_batch(
+        self,
+        gene_ids: np.ndarray,
+        counts: np.ndarray,
+        n_counts: np.ndarray | None = None,
+        model: str = "geneformer_embed_onnx",
+    ) -> np.ndarray:
+        """One request to an ensemble: packed cells [B, G] (B <= max_batch_size) -> float32 [B, H].
+
+        Trailing columns that are padding in every row (count 0) are trimmed before sending.
+        """
+        counts = np.asarray(counts, dtype=np.float32)
+        totals = counts.sum(axis=1) if n_counts is None else np.asarray(n_counts, dtype=np.float32).reshape(-1)
+        nonzero = counts != 0
+        # Last column that holds a non-zero count in any row (rows may have zeros before their last gene).
+        width = max(1, int(nonzero.shape[1] - np.argmax(nonzero[:, ::-1].any(axis=0)))) if nonzero.any() else 1
+        inputs = {
+            "gene_ids": np.ascontiguousarray(np.asarray(gene_ids, dtype=object)[:, :width]),
+            "counts": np.ascontiguousarray(counts[:, :width]),
+            "n_counts": totals.astype(np.float32).reshape(-1, 1),
+        }
+        return self.infer(model, inputs, ["cell_embedding"])["cell_embedding"]
+
     def embed_cells(
         self,
         gene_ids: np.ndarray,
@@ -259,6 +284,7 @@ class GeneformerClient:
     ) -> np.ndarray:
         """Embed packed cells (``pack_cells``) through an ensemble: [B, G] -> float32 [B, H]."""
         size = min(batch_size or self.max_batch_size(model), self.max_batch_size(model))
+        counts = np.asarray(counts, dtype=np.float32)
         totals = counts.sum(axis=1) if n_counts is None else np.asarray(n_counts, dtype=np.float32).reshape(-1)
 
         def batches() -> Iterator[slice]:
@@ -266,16 +292,27 @@ class GeneformerClient:
                 yield slice(start, start + size)
 
         def call(rows: slice) -> np.ndarray:
-            ids, values = gene_ids[rows], counts[rows]
-            width = max(1, int((values != 0).sum(axis=1).max()))  # trim padding columns of this batch
-            inputs = {
-                "gene_ids": np.ascontiguousarray(ids[:, :width]),
-                "counts": np.ascontiguousarray(values[:, :width], dtype=np.float32),
-                "n_counts": totals[rows].astype(np.float32).reshape(-1, 1),
-            }
-            return self.infer(model, inputs, ["cell_embedding"])["cell_embedding"]
+            return self.embed_cells_batch(gene_ids[rows], counts[rows], totals[rows], model)
 
         return np.concatenate(self._map_batches(batches(), call, len(gene_ids), progress))
+
+    def embed_tokens_batch(self, cells: Sequence[np.ndarray], model: str = "geneformer_onnx", pad_id: int = 0) -> np.ndarray:
+        """One request to an encoder: token arrays (B <= max_batch_size), right-padded -> float32 [B, H]."""
+        from geneformer_triton.tokenizer import pad_token_batch
+
+        cells = [np.asarray(c) for c in cells]
+        if any(len(c) == 0 for c in cells):
+            raise ValueError("a cell has no tokens: every cell needs at least one gene token")
+        if any(c.dtype.kind not in "iu" for c in cells):
+            raise ValueError(f"token ids must be integers, got {sorted({str(c.dtype) for c in cells})}")
+        if any((c < 0).any() for c in cells):
+            # ONNX Gather would silently wrap a negative index around the vocabulary.
+            raise ValueError("negative token ids: token ids index the model's vocabulary (>= 0)")
+        names = {n: self.tensor_name(model, n) for n in ("input_ids", "attention_mask", "cell_embedding")}
+        input_ids, attention_mask = pad_token_batch(cells, pad_id)
+        result = self.infer(model, {names["input_ids"]: input_ids, names["attention_mask"]: attention_mask},
+                            [names["cell_embedding"]])
+        return result[names["cell_embedding"]]
 
     def embed_tokens(
         self,
@@ -289,17 +326,11 @@ class GeneformerClient:
 
         Cells are sent in length order (less padding per request) and returned in input order.
         """
-        from geneformer_triton.tokenizer import pad_token_batch
-
         size = min(batch_size or self.max_batch_size(model), self.max_batch_size(model))
         order = np.argsort([-len(c) for c in cells], kind="stable")
-        names = {n: self.tensor_name(model, n) for n in ("input_ids", "attention_mask", "cell_embedding")}
 
         def call(index: np.ndarray) -> np.ndarray:
-            input_ids, attention_mask = pad_token_batch([cells[i] for i in index], pad_id)
-            result = self.infer(model, {names["input_ids"]: input_ids, names["attention_mask"]: attention_mask},
-                                [names["cell_embedding"]])
-            return result[names["cell_embedding"]]
+            return self.embed_tokens_batch([cells[i] for i in index], model, pad_id)
 
         chunks = [order[start : start + size] for start in range(0, len(cells), size)]
         embeddings = self._map_batches(iter(chunks), call, len(cells), progress)
@@ -307,6 +338,14 @@ class GeneformerClient:
         for index, embedding in zip(chunks, embeddings):
             result[index] = embedding
         return result
+
+    def output_size(self, model: str, name: str = "cell_embedding") -> int:
+        """Size of a model's 1-D output (the hidden size for ``cell_embedding``), from its config."""
+        wire = self.tensor_name(model, name)
+        for tensor in self.model_config(model).get("output", []):
+            if tensor["name"] == wire:
+                return int(tensor["dims"][-1])
+        raise InferenceError(f"{model} has no output {wire!r}")
 
 
 def module_dtype(dtype: np.dtype) -> str:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 
-from export.repository import DEFAULT_FORMATS, ENCODER_FORMATS, export_model_repository
+from export.formats import DEFAULT_FORMATS, ENCODER_FORMATS
 from geneformer_triton.model_args import add_model_arguments, load_model_from_args
 
 LOGGER = logging.getLogger(__name__)
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from export.repository import export_model_repository
+
     loaded = load_model_from_args(args)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     written = export_model_repository(loaded, args.repository, formats, args.emb_layer, args.pooling)

@@ -13,7 +13,6 @@ import logging
 import platform
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -22,6 +21,7 @@ import onnxruntime
 import torch
 import transformers
 
+from export.formats import DEFAULT_FORMATS, ENCODER_FORMATS, TOKENIZER_MODEL, EncoderFormat
 from export.onnx_export import OPSET, export_onnx
 from export.torchscript_export import export_torchscript
 from geneformer_triton import __version__
@@ -29,28 +29,8 @@ from geneformer_triton.loading import LoadedGeneformer
 
 LOGGER = logging.getLogger(__name__)
 
-TOKENIZER_MODEL = "geneformer_tokenizer"
 
 
-@dataclass(frozen=True)
-class EncoderFormat:
-    """One exported encoder variant: Triton model name, file format and precision."""
-
-    name: str
-    model: str
-    kind: str
-    precision: str
-
-
-ENCODER_FORMATS = {
-    f.name: f
-    for f in (
-        EncoderFormat("onnx", "geneformer_onnx", "onnx", "fp32"),
-        EncoderFormat("onnx_fp16", "geneformer_onnx_fp16", "onnx", "fp16"),
-        EncoderFormat("torchscript", "geneformer_torchscript", "torchscript", "fp32"),
-    )
-}
-DEFAULT_FORMATS = tuple(ENCODER_FORMATS)
 
 
 def tool_versions() -> dict[str, str]:
@@ -133,15 +113,21 @@ def export_model_repository(
         raise ValueError(f"unknown export formats {unknown}; choose from {sorted(ENCODER_FORMATS)}")
     render_repository_configs(repository, loaded)
     written: dict[str, Path] = {}
-    encoder = loaded.encoder(emb_layer=emb_layer, pooling=pooling, attention="math")
+    # ONNX: plain MatMul/Softmax attention, which onnxruntime's optimizer fuses into its Attention op.
+    # TorchScript: fused scaled_dot_product_attention (libtorch runs it natively); the traced "math"
+    # graph materializes the [B, heads, L, L] scores and was ~3x slower on CPU (bench/README.md).
+    encoders = {
+        kind: loaded.encoder(emb_layer=emb_layer, pooling=pooling, attention=attention)
+        for kind, attention in (("onnx", "math"), ("torchscript", "sdpa"))
+    }
     for name in formats:
         fmt = ENCODER_FORMATS[name]
         version_dir = repository / fmt.model / "1"
         started = time.perf_counter()
         if fmt.kind == "onnx":
-            written[name] = export_onnx(encoder, version_dir, precision=fmt.precision)
+            written[name] = export_onnx(encoders["onnx"], version_dir, precision=fmt.precision)
         else:
-            written[name] = export_torchscript(encoder, version_dir)
+            written[name] = export_torchscript(encoders["torchscript"], version_dir)
         write_manifest(version_dir, loaded, fmt, emb_layer, pooling)
         LOGGER.info("exported %s in %.1f s", fmt.model, time.perf_counter() - started)
     tokenizer_dir = repository / TOKENIZER_MODEL / "1"

@@ -7,10 +7,11 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from export.repository import ENCODER_FORMATS, TOKENIZER_MODEL
+from export.formats import ENCODER_FORMATS, TOKENIZER_MODEL
 from geneformer_triton.dictionaries import load_vocabulary
 from geneformer_triton.fidelity import (
     FidelityResult,
@@ -18,10 +19,12 @@ from geneformer_triton.fidelity import (
     format_fidelity_table,
     write_fidelity_report,
 )
-from geneformer_triton.loading import LoadedGeneformer
 from geneformer_triton.model_args import add_model_arguments, load_model_from_args
 from geneformer_triton.runtimes import EncodeFn, embed_token_cells, onnx_encode_fn, torch_encode_fn, torchscript_encode_fn
 from geneformer_triton.tokenizer import RankValueTokenizer
+
+if TYPE_CHECKING:
+    from geneformer_triton.loading import LoadedGeneformer
 
 LOGGER = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ def exported_runtime(kind: str, path: Path) -> EncodeFn:
 
 
 def check_exported_encoders(
-    loaded: LoadedGeneformer, repository: Path, cells: list[np.ndarray], formats: list[str]
+    loaded: "LoadedGeneformer", repository: Path, cells: list[np.ndarray], formats: list[str]
 ) -> list[FidelityResult]:
     """Compare every exported format found in ``repository`` with the fp32 PyTorch reference."""
     reference = embed_token_cells(torch_encode_fn(loaded.encoder()), cells, batch_size=8)

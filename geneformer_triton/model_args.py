@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 
+from typing import TYPE_CHECKING
+
 from geneformer_triton.dictionaries import GeneVocabulary, build_vocabulary_from_counts, load_vocabulary
-from geneformer_triton.loading import LoadedGeneformer, load_geneformer
-from geneformer_triton.model_specs import DEFAULT_MODEL
+from geneformer_triton.model_specs import DEFAULT_MODEL, MODEL_SPECS
+
+if TYPE_CHECKING:
+    from geneformer_triton.loading import LoadedGeneformer
 
 LOGGER = logging.getLogger(__name__)
 
@@ -36,13 +40,13 @@ def sample_vocabulary(special_tokens: bool = False) -> GeneVocabulary:
     return vocabulary
 
 
-def load_model_from_args(args: argparse.Namespace) -> LoadedGeneformer:
+def load_model_from_args(args: argparse.Namespace) -> "LoadedGeneformer":
     """Load the model the options describe; a vocabulary from --dictionaries or the sample overrides."""
     vocabulary = load_vocabulary(args.dictionaries) if args.dictionaries else None
     if vocabulary is None and args.vocabulary_from_sample:
-        from geneformer_triton.model_specs import MODEL_SPECS
-
         spec = MODEL_SPECS.get(str(args.model))
         vocabulary = sample_vocabulary(special_tokens=bool(spec and spec.special_tokens))
+    from geneformer_triton.loading import load_geneformer
+
     return load_geneformer(args.model, cache_dir=args.cache_dir, allow_random=args.random_weights,
                            seed=args.seed, vocabulary=vocabulary)

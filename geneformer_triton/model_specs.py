@@ -1,5 +1,8 @@
 """Geneformer model names and their architecture, as helical 3.1.4 knows them.
 
+Parameter counts of these architectures (with the MLM head) match the names: 10.3M, 39.6M, 38.0M,
+151.3M, 104.4M and 316.4M (checked in tests/test_loading.py).
+
 Sizes come from helical's model map and the published Geneformer configs. They are used to build a
 model with random weights when no checkpoint is available (offline demo, tests, benchmarks: cost and
 cross-backend fidelity do not depend on weight values).
@@ -7,7 +10,10 @@ cross-backend fidelity do not depend on weight values).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+
+LOGGER = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,11 +63,10 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
         ModelSpec("gf-6L-10M-i2048", "v1", 6, 256, 4, 512, 2048, V1_VOCAB, False),
-        ModelSpec("gf-12L-30M-i2048", "v1", 12, 512, 8, 1024, 2048, V1_VOCAB, False),
         ModelSpec("gf-12L-40M-i2048", "v1", 12, 512, 8, 1024, 2048, V1_VOCAB, False),
+        ModelSpec("gf-12L-40M-i2048-CZI-CellxGene", "v1", 12, 512, 8, 1024, 2048, V1_VOCAB, False),
         ModelSpec("gf-12L-38M-i4096", "v2", 12, 512, 8, 1024, 4096, V2_VOCAB, True),
         ModelSpec("gf-12L-38M-i4096-CLcancer", "v2", 12, 512, 8, 1024, 4096, V2_VOCAB, True),
-        ModelSpec("gf-20L-95M-i4096", "v2", 20, 896, 14, 1792, 4096, V2_VOCAB, True),
         ModelSpec("gf-20L-151M-i4096", "v2", 20, 896, 14, 1792, 4096, V2_VOCAB, True),
         ModelSpec("gf-12L-104M-i4096", "v3", 12, 768, 12, 3072, 4096, V2_VOCAB, True),
         ModelSpec("gf-12L-104M-i4096-CLcancer", "v3", 12, 768, 12, 3072, 4096, V2_VOCAB, True),
@@ -69,11 +74,23 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     )
 }
 
+#: Names helical 3.1.4 still accepts and maps to the new ones (Geneformer renamed its models by size).
+DEPRECATED_NAMES = {
+    "gf-6L-30M-i2048": "gf-6L-10M-i2048",
+    "gf-12L-30M-i2048": "gf-12L-40M-i2048",
+    "gf-12L-95M-i4096": "gf-12L-38M-i4096",
+    "gf-12L-95M-i4096-CLcancer": "gf-12L-38M-i4096-CLcancer",
+    "gf-20L-95M-i4096": "gf-20L-151M-i4096",
+}
+
 DEFAULT_MODEL = "gf-6L-10M-i2048"
 
 
 def get_model_spec(name: str) -> ModelSpec:
-    """Return the spec for ``name`` or raise ``ValueError`` listing the known names."""
+    """Return the spec for ``name`` (deprecated names are mapped, with a warning) or raise ``ValueError``."""
+    if name in DEPRECATED_NAMES:
+        LOGGER.warning("model name %s is deprecated; using %s (helical's renaming)", name, DEPRECATED_NAMES[name])
+        name = DEPRECATED_NAMES[name]
     try:
         return MODEL_SPECS[name]
     except KeyError:

@@ -87,3 +87,23 @@ def triton_server(exported_repository):
 
     with LocalTritonServer(exported_repository, model_config_name="cpu") as server:
         yield server
+
+
+def write_helical_cache(prefix: Path, loaded, version: str = "v1") -> Path:
+    """Lay out ``loaded`` as helical's cache expects it under ``prefix`` (weights, config, dictionaries).
+
+    V1 checkpoints are ``pytorch_model.bin`` in helical's cache, later versions ``model.safetensors``.
+    """
+    import torch
+
+    folder = prefix / ".cache" / "helical" / "models" / "geneformer" / version
+    checkpoint = folder / loaded.name
+    checkpoint.mkdir(parents=True)
+    loaded.model.save_pretrained(checkpoint)
+    if version == "v1":
+        torch.save(loaded.model.state_dict(), checkpoint / "pytorch_model.bin")
+        (checkpoint / "model.safetensors").unlink()
+    (checkpoint / "training_args.bin").write_bytes(b"")  # helical only checks that it exists
+    for name in ("token_dictionary.json", "gene_median_dictionary.json", "ensembl_mapping_dict.json"):
+        shutil.copy(SHARED / "geneformer" / version / name, folder / name)
+    return checkpoint
