@@ -10,6 +10,8 @@ show as a failed fidelity row whose detail says so.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import logging
 from dataclasses import dataclass
@@ -19,9 +21,11 @@ import numpy as np
 
 from client.triton_client import GeneformerClient, pack_cells
 from geneformer_triton.fidelity import FidelityResult, compare_variant
-from geneformer_triton.loading import LoadedGeneformer
 from geneformer_triton.runtimes import embed_token_cells, torch_encode_fn
 from geneformer_triton.tokenizer import RankValueTokenizer
+
+if TYPE_CHECKING:
+    from geneformer_triton.loading import LoadedGeneformer
 
 LOGGER = logging.getLogger(__name__)
 

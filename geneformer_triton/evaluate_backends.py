@@ -1,0 +1,614 @@
+"""Does an optimized backend change downstream results? Labelled cells through every backend.
+
+The same labelled cells (raw counts + a label column) are embedded by
+
+* the **fp32 PyTorch reference**, in process (``pytorch_fp32``), from tokens made client-side with the
+  same dictionaries as the server's tokenizer;
+* every **served backend** through Triton's ensembles ``geneformer_embed_<backend>`` (server-side
+  tokenization: :func:`client.triton_client.pack_cells` + ``GeneformerClient.embed_cells`` with the
+  cells' ``n_counts``), named ``triton_<backend>_<precision>``; or, in local mode, every exported
+  encoder file of a model repository run in process (onnxruntime / TorchScript), ``local_<...>``.
+
+The embeddings then go through :func:`geneformer_triton.evaluation.compare_methods` (classification,
+geometry, fidelity against the reference) and :func:`~geneformer_triton.evaluation.write_report`.
+Weights: when a model repository is given, every encoder's ``manifest.json`` must carry the
+reference's ``weights_sha256`` (else ``ValueError``); without one, the fidelity columns are the check.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence, TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from geneformer_triton.dictionaries import GeneVocabulary
+from geneformer_triton.fidelity import min_cosine_threshold
+from geneformer_triton.tokenizer import UNKNOWN, RankValueTokenizer
+
+if TYPE_CHECKING:
+    from geneformer_triton.loading import LoadedGeneformer
+
+LOGGER = logging.getLogger(__name__)
+
+REFERENCE = "pytorch_fp32"
+DEFAULT_BACKENDS = ("onnx", "onnx_fp16", "torchscript")
+TOKENIZER_MODEL = "geneformer_tokenizer"
+#: Largest |accuracy delta| to the reference tolerated for fp32 backends (1 point).
+FP32_ACCURACY_TOLERANCE = 0.01
+#: Columns printed by :func:`format_summary`.
+SUMMARY_COLUMNS = ("accuracy", "f1_weighted", "silhouette", "knn_consistency", "ari", "nmi", "delta_accuracy", "cosine_min")
+
+
+# --------------------------------------------------------------------------------------------
+# labelled cells
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LabelledCells:
+    """Raw counts of labelled cells, restricted to genes of the model's vocabulary.
+
+    ``counts`` [n_cells, n_genes] float32 CSR raw counts, ``gene_ids`` [n_genes] Ensembl ids (all in the
+    vocabulary), ``n_counts`` [n_cells] float32 total counts of each cell over *all* its genes (the
+    tokenizer's normalizer), ``labels`` [n_cells] str, ``cell_names`` [n_cells] str.
+    """
+
+    counts: sp.csr_matrix
+    gene_ids: list[str]
+    n_counts: np.ndarray
+    labels: np.ndarray
+    cell_names: np.ndarray
+    source: str
+    label_key: str
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.counts.shape[0])
+
+    def subset(self, index: np.ndarray) -> "LabelledCells":
+        index = np.asarray(index, dtype=np.int64)
+        return LabelledCells(self.counts[index], self.gene_ids, self.n_counts[index], self.labels[index],
+                             self.cell_names[index], self.source, self.label_key, dict(self.notes))
+
+
+def _counts_matrix(adata: Any, layer: str | None) -> tuple[sp.csr_matrix, pd.Index]:
+    """(counts [n_cells, n_genes] CSR float32, gene names) from ``X``, ``raw`` or ``layers[layer]``."""
+    if layer in (None, "", "X"):
+        matrix, names = adata.X, adata.var_names
+    elif layer == "raw":
+        if adata.raw is None:
+            raise ValueError("--layer raw: the file has no .raw")
+        matrix, names = adata.raw.X, adata.raw.var_names
+    else:
+        if layer not in adata.layers:
+            raise ValueError(f"layer {layer!r} not in the file (layers: {sorted(adata.layers)})")
+        matrix, names = adata.layers[layer], adata.var_names
+    matrix = sp.csr_matrix(matrix, dtype=np.float32)
+    return matrix, pd.Index(names.astype(str))
+
+
+def _check_raw_counts(matrix: sp.csr_matrix, where: str) -> None:
+    data = matrix.data
+    if data.size and (data < 0).any():
+        raise ValueError(f"{where} holds negative values: Geneformer needs raw counts (choose the counts with --layer)")
+    if data.size and not np.allclose(data, np.round(data)):
+        LOGGER.warning("%s holds non-integer values (max %.3g): is it log-normalized? Geneformer expects raw counts "
+                       "(choose them with --layer)", where, float(data.max()))
+
+
+def labelled_cells_from_anndata(
+    adata: Any,
+    label_key: str,
+    vocabulary: GeneVocabulary,
+    *,
+    layer: str | None = None,
+    gene_column: str | None = None,
+    n_counts_key: str = "n_counts",
+    source: str = "anndata",
+) -> LabelledCells:
+    """Labelled raw counts of an AnnData, genes mapped to the vocabulary.
+
+    Gene ids come from ``var[gene_column]`` (default: ``var["ensembl_id"]`` when present, else
+    ``var_names``); symbols are mapped to Ensembl ids with the vocabulary's ``gene_name_id_dict``, Ensembl
+    ids pass through. ``n_counts`` comes from ``obs[n_counts_key]`` when present, else from the row sums
+    over all genes (before genes outside the vocabulary are dropped). Cells without a label, with no
+    counts, or expressing no vocabulary gene are dropped (logged).
+    """
+    if label_key not in adata.obs:
+        raise ValueError(f"label column {label_key!r} not in obs (columns: {list(adata.obs.columns)})")
+    matrix, names = _counts_matrix(adata, layer)
+    _check_raw_counts(matrix, f"counts ({layer or 'X'})")
+    if gene_column is None and layer != "raw" and "ensembl_id" in adata.var:
+        gene_column = "ensembl_id"
+    if gene_column is not None:
+        if layer == "raw":
+            raise ValueError("--gene-column is read from var, which does not describe .raw; use raw.var_names")
+        if gene_column not in adata.var:
+            raise ValueError(f"gene column {gene_column!r} not in var (columns: {list(adata.var.columns)})")
+        names = pd.Index(adata.var[gene_column].astype(str))
+    symbols = [str(s) for s in names]
+    looks_ensembl = np.mean([s.upper().startswith("ENSG") for s in symbols]) if symbols else 0.0
+    if looks_ensembl < 0.5 and not vocabulary.gene_name_to_id:
+        raise ValueError("genes are named by symbol but the dictionaries have no gene_name_id_dict.json to map them "
+                         "to Ensembl ids; pass --dictionaries with one or give Ensembl ids (--gene-column)")
+    ensembl = vocabulary.symbols_to_ensembl(symbols)
+    tokens = RankValueTokenizer(vocabulary, 2, False).gene_tokens(ensembl)
+    in_vocabulary = tokens != UNKNOWN
+    if not in_vocabulary.any():
+        raise ValueError(f"none of the {len(symbols)} genes maps to the model's vocabulary (e.g. {symbols[:3]})")
+
+    if n_counts_key in adata.obs:
+        n_counts = adata.obs[n_counts_key].to_numpy(dtype=np.float64)
+        n_counts_source = f"obs[{n_counts_key!r}]"
+    else:
+        n_counts = np.asarray(matrix.sum(axis=1), dtype=np.float64).ravel()
+        n_counts_source = "row sums over all genes"
+    labels_series = adata.obs[label_key]
+    has_label = labels_series.notna().to_numpy() & (labels_series.astype(str).str.strip() != "").to_numpy()
+    genes = matrix[:, np.flatnonzero(in_vocabulary)].tocsr()
+    genes.eliminate_zeros()
+    expresses = np.diff(genes.indptr) > 0
+    keep = has_label & expresses & (n_counts > 0)
+    dropped = {"no_label": int((~has_label).sum()), "no_vocabulary_gene": int((has_label & ~expresses).sum()),
+               "zero_n_counts": int((has_label & expresses & ~(n_counts > 0)).sum())}
+    if (~keep).any():
+        LOGGER.warning("dropped %d of %d cells: %s", int((~keep).sum()), len(keep), dropped)
+    if not keep.any():
+        raise ValueError("no cell left to evaluate")
+    gene_ids = [ensembl[i] for i in np.flatnonzero(in_vocabulary)]
+    notes = {
+        "genes": len(symbols),
+        "genes_in_vocabulary": int(in_vocabulary.sum()),
+        "n_counts_source": n_counts_source,
+        "cells_dropped": dropped,
+    }
+    LOGGER.info("%s: %d cells, %d of %d genes in the vocabulary, n_counts from %s", source, int(keep.sum()),
+                notes["genes_in_vocabulary"], len(symbols), n_counts_source)
+    return LabelledCells(
+        counts=genes[np.flatnonzero(keep)].astype(np.float32),
+        gene_ids=gene_ids,
+        n_counts=n_counts[keep].astype(np.float32),
+        labels=labels_series.astype(str).to_numpy()[keep],
+        cell_names=np.asarray(adata.obs_names.astype(str))[keep],
+        source=source,
+        label_key=label_key,
+        notes=notes,
+    )
+
+
+def load_labelled_cells(
+    vocabulary: GeneVocabulary,
+    path: str | Path | None = None,
+    dataset: str | None = None,
+    label_key: str | None = None,
+    **kwargs: Any,
+) -> LabelledCells:
+    """Labelled cells from an ``.h5ad`` file or a bundled dataset (``"pbmc68k"``: scanpy's
+    ``pbmc68k_reduced`` with recovered counts, labels ``bulk_labels``). ``kwargs`` go to
+    :func:`labelled_cells_from_anndata`."""
+    if (path is None) == (dataset is None):
+        raise ValueError("give either an .h5ad file or --dataset")
+    if dataset is not None:
+        if dataset != "pbmc68k":
+            raise ValueError(f"unknown dataset {dataset!r} (known: pbmc68k)")
+        from geneformer_triton.data.pbmc68k import LABEL_KEY, load_pbmc68k_counts
+
+        adata = load_pbmc68k_counts()
+        return labelled_cells_from_anndata(adata, label_key or LABEL_KEY, vocabulary,
+                                           source="pbmc68k_reduced (scanpy, counts recovered from raw.X)", **kwargs)
+    import anndata as ad
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    if not label_key:
+        raise ValueError("--label-key is required for an .h5ad file")
+    return labelled_cells_from_anndata(ad.read_h5ad(path), label_key, vocabulary, source=str(path), **kwargs)
+
+
+def stratified_subsample(labels: Sequence[str] | np.ndarray, max_cells: int, seed: int = 0,
+                         keep_labels: Sequence[str] = ()) -> np.ndarray:
+    """Sorted indices of at most ``max_cells`` cells keeping the label proportions.
+
+    Each label gets its proportional share (largest remainders), but at least ``min(n_c, 2)`` cells so
+    that the 80/20 split can still stratify it; labels in ``keep_labels`` (e.g. the control) keep every
+    cell up to their share as well. Cells within a label are drawn with ``numpy.random.default_rng(seed)``.
+    ``max_cells <= 0`` or ``>= n`` keeps every cell.
+    """
+    y = np.asarray(labels).astype(str)
+    n = y.size
+    if max_cells <= 0 or max_cells >= n:
+        return np.arange(n)
+    classes, counts = np.unique(y, return_counts=True)
+    floor_ = np.minimum(counts, 2)
+    if floor_.sum() > max_cells:
+        raise ValueError(f"--max-cells {max_cells} cannot hold 2 cells of each of the {classes.size} labels")
+    share = counts * (max_cells / n)
+    take = np.maximum(np.floor(share).astype(np.int64), floor_)
+    order = np.argsort(-(share - np.floor(share)), kind="stable")
+    i = 0
+    while take.sum() < max_cells:  # largest remainders first
+        c = order[i % classes.size]
+        if take[c] < counts[c]:
+            take[c] += 1
+        i += 1
+    while take.sum() > max_cells:  # floors pushed us over: trim the largest classes
+        c = int(np.argmax(take - floor_))
+        take[c] -= 1
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(np.flatnonzero(y == c))[: take[j]] for j, c in enumerate(classes)]
+    missing = [k for k in keep_labels if k in set(classes) and take[list(classes).index(k)] == 0]
+    if missing:
+        raise ValueError(f"subsample lost labels {missing}")
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# backends
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BackendSpec:
+    """A served/exported encoder variant: ``name`` (``onnx``), encoder model, ensemble, file kind, precision."""
+
+    name: str
+    encoder_model: str
+    ensemble: str
+    kind: str
+    precision: str
+
+    def method(self, runtime: str) -> str:
+        return f"{runtime}_{self.name.replace('_' + self.precision, '')}_{self.precision}"
+
+
+def backend_spec(name: str, manifest: dict | None = None) -> BackendSpec:
+    """Spec of backend ``name`` (``onnx``, ``onnx_fp16``, ``torchscript``, ``trt``, ...)."""
+    from export.repository import ENCODER_FORMATS
+
+    fmt = ENCODER_FORMATS.get(name)
+    encoder = fmt.model if fmt else f"geneformer_{name}"
+    kind = fmt.kind if fmt else ("onnx" if name.startswith("onnx") else "torchscript" if name.startswith("torchscript") else name)
+    precision = (manifest or {}).get("precision") or (fmt.precision if fmt else ("fp16" if "fp16" in name else "fp32"))
+    return BackendSpec(name, encoder, f"geneformer_embed_{name}", kind, str(precision))
+
+
+def read_manifests(repository: str | Path, backends: Sequence[str]) -> dict[str, dict | None]:
+    """``<repository>/geneformer_<backend>/1/manifest.json`` of each backend (None where missing)."""
+    manifests: dict[str, dict | None] = {}
+    for name in backends:
+        path = Path(repository) / backend_spec(name).encoder_model / "1" / "manifest.json"
+        manifests[name] = json.loads(path.read_text()) if path.is_file() else None
+        if manifests[name] is None:
+            LOGGER.warning("no manifest for %s at %s: its weights cannot be checked", name, path)
+    return manifests
+
+
+def check_manifests(loaded: LoadedGeneformer, manifests: dict[str, dict | None], emb_layer: int, pooling: str) -> None:
+    """Raise ``ValueError`` if an exported encoder has other weights, embedding layer or pooling than the reference."""
+    for name, manifest in manifests.items():
+        if manifest is None:
+            continue
+        if manifest.get("weights_sha256") != loaded.weights_sha256:
+            raise ValueError(
+                f"{name} was exported from other weights ({manifest.get('weights_source')}) than the reference "
+                f"({loaded.source}); give the model options used for `gftriton export` (e.g. --random-weights --seed)"
+            )
+        for key, want in (("emb_layer", emb_layer), ("pooling", pooling)):
+            if key in manifest and manifest[key] != want:
+                raise ValueError(f"{name} was exported with {key}={manifest[key]!r} but the reference uses {want!r}")
+
+
+@dataclass
+class EmbeddingRun:
+    """One method's embeddings [n_cells, H] float32 (input cell order) and how they were made."""
+
+    method: str
+    backend: str
+    precision: str
+    runtime: str
+    embeddings: np.ndarray
+    seconds: float
+
+
+def pack_for_server(cells: LabelledCells) -> tuple[np.ndarray, np.ndarray]:
+    """Wire format of the tokenizer (``pack_cells``): gene ids [n, G] bytes and counts [n, G] float32."""
+    from client.triton_client import pack_cells
+
+    return pack_cells(cells.counts, cells.gene_ids)
+
+
+def tokenize_like_server(packed_ids: np.ndarray, packed_counts: np.ndarray, n_counts: np.ndarray,
+                         vocabulary: GeneVocabulary, input_size: int, special_tokens: bool) -> list[np.ndarray]:
+    """Tokens of packed cells exactly as the server's tokenizer computes them (same inputs, same dtypes)."""
+    tokenizer = RankValueTokenizer(vocabulary, input_size, special_tokens)
+    return tokenizer.tokenize_gene_lists(packed_ids, packed_counts, np.asarray(n_counts, dtype=np.float32))
+
+
+def compare_server_tokens(client: Any, packed_ids: np.ndarray, packed_counts: np.ndarray, n_counts: np.ndarray,
+                          tokens: Sequence[np.ndarray], n_cells: int = 32) -> int:
+    """Tokenize the first ``n_cells`` cells on the server's tokenizer; returns how many differ from ``tokens``."""
+    rows = slice(0, min(n_cells, len(tokens), client.max_batch_size(TOKENIZER_MODEL)))
+    width = max(1, int((packed_counts[rows] != 0).sum(axis=1).max()))
+    result = client.infer(TOKENIZER_MODEL, {
+        "gene_ids": np.ascontiguousarray(packed_ids[rows, :width]),
+        "counts": np.ascontiguousarray(packed_counts[rows, :width], dtype=np.float32),
+        "n_counts": np.asarray(n_counts[rows], dtype=np.float32).reshape(-1, 1),
+    }, ["input_ids", "attention_mask"])
+    differ = 0
+    for row, (ids, mask) in enumerate(zip(result["input_ids"], result["attention_mask"])):
+        if not np.array_equal(ids[mask.astype(bool)], tokens[row]):
+            differ += 1
+    return differ
+
+
+def _timed(fn: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
+    started = time.perf_counter()
+    result = fn()
+    return np.asarray(result, dtype=np.float32), time.perf_counter() - started
+
+
+def embed_reference(loaded: LoadedGeneformer, tokens: Sequence[np.ndarray], emb_layer: int = -1,
+                    pooling: str = "mean", batch_size: int = 16) -> EmbeddingRun:
+    """fp32 PyTorch reference embeddings of tokenized cells (in process, length-sorted batches)."""
+    from geneformer_triton.runtimes import embed_token_cells, torch_encode_fn
+
+    encode = torch_encode_fn(loaded.encoder(emb_layer=emb_layer, pooling=pooling))
+    pad_id = loaded.vocabulary.pad_id if loaded.vocabulary else 0
+    emb, seconds = _timed(lambda: embed_token_cells(encode, tokens, batch_size=batch_size, pad_id=pad_id))
+    return EmbeddingRun(REFERENCE, "pytorch", "fp32", "in-process torch", emb, seconds)
+
+
+def embed_served(client: Any, spec: BackendSpec, packed_ids: np.ndarray, packed_counts: np.ndarray,
+                 n_counts: np.ndarray, batch_size: int = 16) -> EmbeddingRun:
+    """Embeddings through the ensemble ``spec.ensemble`` (server-side tokenization).
+
+    Cells are sent longest first (each request is padded to its longest cell only) and returned in
+    input order.
+    """
+    order = np.argsort(-(packed_counts != 0).sum(axis=1), kind="stable")
+
+    def run() -> np.ndarray:
+        emb = client.embed_cells(packed_ids[order], packed_counts[order], np.asarray(n_counts)[order],
+                                 model=spec.ensemble, batch_size=batch_size)
+        out = np.empty_like(emb)
+        out[order] = emb
+        return out
+
+    emb, seconds = _timed(run)
+    return EmbeddingRun(spec.method("triton"), spec.name, spec.precision, f"triton {client.protocol}", emb, seconds)
+
+
+def embed_local(repository: str | Path, spec: BackendSpec, tokens: Sequence[np.ndarray], batch_size: int = 16,
+                pad_id: int = 0) -> EmbeddingRun:
+    """Embeddings of the exported encoder file of ``spec`` run in process (onnxruntime or TorchScript)."""
+    from geneformer_triton.runtimes import embed_token_cells, onnx_encode_fn, torchscript_encode_fn
+
+    folder = Path(repository) / spec.encoder_model / "1"
+    if spec.kind == "onnx":
+        encode = onnx_encode_fn(folder / "model.onnx")
+    elif spec.kind == "torchscript":
+        encode = torchscript_encode_fn(folder / "model.pt")
+    else:
+        raise ValueError(f"--local runs ONNX and TorchScript encoders only, not {spec.name!r} ({spec.kind})")
+    emb, seconds = _timed(lambda: embed_token_cells(encode, tokens, batch_size=batch_size, pad_id=pad_id))
+    return EmbeddingRun(spec.method("local"), spec.name, spec.precision, f"in-process {spec.kind}", emb, seconds)
+
+
+# --------------------------------------------------------------------------------------------
+# the whole evaluation
+# --------------------------------------------------------------------------------------------
+@dataclass
+class EvaluationResult:
+    table: pd.DataFrame
+    runs: list[EmbeddingRun]
+    paths: dict[str, Path]
+    metadata: dict[str, Any]
+    checks: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks["passed"])
+
+
+def check_results(table: pd.DataFrame, accuracy_tolerance: float = FP32_ACCURACY_TOLERANCE) -> dict[str, Any]:
+    """Pass/fail of the comparison: every backend meets its fidelity threshold and every fp32 backend's
+    accuracy is within ``accuracy_tolerance`` of the reference (reduced precision: reported only)."""
+    others = table.drop(index=table.attrs.get("reference", REFERENCE), errors="ignore")
+    fp32 = others[others["precision"] == "fp32"]
+    worst = float(fp32["delta_accuracy"].abs().max()) if len(fp32) else 0.0
+    failed_fidelity = [str(m) for m, ok in others["fidelity_passed"].items() if not ok]
+    reduced = others[others["precision"] != "fp32"]
+    return {
+        "fp32_max_abs_delta_accuracy": worst,
+        "accuracy_tolerance": accuracy_tolerance,
+        "fp32_accuracy_ok": worst <= accuracy_tolerance + 1e-12,
+        "reduced_precision_max_abs_delta_accuracy": float(reduced["delta_accuracy"].abs().max()) if len(reduced) else None,
+        "fidelity_failed": failed_fidelity,
+        "passed": worst <= accuracy_tolerance + 1e-12 and not failed_fidelity,
+    }
+
+
+def _append_backend_section(path: Path, table: pd.DataFrame, checks: dict[str, Any]) -> None:
+    lines = ["", "## Backends", "",
+             "| method | runtime | precision | embed s | cells/s | min cosine threshold | fidelity |",
+             "|---|---|---|---|---|---|---|"]
+    for method, row in table.iterrows():
+        lines.append(f"| {method} | {row['runtime']} | {row['precision']} | {row['embed_seconds']:.1f} | "
+                     f"{row['cells_per_s']:.1f} | {row['fidelity_threshold']} | {'ok' if row['fidelity_passed'] else 'FAIL'} |")
+    verdict = "PASS" if checks["passed"] else "FAIL"
+    lines += ["", f"**{verdict}**: fp32 backends' largest |Δ accuracy| = {checks['fp32_max_abs_delta_accuracy']:.4f} "
+              f"(tolerance {checks['accuracy_tolerance']}); fidelity below threshold: "
+              f"{', '.join(checks['fidelity_failed']) or 'none'}. Reduced-precision backends are reported, not judged, "
+              "on accuracy.", "",
+              "Embed times: the reference runs in this process, served backends include tokenization, transport and "
+              "the server's own compute (on the same host here), so compare them with care."]
+    with path.open("a") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+def evaluate_backends(
+    loaded: LoadedGeneformer,
+    cells: LabelledCells,
+    backends: Sequence[str] = DEFAULT_BACKENDS,
+    *,
+    client: Any = None,
+    repository: str | Path | None = None,
+    local: bool = False,
+    vocabulary: GeneVocabulary | None = None,
+    control_label: str | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    emb_layer: int | None = None,
+    pooling: str | None = None,
+    out_dir: str | Path | None = None,
+    projection: str = "pca",
+    accuracy_tolerance: float = FP32_ACCURACY_TOLERANCE,
+    save_embeddings: bool = False,
+    metadata: dict[str, Any] | None = None,
+) -> EvaluationResult:
+    """Embed ``cells`` with the fp32 reference and every backend, compare them, write the report.
+
+    Args:
+        loaded: the reference model (same weights as the served/exported encoders).
+        cells: labelled cells (:func:`load_labelled_cells`), already subsampled.
+        backends: backend names; served ensembles are ``geneformer_embed_<name>``.
+        client: a ``GeneformerClient`` (served mode).
+        repository: model repository: manifests are checked against ``loaded`` (and give
+            ``emb_layer``/``pooling``); in ``local`` mode its encoder files are run in process.
+        vocabulary: dictionaries the server's tokenizer uses (default ``loaded.vocabulary``).
+        emb_layer, pooling: default: the manifests' values, else -1 and ``"mean"``.
+        out_dir: where the report goes (none written when None).
+    """
+    if local and repository is None:
+        raise ValueError("--local needs --repository (the exported encoder files)")
+    if not local and client is None:
+        raise ValueError("served mode needs a client (--url) or use --local with --repository")
+    if control_label is not None and control_label not in set(cells.labels):
+        raise ValueError(f"control label {control_label!r} is not among the labels ({sorted(set(cells.labels))})")
+    vocabulary = vocabulary or loaded.vocabulary
+    if vocabulary is None:
+        raise ValueError("no gene dictionaries: pass --dictionaries or --repository")
+    manifests = read_manifests(repository, backends) if repository is not None else {}
+    known = [m for m in manifests.values() if m]
+    emb_layer = emb_layer if emb_layer is not None else (known[0].get("emb_layer", -1) if known else -1)
+    pooling = pooling or (known[0].get("pooling", "mean") if known else "mean")
+    check_manifests(loaded, manifests, emb_layer, pooling)
+    specs = [backend_spec(name, manifests.get(name)) for name in backends]
+    random_weights = bool(loaded.random_weights or any(m.get("random_weights") for m in known))
+
+    packed_ids, packed_counts = pack_for_server(cells)
+    tokens = tokenize_like_server(packed_ids, packed_counts, cells.n_counts, vocabulary, loaded.input_size,
+                                  loaded.special_tokens)
+    lengths = np.array([len(t) for t in tokens])
+    LOGGER.info("%d cells, %d labels, tokens per cell %d-%d (median %d)", cells.n_cells, len(set(cells.labels)),
+                lengths.min(), lengths.max(), int(np.median(lengths)))
+
+    meta: dict[str, Any] = {
+        "dataset": cells.source,
+        "label_key": cells.label_key,
+        "control_label": control_label,
+        "n_cells": cells.n_cells,
+        "n_labels": len(set(cells.labels)),
+        "tokens_per_cell": f"{lengths.min()}-{lengths.max()} (median {int(np.median(lengths))})",
+        "model": loaded.name,
+        "weights": loaded.source,
+        "weights_sha256": loaded.weights_sha256[:16],
+        "weights_checked_against_manifests": bool(known),
+        "emb_layer": emb_layer,
+        "pooling": pooling,
+        "mode": "local (exported files in process)" if local else f"served (Triton {client.protocol} at {client.url})",
+        **cells.notes,
+        **(metadata or {}),
+    }
+
+    runs: list[EmbeddingRun] = []
+    if not local:
+        ready = set(client.ready_models())
+        missing = [s.ensemble for s in specs if s.ensemble not in ready]
+        if missing:
+            raise ValueError(f"not ready on the server: {missing}; ready models: {sorted(ready)}")
+        if TOKENIZER_MODEL in ready:
+            differ = compare_server_tokens(client, packed_ids, packed_counts, cells.n_counts, tokens)
+            meta["server_tokens_checked"] = f"{differ} of {min(32, len(tokens))} cells differ from the reference's tokens"
+            if differ:
+                LOGGER.error("the server's tokenizer gives other tokens than the reference's dictionaries for %d "
+                             "cells: pass the server's dictionaries (--repository or --dictionaries)", differ)
+
+    reference = embed_reference(loaded, tokens, emb_layer, pooling, batch_size)
+    runs.append(reference)
+    LOGGER.info("%s: %.1f s", reference.method, reference.seconds)
+    for spec in specs:
+        if local:
+            run = embed_local(repository, spec, tokens, batch_size, vocabulary.pad_id)
+        else:
+            run = embed_served(client, spec, packed_ids, packed_counts, cells.n_counts, batch_size)
+        LOGGER.info("%s: %.1f s", run.method, run.seconds)
+        runs.append(run)
+
+    from geneformer_triton.evaluation import compare_methods, write_report
+
+    embeddings = {r.method: r.embeddings for r in runs}
+    table = compare_methods(embeddings, cells.labels, REFERENCE, control_label, seed=seed)
+    by_method = {r.method: r for r in runs}
+    table["backend"] = [by_method[m].backend for m in table.index]
+    table["precision"] = [by_method[m].precision for m in table.index]
+    table["runtime"] = [by_method[m].runtime for m in table.index]
+    table["embed_seconds"] = [by_method[m].seconds for m in table.index]
+    table["cells_per_s"] = [cells.n_cells / max(by_method[m].seconds, 1e-9) for m in table.index]
+    table["fidelity_threshold"] = [min_cosine_threshold(p) for p in table["precision"]]
+    table["fidelity_passed"] = [bool(c >= t) for c, t in zip(table["cosine_min"], table["fidelity_threshold"])]
+    checks = check_results(table, accuracy_tolerance)
+    for method in checks["fidelity_failed"]:
+        hint = " (the served model probably has other weights: check its manifest)" \
+            if table.loc[method, "cosine_min"] < 0.99 and not known else ""
+        LOGGER.error("%s: min cosine %.6f to the reference is below %s%s", method, table.loc[method, "cosine_min"],
+                     table.loc[method, "fidelity_threshold"], hint)
+
+    paths: dict[str, Path] = {}
+    if out_dir is not None:
+        paths = write_report(table, out_dir, random_weights=random_weights, embeddings=embeddings,
+                             labels=cells.labels, reference=REFERENCE, metadata=meta, projection=projection,
+                             title=f"Embedding quality by backend: {Path(cells.source).name if not cells.source.startswith('pbmc') else 'pbmc68k_reduced'}")
+        _append_backend_section(paths["markdown"], table, checks)
+        payload = json.loads(paths["json"].read_text())
+        payload["checks"] = checks
+        paths["json"].write_text(json.dumps(payload, indent=2) + "\n")
+        if save_embeddings:
+            paths["embeddings"] = Path(out_dir) / "embeddings.npz"
+            np.savez_compressed(paths["embeddings"], cell_names=cells.cell_names, labels=cells.labels, **embeddings)
+    meta["random_weights"] = random_weights
+    meta["checks"] = checks
+    return EvaluationResult(table, runs, paths, meta, checks)
+
+
+def format_summary(table: pd.DataFrame) -> str:
+    """Fixed-width text table: one row per method."""
+    cols = [c for c in SUMMARY_COLUMNS if c in table.columns]
+    head = f"{'method':<26} {'prec':<5} " + " ".join(f"{c[:10]:>10}" for c in cols) + f" {'cells/s':>8}"
+    lines = [head]
+    for method, row in table.iterrows():
+        values = []
+        for c in cols:
+            v = float(row[c])
+            values.append(f"{v:>10.7f}" if c == "cosine_min" else f"{v:>+10.4f}" if c.startswith("delta") else f"{v:>10.4f}")
+        lines.append(f"{method:<26} {row['precision']:<5} " + " ".join(values) + f" {row['cells_per_s']:>8.1f}")
+    return "\n".join(lines)
+
+
+def chance_summary(table: pd.DataFrame) -> str:
+    row = table.iloc[0]
+    parts = [f"majority-class accuracy {row['accuracy_majority']:.4f}", f"kNN chance {row['knn_consistency_chance']:.4f}"]
+    return "chance levels: " + ", ".join(parts) + "; ARI/NMI/silhouette ~ 0"
+
+
+__all__ = [
+    "REFERENCE", "DEFAULT_BACKENDS", "LabelledCells", "load_labelled_cells", "labelled_cells_from_anndata",
+    "stratified_subsample", "BackendSpec", "backend_spec", "read_manifests", "check_manifests", "EmbeddingRun",
+    "embed_reference", "embed_served", "embed_local", "evaluate_backends", "EvaluationResult", "check_results",
+    "format_summary", "chance_summary",
+]
