@@ -13,9 +13,14 @@ import sys
 from typing import Sequence
 
 COMMAND_MODULES = (
+    "geneformer_triton.demo",
     "export.cli",
     "geneformer_triton.server_cli",
     "geneformer_triton.fidelity_cli",
+    "client.cli",
+    "geneformer_triton.evaluate_cli",
+    "client.isp_cli",
+    "bench.cli",
 )
 
 

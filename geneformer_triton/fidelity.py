@@ -106,10 +106,10 @@ def write_fidelity_report(results: Iterable[FidelityResult], out_dir: str | Path
 
 def format_fidelity_table(results: Iterable[FidelityResult]) -> str:
     """A fixed-width text table for terminals."""
-    lines = [f"{'variant':<34} {'prec':<5} {'cells':>5} {'min cos':>10} {'mean cos':>10} {'max abs':>9}  result"]
+    lines = [f"{'variant':<34} {'prec':<5} {'cells':>5} {'min cos':>12} {'mean cos':>12} {'max abs':>9}  result"]
     for r in results:
         lines.append(
-            f"{r.variant:<34} {r.precision:<5} {r.n_cells:>5} {r.cosine_min:>10.7f} {r.cosine_mean:>10.7f} "
+            f"{r.variant:<34} {r.precision:<5} {r.n_cells:>5} {r.cosine_min:>12.9f} {r.cosine_mean:>12.9f} "
             f"{r.max_abs_err:>9.2e}  {'ok' if r.passed else 'FAIL (< ' + str(r.threshold) + ')'}"
         )
     return "\n".join(lines)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -67,12 +68,13 @@ class LoadedGeneformer:
         attention: Attention = "sdpa",
         dtype: torch.dtype = torch.float32,
     ) -> GeneformerEncoder:
-        """Encoder-only module over this model's weights (shared, not copied unless ``dtype`` differs)."""
+        """Encoder-only module over this model's weights (shared; copied when ``dtype`` is not fp32, so
+        the loaded model itself stays fp32)."""
         if pooling == "cls" and not self.special_tokens:
             raise ModelLoadError(f"{self.name} has no <cls> token: pooling='cls' needs a V2 model")
         excluded = self.vocabulary.special_token_ids if (self.vocabulary and self.special_tokens) else ()
         encoder = GeneformerEncoder(self.model.bert, emb_layer, pooling, excluded, attention).eval()
-        return encoder.to(dtype) if dtype != torch.float32 else encoder
+        return copy.deepcopy(encoder).to(dtype) if dtype != torch.float32 else encoder
 
 
 def _state_sha256(model: torch.nn.Module) -> str:

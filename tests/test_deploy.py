@@ -28,7 +28,7 @@ GPU_SERVICES = ("trt-build", "tritonserver")
 # Triton release <-> NGC container release (Triton release notes: 24.10 ships Triton 2.51.0, TensorRT 10.5)
 NGC_RELEASE_OF_TRITON = {"2.51.0": "24.10"}
 ENCODERS = ("geneformer_onnx", "geneformer_onnx_fp16", "geneformer_torchscript")
-PER_HOST_MODELS = (*ENCODERS, "geneformer_tokenizer")
+PER_HOST_MODELS = (*ENCODERS, "geneformer_tokenizer", "geneformer_isp")
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def test_per_host_config_matches_default(path):
     assert config.HasField("dynamic_batching") == default.HasField("dynamic_batching")
     kinds = {group.kind for group in config.instance_group}
     host = path.stem
-    if config.name == "geneformer_tokenizer" or host == "cpu":
+    if config.backend == "python" or host == "cpu":  # python-backend models (tokenizer, ISP) stay on CPU
         assert kinds == {mc.ModelInstanceGroup.KIND_CPU}
     else:
         assert kinds == {mc.ModelInstanceGroup.KIND_GPU}

@@ -1,0 +1,662 @@
+"""In-silico perturbation over many cells through the ``geneformer_isp`` Triton model.
+
+One request per cell (its expressed genes with Ensembl ids and raw counts + the perturbation spec),
+``concurrency`` requests in flight (:class:`client.triton_client.GeneformerClient`: one connection per
+worker thread, retries while the server is unreachable). Results are appended as cells finish:
+
+* Parquet (default): ``OUT.parquet/`` is a Parquet dataset of part files ``part-*.parquet``, each
+  written to a hidden temporary file, fsynced and renamed into place (atomic): a part is there whole or
+  not at all, and a cell's rows are never split across parts.
+* CSV: ``OUT.csv`` gets whole cells appended in one ``write`` + fsync; on the next run a torn last
+  block (a kill mid-write) is cut off and cells with fewer rows than their ``n_perturbations`` dropped.
+
+A rerun with the same output skips the cells already there (and the cells the server rejected, kept
+in ``_errors/`` resp. ``OUT.errors.csv``; ``retry_errors`` reruns those), so killing the client and
+rerunning yields every cell exactly once. The run's settings are stored with the output
+(``_run.json`` / ``OUT.run.json``); resuming with other settings is refused. A lock file keeps two
+runs from writing the same output.
+
+One row per cell x perturbation: ``cell_id``, ``perturbation``, ``gene_id`` (Ensembl ids, a set joined
+with "+"), ``gene_symbol``, ``target_index``, ``n_perturbations``, ``cell_shift`` (cosine of the cell
+embeddings; 1 = no shift), ``gene_embedding_shift``, ``goal_shift``, ``start_shift`` (NaN when not
+computed). :func:`summarize` ranks genes by mean shift over cells; :func:`plot_top_shifts` draws them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from client.triton_client import GeneformerClient, InferenceError
+
+LOGGER = logging.getLogger(__name__)
+
+ISP_MODEL = "geneformer_isp"
+PERTURBATIONS = ("delete", "overexpress", "inhibit", "activate")
+SCORE_OUTPUTS = ("cell_shift", "gene_embedding_shift", "goal_shift", "start_shift")
+COLUMNS = (
+    "cell_id", "perturbation", "gene_id", "gene_symbol", "target_index", "n_perturbations",
+    *SCORE_OUTPUTS,
+)
+ERROR_COLUMNS = ("cell_id", "error")
+#: encoder -> embedding ensemble built on it (to embed reference cells for goal/start states)
+EMBED_MODEL_FOR = {
+    "geneformer_onnx": "geneformer_embed_onnx",
+    "geneformer_onnx_fp16": "geneformer_embed_onnx_fp16",
+    "geneformer_torchscript": "geneformer_embed_torchscript",
+    "geneformer_trt": "geneformer_embed_trt",
+}
+RANK_BY = {  # summary ranking -> score column it is based on
+    "cell": "cell_shift",
+    "gene": "gene_embedding_shift",
+    "goal": "goal_shift",
+}
+
+
+class IspRunError(RuntimeError):
+    """The run cannot proceed (bad options, output written with other settings, server gone)."""
+
+
+# ----------------------------------------------------------------------------- cells
+
+
+@dataclass
+class CellTable:
+    """Cells to perturb: raw counts (CSR), Ensembl id per column, totals, ids and symbols."""
+
+    counts: sp.csr_matrix
+    gene_ids: np.ndarray  # object [genes], "" = not usable
+    n_counts: np.ndarray  # float64 [cells]
+    cell_ids: list[str]
+    symbols: dict[str, str] = field(default_factory=dict)  # Ensembl id -> symbol
+    obs: Optional[pd.DataFrame] = None  # cell annotations (to pick reference cells)
+
+    def __len__(self) -> int:
+        return self.counts.shape[0]
+
+    def cell(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """The cell's expressed genes (Ensembl ids, non-zero counts) in column order."""
+        start, stop = self.counts.indptr[row], self.counts.indptr[row + 1]
+        columns, values = self.counts.indices[start:stop], self.counts.data[start:stop]
+        ids = self.gene_ids[columns]
+        keep = (ids != "") & (values != 0)
+        return ids[keep], values[keep].astype(np.float32)
+
+    def symbol(self, gene: str) -> str:
+        return "+".join(self.symbols.get(g, g) for g in gene.split("+"))
+
+
+def _looks_ensembl(values: Iterable[str]) -> bool:
+    sample = [str(v) for v in list(values)[:200]]
+    return bool(sample) and sum(v.upper().startswith("ENS") for v in sample) > 0.8 * len(sample)
+
+
+def cell_table_from_anndata(adata, gene_column: Optional[str] = None, symbol_to_ensembl: Optional[dict] = None,
+                            counts_layer: Optional[str] = None) -> CellTable:
+    """Build a :class:`CellTable` from an AnnData of raw counts.
+
+    Ensembl ids come from ``var[gene_column]`` (default: ``var["ensembl_id"]`` if present, else the
+    var names when they are Ensembl ids, else the var names mapped through ``symbol_to_ensembl``).
+    ``obs["n_counts"]`` is used as the cell totals when present (else row sums over all genes).
+    """
+    matrix = adata.layers[counts_layer] if counts_layer else adata.X
+    counts = sp.csr_matrix(matrix, dtype=np.float32)
+    counts.sort_indices()
+    names = [str(v) for v in adata.var_names]
+    if gene_column is None and "ensembl_id" in adata.var:
+        gene_column = "ensembl_id"
+    if gene_column is not None:
+        if gene_column not in adata.var:
+            raise IspRunError(f"var has no column {gene_column!r} (columns: {list(adata.var.columns)})")
+        ids = [str(v) if isinstance(v, str) else "" for v in adata.var[gene_column]]
+        symbols = {e: s for e, s in zip(ids, names) if e and not _looks_ensembl([s])}
+    elif _looks_ensembl(names):
+        ids, symbols = [n.split(".")[0] for n in names], {}
+    elif symbol_to_ensembl:
+        ids = [symbol_to_ensembl.get(n, "") for n in names]
+        symbols = {e: s for e, s in zip(ids, names) if e}
+    else:
+        raise IspRunError("var names are not Ensembl ids: name the var column that holds them (--gene-column) "
+                          "or give gene dictionaries (--dictionaries) to map symbols")
+    gene_ids = np.array(ids, dtype=object)
+    duplicated = pd.Series(gene_ids).duplicated() & (gene_ids != "")
+    if duplicated.any():
+        LOGGER.warning("%d duplicated Ensembl ids in var: their columns are ignored", int(duplicated.sum()))
+        gene_ids[duplicated.to_numpy()] = ""
+    if (gene_ids != "").sum() == 0:
+        raise IspRunError("no column has an Ensembl gene id")
+    if "n_counts" in adata.obs:
+        totals = adata.obs["n_counts"].to_numpy(dtype=np.float64)
+    else:
+        totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    cell_ids = [str(c) for c in adata.obs_names]
+    if len(set(cell_ids)) != len(cell_ids):
+        raise IspRunError("obs names (cell ids) are not unique; results are keyed by cell id (adata.obs_names_make_unique())")
+    return CellTable(counts, gene_ids, totals, cell_ids, symbols, adata.obs.copy())
+
+
+def load_cells(h5ad: Optional[str], n_cells: Optional[int] = None, gene_column: Optional[str] = None,
+               symbol_to_ensembl: Optional[dict] = None, counts_layer: Optional[str] = None) -> CellTable:
+    """Cells of an .h5ad file (``None``: the celltypist sample, 559 real PBMC cells)."""
+    if h5ad is None:
+        from geneformer_triton.data.celltypist_sample import load_celltypist_sample
+
+        adata = load_celltypist_sample(n_cells=n_cells, symbol_to_ensembl=symbol_to_ensembl)
+    else:
+        import anndata
+
+        if not Path(h5ad).is_file():
+            raise FileNotFoundError(f"no such .h5ad file: {h5ad}")
+        adata = anndata.read_h5ad(h5ad)
+        if n_cells is not None:
+            adata = adata[:n_cells].copy()
+    return cell_table_from_anndata(adata, gene_column, symbol_to_ensembl, counts_layer)
+
+
+# ----------------------------------------------------------------------------- spec
+
+
+@dataclass(frozen=True)
+class IspSpec:
+    """What to perturb in every cell (the same for the whole run)."""
+
+    perturbation: str = "delete"
+    targets: Optional[tuple[str, ...]] = None  # None = every gene of each cell
+    target_mode: str = "each"
+    anchor_genes: tuple[str, ...] = ()
+    rank_shift: Optional[float] = None
+    gene_shift: bool = False
+    goal_embedding: Optional[tuple[float, ...]] = None
+    start_embedding: Optional[tuple[float, ...]] = None
+    encoder_model: Optional[str] = None
+    model: str = ISP_MODEL
+    strict_targets: bool = False  # send targets a cell does not express (the server rejects the cell)
+
+    def __post_init__(self) -> None:
+        if self.perturbation not in PERTURBATIONS:
+            raise IspRunError(f"unknown perturbation {self.perturbation!r}; expected one of {', '.join(PERTURBATIONS)}")
+        if self.target_mode not in ("each", "set"):
+            raise IspRunError(f"target_mode must be 'each' or 'set', got {self.target_mode!r}")
+        if self.target_mode == "set" and not self.targets:
+            raise IspRunError("target_mode 'set' needs an explicit list of target genes")
+        if self.targets is not None and len(self.targets) == 0:
+            raise IspRunError("the target list is empty (give genes, or 'all')")
+
+    def fingerprint(self) -> dict:
+        """Settings that must match to resume an output (goal/start states by hash)."""
+        data = asdict(self)
+        for key in ("goal_embedding", "start_embedding"):
+            if data[key] is not None:
+                data[key] = hashlib.sha256(np.asarray(data[key], dtype=np.float32).tobytes()).hexdigest()[:16]
+        data.pop("strict_targets")
+        return data
+
+    def request_inputs(self, gene_ids: np.ndarray, counts: np.ndarray, n_counts: float) -> Optional[dict]:
+        """Wire inputs for one cell; ``None`` when the cell expresses no target (nothing to do)."""
+        inputs = {
+            "gene_ids": np.array([str(g).encode() for g in gene_ids], dtype=object),
+            "counts": np.ascontiguousarray(counts, dtype=np.float32),
+            "n_counts": np.array([n_counts], dtype=np.float32),
+            "perturbation": np.array([self.perturbation.encode()], dtype=object),
+            "target_mode": np.array([self.target_mode.encode()], dtype=object),
+            "return_gene_shift": np.array([self.gene_shift], dtype=bool),
+        }
+        expressed = set(str(g) for g in gene_ids)
+        if self.targets is not None:
+            targets = list(self.targets)
+            if self.target_mode == "each" and not self.strict_targets:
+                targets = [t for t in targets if t in expressed]
+                if not targets:
+                    return None
+            inputs["targets"] = np.array([t.encode() for t in targets], dtype=object)
+        if self.anchor_genes:
+            inputs["anchor_genes"] = np.array([a.encode() for a in self.anchor_genes], dtype=object)
+        if self.rank_shift is not None:
+            inputs["rank_shift"] = np.array([self.rank_shift], dtype=np.float32)
+        if self.goal_embedding is not None:
+            inputs["goal_embedding"] = np.asarray(self.goal_embedding, dtype=np.float32)
+        if self.start_embedding is not None:
+            inputs["start_embedding"] = np.asarray(self.start_embedding, dtype=np.float32)
+        if self.encoder_model:
+            inputs["encoder_model"] = np.array([self.encoder_model.encode()], dtype=object)
+        return inputs
+
+    def outputs(self) -> list[str]:
+        names = ["perturbed_genes", "cell_shift"]
+        if self.gene_shift:
+            names.append("gene_embedding_shift")
+        if self.goal_embedding is not None:
+            names.append("goal_shift")
+        if self.start_embedding is not None:
+            names.append("start_shift")
+        return names
+
+
+def state_embedding(client: GeneformerClient, cells: CellTable, rows: Sequence[int], embed_model: str) -> np.ndarray:
+    """Mean cell embedding of reference cells (a start or goal state) through an embedding ensemble."""
+    from client.triton_client import pack_cells
+
+    if len(rows) == 0:
+        raise IspRunError("no reference cell selected for the state embedding")
+    packed_ids, packed_counts = pack_cells(cells.counts[list(rows)], list(cells.gene_ids))
+    embeddings = client.embed_cells(packed_ids, packed_counts, cells.n_counts[list(rows)], model=embed_model)
+    return embeddings.astype(np.float64).mean(axis=0).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- result stores
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _empty_frame(columns: Sequence[str]) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
+
+
+class ResultStore:
+    """Append-only, resumable store of per-perturbation rows (Parquet dataset folder or one CSV file)."""
+
+    def __init__(self, path: str | Path, spec_fingerprint: dict, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        self.csv = self.path.suffix.lower() == ".csv"
+        if overwrite:
+            self._remove()
+        if self.csv:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.errors_path = self.path.with_suffix(".errors.csv")
+            self.run_path = self.path.with_suffix(".run.json")
+            lock_path = self.path.with_suffix(".lock")
+        else:
+            if self.path.exists() and not self.path.is_dir():
+                raise IspRunError(f"{self.path} exists and is not a Parquet dataset folder")
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / "_errors").mkdir(exist_ok=True)
+            self.errors_path = self.path / "_errors"
+            self.run_path = self.path / "_run.json"
+            lock_path = self.path / "_lock"
+        self._lock = open(lock_path, "w")  # noqa: SIM115 - held for the store's lifetime
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise IspRunError(f"another run is writing {self.path} (lock {lock_path})") from None
+        self._check_settings(spec_fingerprint)
+        self._write_lock = threading.Lock()
+        self._recover()
+
+    # -- housekeeping
+    def _remove(self) -> None:
+        import shutil
+
+        if self.path.is_dir():
+            shutil.rmtree(self.path)
+        for suffix in ("", ".errors.csv", ".run.json"):
+            target = self.path if suffix == "" else self.path.with_suffix(suffix)
+            if target.is_file():
+                target.unlink()
+
+    def _check_settings(self, fingerprint: dict) -> None:
+        if self.run_path.is_file():
+            stored = json.loads(self.run_path.read_text())
+            if stored != json.loads(json.dumps(fingerprint)):
+                diff = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != json.loads(json.dumps(fingerprint)).get(k))
+                raise IspRunError(
+                    f"{self.path} holds results of a run with other settings ({', '.join(diff)}); "
+                    "use another output or overwrite it"
+                )
+        else:
+            tmp = self.run_path.with_name("." + self.run_path.name + ".tmp")
+            tmp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, self.run_path)
+
+    def _recover(self) -> None:
+        """Remove leftovers of a killed run: temporary parts (Parquet), torn or partial cells (CSV)."""
+        if not self.csv:
+            for folder in (self.path, self.errors_path):
+                for tmp in folder.glob(".*.tmp"):
+                    tmp.unlink()
+            return
+        for file, columns in ((self.path, COLUMNS), (self.errors_path, ERROR_COLUMNS)):
+            if not file.is_file() or file.stat().st_size == 0:
+                continue
+            data = file.read_bytes()
+            cut = data.rfind(b"\n") + 1
+            if cut != len(data):
+                LOGGER.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", file, len(data) - cut)
+                with open(file, "r+b") as handle:
+                    handle.truncate(cut)
+            if file == self.path and cut > 0:
+                frame = pd.read_csv(file, dtype={"cell_id": str})
+                counts = frame.groupby("cell_id")["n_perturbations"].agg(["size", "first"])
+                partial = counts.index[counts["size"] != counts["first"]]
+                if len(partial):
+                    LOGGER.warning("%s: dropping %d incomplete cell(s) of an interrupted run", file, len(partial))
+                    self._rewrite_csv(frame[~frame["cell_id"].isin(partial)], file)
+
+    @staticmethod
+    def _rewrite_csv(frame: pd.DataFrame, file: Path) -> None:
+        tmp = file.with_name("." + file.name + ".tmp")
+        frame.to_csv(tmp, index=False)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, file)
+        _fsync_dir(file.parent)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+
+    def __enter__(self) -> "ResultStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading
+    def read(self) -> pd.DataFrame:
+        """Every stored row (empty frame with the columns when none)."""
+        if self.csv:
+            if not self.path.is_file() or self.path.stat().st_size == 0:
+                return _empty_frame(COLUMNS)
+            return pd.read_csv(self.path, dtype={"cell_id": str, "gene_id": str, "gene_symbol": str})
+        parts = sorted(self.path.glob("part-*.parquet"))
+        if not parts:
+            return _empty_frame(COLUMNS)
+        return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+
+    def read_errors(self) -> pd.DataFrame:
+        if self.csv:
+            if not self.errors_path.is_file() or self.errors_path.stat().st_size == 0:
+                return _empty_frame(ERROR_COLUMNS)
+            return pd.read_csv(self.errors_path, dtype={"cell_id": str})
+        parts = sorted(self.errors_path.glob("part-*.parquet"))
+        if not parts:
+            return _empty_frame(ERROR_COLUMNS)
+        return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+
+    def finished(self, include_errors: bool = True) -> set[str]:
+        done = set(self.read()["cell_id"].astype(str))
+        if include_errors:
+            done |= set(self.read_errors()["cell_id"].astype(str))
+        return done
+
+    def forget_errors(self) -> None:
+        """Drop the recorded server-rejected cells so that they are retried."""
+        if self.csv:
+            if self.errors_path.is_file():
+                self.errors_path.unlink()
+        else:
+            for part in self.errors_path.glob("part-*.parquet"):
+                part.unlink()
+
+    # -- writing
+    def _write_parquet(self, frame: pd.DataFrame, folder: Path) -> Path:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        name = f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+        tmp = folder / f".{name}.tmp"
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        with open(tmp, "wb") as handle:
+            pq.write_table(table, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, folder / name)
+        _fsync_dir(folder)
+        return folder / name
+
+    def _append_csv(self, frame: pd.DataFrame, file: Path, columns: Sequence[str]) -> None:
+        header = not file.is_file() or file.stat().st_size == 0
+        buffer = io.StringIO()
+        frame.to_csv(buffer, index=False, header=header, columns=list(columns))
+        data = buffer.getvalue().encode()
+        fd = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def append(self, rows: pd.DataFrame, errors: pd.DataFrame) -> None:
+        """Persist finished cells: ``rows`` (whole cells only) and ``errors`` (rejected cells)."""
+        with self._write_lock:
+            if len(rows):
+                if self.csv:
+                    self._append_csv(rows, self.path, COLUMNS)
+                else:
+                    self._write_parquet(rows, self.path)
+            if len(errors):
+                if self.csv:
+                    self._append_csv(errors, self.errors_path, ERROR_COLUMNS)
+                else:
+                    self._write_parquet(errors, self.errors_path)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def cell_rows(cell_id: str, spec: IspSpec, result: dict[str, np.ndarray], cells: CellTable) -> pd.DataFrame:
+    """The rows of one finished cell (every score column present; NaN where not computed)."""
+    genes = [g.decode() if isinstance(g, bytes) else str(g) for g in result["perturbed_genes"]]
+    n = len(genes)
+    frame = pd.DataFrame({
+        "cell_id": [cell_id] * n,
+        "perturbation": [spec.perturbation] * n,
+        "gene_id": genes,
+        "gene_symbol": [cells.symbol(g) for g in genes],
+        "target_index": np.arange(n, dtype=np.int64),
+        "n_perturbations": np.full(n, n, dtype=np.int64),
+    })
+    for name in SCORE_OUTPUTS:
+        value = result.get(name)
+        frame[name] = np.asarray(value, dtype=np.float32) if value is not None else np.full(n, np.nan, dtype=np.float32)
+    return frame
+
+
+@dataclass
+class RunStats:
+    cells_total: int = 0
+    cells_skipped_done: int = 0
+    cells_done: int = 0
+    cells_rejected: int = 0
+    cells_without_targets: int = 0
+    perturbations: int = 0
+    seconds: float = 0.0
+
+    @property
+    def perturbations_per_s(self) -> float:
+        return self.perturbations / self.seconds if self.seconds > 0 else 0.0
+
+
+def run_isp(
+    client: GeneformerClient,
+    cells: CellTable,
+    spec: IspSpec,
+    store: ResultStore,
+    concurrency: int = 4,
+    flush_every: int = 8,
+    flush_seconds: float = 10.0,
+    rows: Optional[Sequence[int]] = None,
+    progress: bool = False,
+) -> RunStats:
+    """Perturb every cell not yet in ``store``; rows are appended in whole-cell blocks as cells finish."""
+    from tqdm.auto import tqdm
+
+    stats = RunStats()
+    selected = list(range(len(cells))) if rows is None else list(rows)
+    stats.cells_total = len(selected)
+    finished = store.finished()
+    todo = [r for r in selected if cells.cell_ids[r] not in finished]
+    stats.cells_skipped_done = len(selected) - len(todo)
+    if stats.cells_skipped_done:
+        LOGGER.info("resuming: %d of %d cells already in %s", stats.cells_skipped_done, len(selected), store.path)
+    outputs = spec.outputs()
+    buffer: list[pd.DataFrame] = []
+    errors: list[dict] = []
+    last_flush = time.monotonic()
+
+    def flush() -> None:
+        nonlocal buffer, errors, last_flush
+        store.append(pd.concat(buffer, ignore_index=True) if buffer else _empty_frame(COLUMNS),
+                     pd.DataFrame(errors, columns=list(ERROR_COLUMNS)))
+        buffer, errors, last_flush = [], [], time.monotonic()
+
+    def work(row: int):
+        gene_ids, counts = cells.cell(row)
+        inputs = spec.request_inputs(gene_ids, counts, float(cells.n_counts[row]))
+        if inputs is None:
+            return row, None, "skipped: the cell expresses none of the targets"
+        try:
+            return row, client.infer(spec.model, inputs, outputs), None
+        except InferenceError as error:  # the server rejected this cell's request
+            return row, None, str(error)
+
+    started = time.perf_counter()
+    pending: set[Future] = set()
+    queue = iter(todo)
+    exhausted = False
+    fatal: Optional[BaseException] = None
+    with ThreadPoolExecutor(max(1, concurrency)) as pool, tqdm(total=len(todo), unit="cell", disable=not progress) as bar:
+        try:
+            while True:
+                while not exhausted and fatal is None and len(pending) < 2 * max(1, concurrency):
+                    row = next(queue, None)
+                    if row is None:
+                        exhausted = True
+                        break
+                    pending.add(pool.submit(work, row))
+                if not pending:
+                    break
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    try:
+                        row, result, message = future.result()
+                    except Exception as error:  # server gone after retries, or a client-side failure
+                        fatal = fatal or error
+                        continue
+                    cell_id = cells.cell_ids[row]
+                    if result is None:
+                        errors.append({"cell_id": cell_id, "error": message})
+                        if message.startswith("skipped"):
+                            stats.cells_without_targets += 1
+                        else:
+                            stats.cells_rejected += 1
+                            LOGGER.warning("cell %s rejected: %s", cell_id, message)
+                    else:
+                        frame = cell_rows(cell_id, spec, result, cells)
+                        buffer.append(frame)
+                        stats.cells_done += 1
+                        stats.perturbations += len(frame)
+                    bar.update(1)
+                pending_cells = len(buffer) + len(errors)
+                if pending_cells >= flush_every or (pending_cells and time.monotonic() - last_flush >= flush_seconds):
+                    flush()
+        finally:
+            for future in pending:
+                future.cancel()
+            if buffer or errors:
+                flush()
+    stats.seconds = time.perf_counter() - started
+    if fatal is not None:
+        raise IspRunError(f"stopped: {fatal}; finished cells are saved in {store.path}, rerun to resume") from fatal
+    return stats
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def summarize(rows: pd.DataFrame, rank_by: str = "cell", min_cells: int = 1) -> pd.DataFrame:
+    """Per perturbed gene (or gene set): cells, mean/std of each score, sorted strongest first.
+
+    ``shift`` columns are ``1 - cosine`` (0 = no change) for ``cell`` and ``gene``; ``goal`` ranks by
+    the mean goal shift (positive = towards the goal state). Genes seen in fewer than ``min_cells``
+    cells are left out.
+    """
+    if rank_by not in RANK_BY:
+        raise IspRunError(f"rank_by must be one of {', '.join(RANK_BY)}, got {rank_by!r}")
+    column = RANK_BY[rank_by]
+    if rows.empty:
+        return pd.DataFrame(columns=["gene_id", "gene_symbol", "n_cells"])
+    if rows[column].isna().all():
+        raise IspRunError(f"no {column} values in the results: rank by another score (the run did not compute it)")
+    frame = rows.copy()
+    frame["cell_shift_distance"] = 1.0 - frame["cell_shift"].astype(np.float64)
+    frame["gene_embedding_shift_distance"] = 1.0 - frame["gene_embedding_shift"].astype(np.float64)
+    grouped = frame.groupby("gene_id", sort=False)
+    summary = pd.DataFrame({
+        "gene_symbol": grouped["gene_symbol"].first(),
+        "n_cells": grouped["cell_id"].nunique(),
+        "mean_cell_shift": grouped["cell_shift_distance"].mean(),
+        "std_cell_shift": grouped["cell_shift_distance"].std(ddof=0),
+        "mean_cell_cosine": grouped["cell_shift"].mean(),
+        "mean_gene_embedding_shift": grouped["gene_embedding_shift_distance"].mean(),
+        "mean_goal_shift": grouped["goal_shift"].mean(),
+        "mean_start_shift": grouped["start_shift"].mean(),
+    }).reset_index()
+    summary = summary[summary["n_cells"] >= min_cells]
+    key = {"cell": "mean_cell_shift", "gene": "mean_gene_embedding_shift", "goal": "mean_goal_shift"}[rank_by]
+    summary = summary.sort_values([key, "n_cells"], ascending=[False, False], kind="stable").reset_index(drop=True)
+    return summary.dropna(axis=1, how="all")
+
+
+def format_summary(summary: pd.DataFrame, top: int = 20) -> str:
+    if summary.empty:
+        return "(no results)"
+    shown = summary.head(top).copy()
+    for column in shown.columns:
+        if column.startswith(("mean_", "std_")):
+            shown[column] = shown[column].map(lambda v: f"{v:.6f}")
+    return shown.to_string(index=False)
+
+
+def plot_top_shifts(summary: pd.DataFrame, path: str | Path, rank_by: str = "cell", top: int = 20,
+                    title: Optional[str] = None) -> Path:
+    """Horizontal bar chart of the ``top`` genes' mean shift (error bars: std over cells) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = {"cell": "mean_cell_shift", "gene": "mean_gene_embedding_shift", "goal": "mean_goal_shift"}[rank_by]
+    label = {"cell": "mean cell-embedding shift (1 - cosine)", "gene": "mean gene-embedding shift (1 - cosine)",
+             "goal": "mean goal-state shift (cosine gain)"}[rank_by]
+    shown = summary.head(top).iloc[::-1]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7.5, max(2.5, 0.32 * len(shown) + 1.2)))
+    error = shown["std_cell_shift"] if rank_by == "cell" and "std_cell_shift" in shown else None
+    names = [f"{s} ({n})" for s, n in zip(shown["gene_symbol"].astype(str), shown["n_cells"])]
+    ax.barh(names, shown[key], xerr=error, color="#4477aa", ecolor="#999999", capsize=2)
+    ax.set_xlabel(label)
+    ax.set_ylabel("gene (cells)")
+    ax.set_title(title or f"Top {len(shown)} in-silico perturbations")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,251 @@
+"""``gftriton isp``: in-silico perturbation of the cells of an .h5ad through the ``geneformer_isp`` model.
+
+Examples (a server running the model repository: ``gftriton serve``)::
+
+    gftriton isp --n-cells 20 --output isp_delete.parquet                      # celltypist sample, delete all
+    gftriton isp --h5ad cells.h5ad --perturbation overexpress --targets GATA1,SPI1 --output oe.csv
+    gftriton isp --h5ad cells.h5ad --goal-cells cell_type=B --gene-shift --rank-by goal
+    gftriton isp --summary-only --output isp_delete.parquet                    # summary + plot, no server
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from client.isp import (
+    EMBED_MODEL_FOR,
+    ISP_MODEL,
+    PERTURBATIONS,
+    RANK_BY,
+    CellTable,
+    IspRunError,
+    IspSpec,
+    ResultStore,
+    format_summary,
+    load_cells,
+    plot_top_shifts,
+    run_isp,
+    state_embedding,
+    summarize,
+)
+
+LOGGER = logging.getLogger("gftriton.isp")
+
+
+def _gene_list(text: Optional[str], cells: CellTable, name_to_id: dict) -> Optional[tuple[str, ...]]:
+    """Comma list of Ensembl ids or symbols -> Ensembl ids (None for 'all' / empty)."""
+    if text is None or text.strip().lower() == "all":
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    symbol_to_id = {s: e for e, s in cells.symbols.items()}
+    genes = []
+    for item in items:
+        if item.upper().startswith("ENS"):
+            genes.append(item.split(".")[0])
+        elif item in symbol_to_id:
+            genes.append(symbol_to_id[item])
+        elif item in name_to_id:
+            genes.append(name_to_id[item])
+        else:
+            raise IspRunError(f"gene {item!r} is neither an Ensembl id nor a known symbol of the dataset/dictionaries")
+    if not genes:
+        raise IspRunError("the gene list is empty")
+    return tuple(genes)
+
+
+def _select_rows(cells: CellTable, selector: str) -> list[int]:
+    """``column=value`` over obs -> row indices."""
+    column, sep, value = selector.partition("=")
+    if not sep or cells.obs is None or column not in cells.obs:
+        columns = [] if cells.obs is None else list(cells.obs.columns)
+        raise IspRunError(f"reference cells must be given as OBS_COLUMN=VALUE with a column of obs ({columns}), got {selector!r}")
+    rows = np.flatnonzero(cells.obs[column].astype(str).to_numpy() == value)
+    if len(rows) == 0:
+        raise IspRunError(f"no cell has {column} == {value!r}")
+    return [int(r) for r in rows]
+
+
+def _state(args, client, cells: CellTable, which: str) -> Optional[tuple[float, ...]]:
+    path, selector = getattr(args, f"{which}_embedding"), getattr(args, f"{which}_cells")
+    if path and selector:
+        raise IspRunError(f"give --{which}-embedding or --{which}-cells, not both")
+    if path:
+        return tuple(float(v) for v in np.load(path).reshape(-1))
+    if selector:
+        embed_model = args.embed_model or EMBED_MODEL_FOR.get(args.encoder or "geneformer_onnx", "geneformer_embed_onnx")
+        rows = _select_rows(cells, selector)
+        LOGGER.info("%s state: mean embedding of %d reference cells (%s) via %s", which, len(rows), selector, embed_model)
+        return tuple(float(v) for v in state_embedding(client, cells, rows, embed_model))
+    return None
+
+
+def _report(store: ResultStore, args) -> None:
+    rows = store.read()
+    errors = store.read_errors()
+    LOGGER.info("%s: %d rows from %d cells (%d cells rejected or skipped)", store.path, len(rows),
+                rows["cell_id"].nunique() if len(rows) else 0, len(errors))
+    if rows.empty:
+        return
+    summary = summarize(rows, args.rank_by, min(args.min_cells, max(1, rows["cell_id"].nunique())))
+    base = store.path.with_name(store.path.stem)
+    summary_csv = Path(args.summary_csv) if args.summary_csv else Path(f"{base}_summary.csv")
+    plot = Path(args.plot) if args.plot else Path(f"{base}_top_shifts.png")
+    summary_csv.parent.mkdir(parents=True, exist_ok=True)
+    summary.to_csv(summary_csv, index=False)
+    plot_top_shifts(summary, plot, args.rank_by, args.top,
+                    title=f"{rows['perturbation'].iloc[0]}: top {min(args.top, len(summary))} genes by mean shift "
+                          f"over {rows['cell_id'].nunique()} cells")
+    print(f"top {min(args.top, len(summary))} genes by {args.rank_by} shift "
+          f"({rows['cell_id'].nunique()} cells, genes in >= {args.min_cells} cells):")
+    print(format_summary(summary, args.top))
+    print(f"summary: {summary_csv}\nplot: {plot}\nresults: {store.path}")
+
+
+def run_isp_command(args: argparse.Namespace) -> int:
+    from client.triton_client import GeneformerClient, RetryPolicy, ServerUnavailableError
+
+    name_to_id: dict = {}
+    if args.dictionaries:
+        from geneformer_triton.dictionaries import load_vocabulary
+
+        name_to_id = load_vocabulary(args.dictionaries).gene_name_to_id or {}
+    if args.summary_only:
+        store = ResultStore(args.output, _stored_fingerprint(args.output))
+        with store:
+            _report(store, args)
+        return 0
+
+    cells = load_cells(args.h5ad, args.n_cells, args.gene_column, name_to_id or None, args.counts_layer)
+    LOGGER.info("%d cells, %d genes with Ensembl ids", len(cells), int((cells.gene_ids != "").sum()))
+    retry = RetryPolicy(attempts=args.retries)
+    with GeneformerClient(args.url, args.protocol, concurrency=args.concurrency, timeout_s=args.timeout, retry=retry) as client:
+        try:
+            client.wait_ready(args.wait, args.model)
+        except ServerUnavailableError as error:
+            raise IspRunError(f"{error}; start one with `gftriton serve`") from error
+        spec = IspSpec(
+            perturbation=args.perturbation,
+            targets=_gene_list(args.targets, cells, name_to_id),
+            target_mode=args.target_mode,
+            anchor_genes=_gene_list(args.anchor, cells, name_to_id) or (),
+            rank_shift=args.rank_shift,
+            gene_shift=args.gene_shift,
+            goal_embedding=_state(args, client, cells, "goal"),
+            start_embedding=_state(args, client, cells, "start"),
+            encoder_model=args.encoder,
+            model=args.model,
+            strict_targets=args.strict_targets,
+        )
+        if args.rank_by == "goal" and spec.goal_embedding is None:
+            raise IspRunError("--rank-by goal needs a goal state (--goal-cells or --goal-embedding)")
+        if args.rank_by == "gene" and not spec.gene_shift:
+            raise IspRunError("--rank-by gene needs --gene-shift")
+        with ResultStore(args.output, spec.fingerprint(), overwrite=args.overwrite) as store:
+            if args.retry_errors:
+                store.forget_errors()
+            try:
+                stats = run_isp(client, cells, spec, store, args.concurrency, args.flush_every, args.flush_seconds,
+                                progress=not args.no_progress)
+            except ServerUnavailableError as error:
+                raise IspRunError(f"{error}; finished cells are saved, rerun to resume") from error
+            LOGGER.info(
+                "%d cells perturbed (%d perturbations, %.1f perturbations/s), %d already done, %d rejected, %d without targets",
+                stats.cells_done, stats.perturbations, stats.perturbations_per_s, stats.cells_skipped_done,
+                stats.cells_rejected, stats.cells_without_targets,
+            )
+            _report(store, args)
+    return 0
+
+
+def _stored_fingerprint(output: str) -> dict:
+    import json
+
+    path = Path(output)
+    run = path.with_suffix(".run.json") if path.suffix.lower() == ".csv" else path / "_run.json"
+    if not run.is_file():
+        raise IspRunError(f"{output} holds no ISP results (no {run.name})")
+    return json.loads(run.read_text())
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "isp", help="in-silico perturbation of many cells through the geneformer_isp Triton model (resumable)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    server = parser.add_argument_group("server")
+    server.add_argument("--url", default="127.0.0.1:8001", help="host:port (gRPC 8001, HTTP 8000)")
+    server.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    server.add_argument("--model", default=ISP_MODEL, help="ISP model name")
+    server.add_argument("--encoder", help="encoder model the ISP model calls (one of its allowed_encoder_models; "
+                                          "default: its encoder_model parameter)")
+    server.add_argument("--concurrency", type=int, default=4, help="cells in flight")
+    server.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    server.add_argument("--retries", type=int, default=6, help="tries per request while the server is unreachable")
+    server.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the server to be ready")
+
+    data = parser.add_argument_group("cells")
+    data.add_argument("--h5ad", help="AnnData of raw counts (default: the celltypist sample)")
+    data.add_argument("--n-cells", type=int, help="only the first N cells")
+    data.add_argument("--gene-column", help="var column with Ensembl ids (default: 'ensembl_id' if present, else var names)")
+    data.add_argument("--counts-layer", help="layer with raw counts (default X)")
+    data.add_argument("--dictionaries", help="Geneformer dictionary folder (symbol -> Ensembl id mapping)")
+
+    pert = parser.add_argument_group("perturbation")
+    pert.add_argument("--perturbation", choices=PERTURBATIONS, default="delete")
+    pert.add_argument("--targets", default="all", help="'all' or a comma list of Ensembl ids / symbols")
+    pert.add_argument("--target-mode", choices=["each", "set"], default="each",
+                      help="each: one perturbation per target; set: all targets together")
+    pert.add_argument("--anchor", help="comma list of genes perturbed together with every target")
+    pert.add_argument("--rank-shift", type=float, help="inhibit/activate: positions (>= 1) or fraction of genes (0..1)")
+    pert.add_argument("--gene-shift", action="store_true", help="also compute the gene-embedding shift (slower)")
+    pert.add_argument("--strict-targets", action="store_true",
+                      help="send every target even where a cell does not express it (the server rejects such cells)")
+    for which in ("goal", "start"):
+        pert.add_argument(f"--{which}-embedding", help=f"{which} state embedding (.npy of the hidden size)")
+        pert.add_argument(f"--{which}-cells", help=f"{which} state = mean embedding of the cells with OBS_COLUMN=VALUE")
+    pert.add_argument("--embed-model", help="embedding ensemble for reference cells (default: the one of --encoder)")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--output", default="isp_results.parquet", help="NAME.parquet (dataset folder) or NAME.csv")
+    out.add_argument("--overwrite", action="store_true", help="start the output afresh")
+    out.add_argument("--retry-errors", action="store_true", help="retry cells the server rejected in an earlier run")
+    out.add_argument("--flush-every", type=int, default=8, help="cells per appended block")
+    out.add_argument("--flush-seconds", type=float, default=10.0, help="append at least this often")
+    out.add_argument("--summary-only", action="store_true", help="only summarize an existing output (no server)")
+    out.add_argument("--rank-by", choices=sorted(RANK_BY), default="cell")
+    out.add_argument("--top", type=int, default=20, help="genes in the printed summary and the plot")
+    out.add_argument("--min-cells", type=int, default=2, help="summary: genes perturbed in at least this many cells")
+    out.add_argument("--summary-csv", help="default: <output>_summary.csv")
+    out.add_argument("--plot", help="default: <output>_top_shifts.png")
+    out.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=run_isp_command)
+
+
+def main(argv: Optional[list] = None) -> int:
+    """``python -m client.isp_cli ...``: the ``isp`` subcommand alone (starts faster than ``gftriton``,
+    which imports every subcommand's dependencies)."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m client.isp_cli")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    register(subparsers)
+    args = parser.parse_args(["isp", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        LOGGER.error("%s", error)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,209 @@
+"""Triton python backend (BLS): in-silico perturbation of one cell per request, scores out.
+
+Request: a cell (``gene_ids`` + raw ``counts``) and a perturbation spec. The model tokenizes the cell
+in-process (``RankValueTokenizer`` over the dictionary files of ``geneformer_tokenizer/1``, the same
+files and parameters the tokenizer model serves), builds every perturbed token sequence
+(``geneformer_triton.perturbation``), sends them to an encoder model of this server through BLS in
+chunks of at most ``max_tokens_per_batch`` tokens (original cell first; up to ``max_inflight_batches``
+chunks in flight) and reduces each chunk's embeddings to scores right away. Only
+``[perturbations]``-sized score vectors leave the server. Contract and semantics:
+``geneformer_triton/isp_service.py``.
+
+Config parameters: ``encoder_model`` (default encoder), ``allowed_encoder_models`` (comma list a
+request's ``encoder_model`` input may choose from), ``dictionary_dir`` (relative to this model's
+folder), ``model_input_size``, ``special_tokens``, ``max_tokens_per_batch``, optional
+``max_inflight_batches``, ``max_perturbations_per_request``.
+
+Encoder tensor names and max_batch_size come from the encoder's ``config.pbtxt`` in the same
+repository (TorchScript encoders use ``input_ids__0`` ... ``token_embeddings__1``); its
+``token_embeddings`` output is requested only when the gene-embedding shift is computed. BLS outputs
+are requested in CPU memory. Every bad input fails only its own request with a TritonError naming
+the problem; encoder failures are reported the same way; the stub never crashes.
+"""
+
+import asyncio
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from geneformer_triton.dictionaries import DictionaryError, load_vocabulary
+from geneformer_triton.isp_service import IspEngine, IspInputError, parse_request, wants_gene_shift
+
+LOGGER = logging.getLogger("geneformer_isp")
+PREFIX = "geneformer_isp: "
+
+
+class EncoderError(RuntimeError):
+    """The encoder model failed a chunk (not ready, out of memory, bad shapes...)."""
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    name: str
+    input_ids: str
+    attention_mask: str
+    cell_embedding: str
+    token_embeddings: str
+    max_batch_size: Optional[int]
+    hidden_size: Optional[int]
+
+
+def _parameter(config: dict, key: str, default: Optional[str] = None) -> str:
+    value = config.get("parameters", {}).get(key, {}).get("string_value", default)
+    if value is None:
+        raise pb_utils.TritonModelException(f"{PREFIX}config parameter {key!r} is required")
+    return value
+
+
+def encoder_info(repository: Path, name: str) -> EncoderInfo:
+    """Tensor names, max batch and hidden size of encoder ``name`` from its config.pbtxt (or defaults)."""
+    path = repository / name / "config.pbtxt"
+    text = path.read_text() if path.is_file() else ""
+    indexed = '"input_ids__0"' in text
+    suffix = {"input_ids": "__0", "attention_mask": "__1", "cell_embedding": "__0", "token_embeddings": "__1"}
+    names = {k: k + (v if indexed else "") for k, v in suffix.items()}
+    batch = re.search(r"max_batch_size:\s*(\d+)", text)
+    hidden = re.search(r'name:\s*"%s"[^}]*?dims:\s*\[\s*(\d+)\s*\]' % re.escape(names["cell_embedding"]), text)
+    if not text:
+        LOGGER.warning("no config.pbtxt for encoder %s under %s: assuming plain tensor names", name, repository)
+    return EncoderInfo(
+        name=name,
+        max_batch_size=(int(batch.group(1)) or None) if batch else None,  # 0 = no batch limit
+        hidden_size=int(hidden.group(1)) if hidden else None,
+        **names,
+    )
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        model_dir = Path(args["model_repository"])  # <repository>/<this model>
+        self.repository = model_dir.parent
+        dictionary_dir = (model_dir / _parameter(config, "dictionary_dir", "../geneformer_tokenizer/1")).resolve()
+        try:
+            vocabulary = load_vocabulary(dictionary_dir)
+        except DictionaryError as error:
+            raise pb_utils.TritonModelException(
+                f"{PREFIX}{error}; the dictionaries are written by `gftriton export` into geneformer_tokenizer/1"
+            ) from error
+        self.engine = IspEngine(
+            vocabulary,
+            model_input_size=int(_parameter(config, "model_input_size")),
+            special_tokens=_parameter(config, "special_tokens", "false").lower() == "true",
+            max_tokens_per_batch=int(_parameter(config, "max_tokens_per_batch", "32768")),
+            max_batch=None,
+            max_perturbations=int(_parameter(config, "max_perturbations_per_request", "16384")),
+        )
+        self.default_encoder = _parameter(config, "encoder_model", "geneformer_onnx")
+        allowed = _parameter(config, "allowed_encoder_models", self.default_encoder)
+        self.allowed_encoders = {e.strip() for e in allowed.split(",") if e.strip()} | {self.default_encoder}
+        self.max_inflight = max(1, int(_parameter(config, "max_inflight_batches", "2")))
+        self.encoders = {}
+        self.cpu_memory = (
+            pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0) if hasattr(pb_utils, "PreferredMemory") else None
+        )
+
+    # ------------------------------------------------------------------ encoder calls
+    def _encoder(self, name: Optional[str]) -> EncoderInfo:
+        name = name or self.default_encoder
+        if name not in self.allowed_encoders:
+            raise IspInputError(
+                f"encoder_model {name!r} is not allowed; choose one of {', '.join(sorted(self.allowed_encoders))}"
+            )
+        if name not in self.encoders:
+            self.encoders[name] = encoder_info(self.repository, name)
+        return self.encoders[name]
+
+    @staticmethod
+    def _is_ready(name: str) -> bool:
+        try:
+            return bool(pb_utils.is_model_ready(model_name=name))
+        except Exception:  # older python backends: no readiness API; assume ready
+            return True
+
+    @staticmethod
+    def _numpy(tensor) -> np.ndarray:
+        if tensor.is_cpu():
+            return tensor.as_numpy()
+        from torch.utils.dlpack import from_dlpack  # GPU tensor despite the CPU preference
+
+        return from_dlpack(tensor.to_dlpack()).cpu().numpy()
+
+    async def _encode(self, encoder: EncoderInfo, ids: np.ndarray, mask: np.ndarray, want_tokens: bool):
+        outputs = [encoder.cell_embedding] + ([encoder.token_embeddings] if want_tokens else [])
+        kwargs = {"preferred_memory": self.cpu_memory} if self.cpu_memory is not None else {}
+        request = pb_utils.InferenceRequest(
+            model_name=encoder.name,
+            requested_output_names=outputs,
+            inputs=[pb_utils.Tensor(encoder.input_ids, ids), pb_utils.Tensor(encoder.attention_mask, mask)],
+            **kwargs,
+        )
+        response = await request.async_exec()
+        if response.has_error():
+            if not self._is_ready(encoder.name):
+                raise EncoderError(
+                    f"encoder model {encoder.name!r} is not loaded on this server: load it, or send encoder_model "
+                    f"= one of the loaded encoders ({', '.join(sorted(self.allowed_encoders))} are allowed)"
+                )
+            raise EncoderError(f"encoder model {encoder.name!r} failed a batch of {list(ids.shape)} tokens: "
+                               f"{response.error().message()}")
+        cell = pb_utils.get_output_tensor_by_name(response, encoder.cell_embedding)
+        tokens = pb_utils.get_output_tensor_by_name(response, encoder.token_embeddings) if want_tokens else None
+        if cell is None or (want_tokens and tokens is None):
+            raise EncoderError(f"encoder model {encoder.name!r} returned no {outputs}")
+        return self._numpy(cell), None if tokens is None else self._numpy(tokens)
+
+    async def _run_chunk(self, job, encoder: EncoderInfo, k: int) -> None:
+        ids, mask = job.batch(k)
+        cell, tokens = await self._encode(encoder, ids, mask, job.gene_shift)
+        job.accumulate(k, cell, tokens)
+
+    # ------------------------------------------------------------------ requests
+    async def _serve(self, request):
+        def get(name: str):
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            return None if tensor is None else tensor.as_numpy()
+
+        parsed = parse_request(get)
+        encoder = self._encoder(parsed.encoder_model)
+        requested = list(request.requested_output_names())
+        job = self.engine.prepare(
+            parsed, wants_gene_shift(parsed, requested), max_batch=encoder.max_batch_size, hidden_size=encoder.hidden_size
+        )
+        await self._run_chunk(job, encoder, 0)  # the original cell comes first
+        pending, next_chunk, error = set(), 1, None
+        while next_chunk < len(job.chunks) or pending:
+            while next_chunk < len(job.chunks) and len(pending) < self.max_inflight and error is None:
+                pending.add(asyncio.ensure_future(self._run_chunk(job, encoder, next_chunk)))
+                next_chunk += 1
+            if not pending:
+                break
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.exception() is not None and error is None:
+                    error = task.exception()
+        if error is not None:
+            raise error
+        outputs = job.outputs()
+        wanted = set(requested) or set(outputs)
+        return pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor(name, value) for name, value in outputs.items() if name in wanted]
+        )
+
+    async def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            try:
+                responses.append(await self._serve(request))
+            except (IspInputError, EncoderError) as error:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{PREFIX}{error}")))
+            except Exception as error:  # never crash the stub: report and serve the next request
+                LOGGER.exception("geneformer_isp failed")
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{PREFIX}internal error: {error!r}")))
+        return responses
