@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ from geneformer_triton.model_specs import ModelSpec, get_model_spec
 LOGGER = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+ARCHITECTURE_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+    "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id", "position_embedding_type",
+)
 
 
 class ModelLoadError(ValueError):
@@ -59,7 +64,9 @@ class LoadedGeneformer:
         return int(self.model.config.max_position_embeddings)
 
     def config_sha256(self) -> str:
-        return hashlib.sha256(self.model.config.to_json_string(use_diff=False).encode()).hexdigest()
+        """sha256 of the architecture-defining config fields (stable across save/load bookkeeping)."""
+        fields = {key: getattr(self.model.config, key, None) for key in ARCHITECTURE_FIELDS}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
     def encoder(
         self,

@@ -28,9 +28,10 @@ def _runtime(repository, name):
 @pytest.mark.parametrize("name", sorted(ENCODER_FORMATS))
 def test_exported_encoder_fidelity_on_real_cells(exported_repository, reference_encoder, celltypist_tokens, name):
     encode, fmt = _runtime(exported_repository, name)
-    reference = embed_token_cells(reference_encoder, celltypist_tokens, batch_size=8)
+    cells = celltypist_tokens[:24]
+    reference = embed_token_cells(reference_encoder, cells, batch_size=8)
     for batch_size in (1, 8):
-        result = compare_variant(name, fmt.precision, embed_token_cells(encode, celltypist_tokens, batch_size), reference)
+        result = compare_variant(name, fmt.precision, embed_token_cells(encode, cells, batch_size), reference)
         assert result.passed, result
     for batch, length in SHAPES:
         cells = [cell[:length] for cell in celltypist_tokens[:batch]]

@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from geneformer_triton.stand_in_batching import execute_in_groups
+
 _BACKEND = "onnxruntime (local python stand-in)"
 
 # ONNX tensor element type strings (onnxruntime NodeArg.type) -> numpy dtype.
@@ -221,41 +223,13 @@ class TritonPythonModel:
 
     # -- execution ------------------------------------------------------------------------------
     def execute(self, requests: list[Any]) -> list[Any]:
-        responses: list[Any] = [None] * len(requests)
-        parsed: list[tuple[dict[str, np.ndarray], list[str]] | None] = []
-        for i, request in enumerate(requests):
-            try:
-                parsed.append(self._read_request(request))
-            except Exception as exc:  # noqa: BLE001
-                parsed.append(None)
-                responses[i] = self._error(exc)
+        return execute_in_groups(requests, self._read_request, self._group_key, self._run_group, self._error)
 
-        # Group batchable requests by (input names, non-batch shapes); each group is one run.
-        groups: dict[Any, list[int]] = {}
-        for i, item in enumerate(parsed):
-            if item is None:
-                continue
-            feeds, _ = item
-            if self.batching:
-                key: Any = tuple(sorted((n, a.shape[1:], a.dtype.str) for n, a in feeds.items()))
-            else:
-                key = ("single", i)
-            groups.setdefault(key, []).append(i)
-
-        for members in groups.values():
-            try:
-                self._run_group([parsed[i] for i in members], members, responses)
-            except Exception as exc:  # noqa: BLE001
-                if len(members) == 1:
-                    responses[members[0]] = self._error(exc)
-                    continue
-                # Run them one by one so a single bad request does not fail its neighbours.
-                for i in members:
-                    try:
-                        self._run_group([parsed[i]], [i], responses)
-                    except Exception as exc_one:  # noqa: BLE001
-                        responses[i] = self._error(exc_one)
-        return responses
+    def _group_key(self, index: int, item: tuple[dict[str, np.ndarray], list[str]]) -> Any:
+        """Batchable requests group by input names, non-batch shapes and dtypes; each group is one run."""
+        if not self.batching:
+            return ("single", index)
+        return tuple(sorted((n, a.shape[1:], a.dtype.str) for n, a in item[0].items()))
 
     def _error(self, exc: BaseException) -> Any:
         return pb_utils.InferenceResponse(

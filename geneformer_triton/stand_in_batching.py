@@ -1,0 +1,46 @@
+"""Request handling shared by the local stand-in backends (``local_backends/*/model.py``).
+
+One ``execute()`` call receives several requests (dynamic batching). Requests are parsed one by one
+(a bad one gets its own error), grouped by a key (e.g. input names and non-batch shapes), and each
+group runs as one batch; if a group fails, its requests are retried one at a time so a single bad
+request does not fail its neighbours.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable, Sequence
+
+
+def execute_in_groups(
+    requests: Sequence[Any],
+    read: Callable[[Any], Any],
+    group_key: Callable[[int, Any], Hashable],
+    run: Callable[[list[Any], list[int], list[Any]], None],
+    error: Callable[[BaseException], Any],
+) -> list[Any]:
+    """Responses for ``requests``: ``run(items, indices, responses)`` fills ``responses[indices]``."""
+    responses: list[Any] = [None] * len(requests)
+    parsed: list[Any] = []
+    for index, request in enumerate(requests):
+        try:
+            parsed.append(read(request))
+        except Exception as exc:  # noqa: BLE001 - becomes this request's error response
+            parsed.append(None)
+            responses[index] = error(exc)
+    groups: dict[Hashable, list[int]] = {}
+    for index, item in enumerate(parsed):
+        if item is not None:
+            groups.setdefault(group_key(index, item), []).append(index)
+    for members in groups.values():
+        try:
+            run([parsed[i] for i in members], members, responses)
+        except Exception as exc:  # noqa: BLE001
+            if len(members) == 1:
+                responses[members[0]] = error(exc)
+                continue
+            for index in members:
+                try:
+                    run([parsed[index]], [index], responses)
+                except Exception as exc_one:  # noqa: BLE001
+                    responses[index] = error(exc_one)
+    return responses
