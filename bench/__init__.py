@@ -1,0 +1,1 @@
+"""Benchmarks (importable: ``python -m bench.<module>``)."""

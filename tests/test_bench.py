@@ -1,0 +1,148 @@
+"""`gftriton bench --mode quick` end to end: real in-process methods on real cells, a real tritonserver,
+real perf_analyzer; the results folder's files, columns and ratios are checked for consistency."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+pd = pytest.importorskip("pandas")
+
+from bench import perf  # noqa: E402
+from bench.methods import BASELINE, MethodSpec, plan_batches  # noqa: E402
+
+PLOTS = ("throughput_by_method.png", "speedup_over_baseline.png", "fidelity_by_method.png",
+         "latency_percentiles.png", "triton_throughput.png", "scaling.png")
+
+
+def test_plan_batches_strategies():
+    lengths = np.array([100, 900, 300, 2048, 50, 700, 1200, 400])
+    sorted_plan = plan_batches(lengths, MethodSpec("s", "", "encoder", "pytorch", "fp32", "sorted", 3))
+    assert [list(i) for i, _ in sorted_plan] == [[3, 6, 1], [5, 7, 2], [0, 4]]
+    assert [p for _, p in sorted_plan] == [2048, 700, 100]
+    input_plan = plan_batches(lengths, MethodSpec("i", "", "baseline", "transformers", "fp32", "input", 3))
+    assert [list(i) for i, _ in input_plan] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    bucketed = plan_batches(lengths, MethodSpec("b", "", "encoder", "pytorch", "fp32", "bucketed", 64, token_budget=2500))
+    assert sorted(np.concatenate([i for i, _ in bucketed]).tolist()) == list(range(8))
+    assert all(len(i) * p <= 2500 or len(i) == 1 for i, p in bucketed)
+    padded = plan_batches(lengths, MethodSpec("p", "", "encoder", "pytorch", "fp32", "sorted", 2, pad_multiple=256), 2048)
+    assert all(p % 256 == 0 for _, p in padded)
+
+
+def test_perf_input_groups_share_shapes():
+    cells = [np.arange(2, 2 + n) for n in (5, 9, 3, 7, 4)]
+    data = perf.encoder_input_data(cells, "onnx", batch_size=2)["data"]
+    assert len(data) == 6  # 5 cells, the last group refilled
+    for a, b in zip(data[0::2], data[1::2]):
+        assert a["input_ids"]["shape"] == b["input_ids"]["shape"] == a["attention_mask"]["shape"]
+    single = perf.encoder_input_data(cells, "torchscript", batch_size=1)["data"]
+    assert [s["input_ids__0"]["shape"][0] for s in single] == [5, 9, 3, 7, 4]
+    assert single[2]["input_ids__0"]["content"] == [2, 3, 4] and single[2]["attention_mask__1"]["content"] == [1, 1, 1]
+
+
+def test_packed_encoder_matches_padded(loaded_model, celltypist_tokens):
+    """The padding-free encoder (GPU method torch_bf16_packed; CPU fallback here) equals the padded one."""
+    import torch
+
+    from bench.packed import PackedEncoder
+    from geneformer_triton.tokenizer import pad_token_batch
+
+    encoder = loaded_model.encoder()
+    ids, mask = pad_token_batch([c[:n] for c, n in zip(celltypist_tokens[:3], (40, 17, 64))])
+    with torch.inference_mode():
+        expected = encoder(torch.from_numpy(ids), torch.from_numpy(mask))[0]
+        got = PackedEncoder(encoder)(torch.from_numpy(ids), torch.from_numpy(mask))
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory, exported_repository):
+    from bench.cli import main
+
+    out = tmp_path_factory.mktemp("bench") / "results"
+    work = tmp_path_factory.mktemp("bench_work")
+    assert main(["--mode", "quick", "--out", str(out), "--work-dir", str(work), "--repository", str(exported_repository)]) == 0
+    return out
+
+
+def _close(a: float, b: float, rel: float = 1e-6) -> bool:
+    return math.isclose(float(a), float(b), rel_tol=rel, abs_tol=1e-12)
+
+
+def test_quick_files(quick_results):
+    out = quick_results
+    for name in ("inprocess.csv", "inprocess.json", "triton.csv", "triton.json", "triton_metrics.csv", "scaling.csv",
+                 "scaling.json", "summary.json", "report.md", *PLOTS):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert list((out / "perf_analyzer").glob("*.csv")), "perf_analyzer's own CSVs are kept"
+    assert (out / "perf_inputs" / "onnx_b1.json").is_file() and (out / "perf_inputs" / "ensemble_b1.json").is_file()
+    report = (out / "report.md").read_text()
+    for heading in ("## Targets", "## In-process", "## Through Triton", "## Scaling", "![throughput_by_method.png]"):
+        assert heading in report
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "quick" and summary["cells"]["n_cells"] == 8 and summary["cells"]["max_length"] == 512
+    assert summary["targets"] and all({"target", "value", "passed"} <= set(t) for t in summary["targets"])
+    assert "L²" in summary["flops_formula"]
+
+
+def test_quick_inprocess_consistent(quick_results):
+    table = pd.read_csv(quick_results / "inprocess.csv")
+    assert json.loads((quick_results / "inprocess.json").read_text())[0]["method"] == table["method"].iloc[0]
+    assert set(table["method"]) >= {BASELINE, "torch_fp32_sorted", "onnx_fp32_b1", "onnx_int8_b1", "torchscript_fp32_b1"}
+    assert (table["error"].fillna("") == "").all(), table[["method", "error"]]
+    base = table.loc[table["method"] == BASELINE, "cells_per_s"].iloc[0]
+    for row in table.itertuples():
+        assert row.cells_per_s > 0 and row.n_cells == 8
+        assert _close(row.ratio_vs_baseline, row.cells_per_s / base)
+        assert _close(row.cells_per_s, row.n_cells / row.wall_s)
+        assert _close(row.tokens_per_s, row.tokens / row.wall_s)
+        assert _close(row.useful_tflop_per_s, row.useful_gflop_per_cell * row.n_cells / row.wall_s / 1e3)
+        assert row.executed_gflop_per_cell >= row.useful_gflop_per_cell * (1 - 1e-9)
+        assert row.fidelity_pass and row.cosine_min >= row.fidelity_threshold
+        assert row.rss_peak_mb > 0 and row.cpu_s >= 0
+    # every cell is truncated to 512 tokens: the useful FLOPs per cell follow the formula exactly
+    layer = 2 * 512 * (4 * 256**2 + 2 * 256 * 512) + 4 * 512**2 * 256
+    assert np.allclose(table["useful_gflop_per_cell"], 6 * layer / 1e9)
+    baseline = table[table["method"] == BASELINE].iloc[0]
+    lm_head = 2 * 512 * (256**2 + 256 * 25426)
+    assert _close(baseline["executed_gflop_per_cell"], (6 * layer + lm_head) / 1e9)
+    assert _close(table.loc[table["method"] == "torch_fp32_sorted", "cosine_min"].iloc[0], 1.0)
+
+
+def test_quick_triton_consistent(quick_results):
+    table = pd.read_csv(quick_results / "triton.csv")
+    assert set(zip(table["model"], table["protocol"])) == {
+        ("geneformer_onnx", "grpc"), ("geneformer_onnx", "http"), ("geneformer_embed_onnx", "grpc"), ("geneformer_embed_onnx", "http")}
+    assert (table["error"].fillna("") == "").all(), table[["model", "error"]]
+    for row in table.itertuples():
+        assert row.cells_per_s > 0 and row.inprocess_cells_per_s > 0
+        assert _close(row.efficiency, row.cells_per_s / row.inprocess_cells_per_s)
+        assert row.throughput_source == "littles_law"
+        assert _close(row.cells_per_s, row.concurrency * row.batch_size / (row.avg_latency_ms / 1e3))
+        assert 0.5 < row.cells_per_s / row.cells_per_s_perf_analyzer < 10  # whole-second windows in short runs
+        assert _close(row.inprocess_cells_per_s, (row.inprocess_before + row.inprocess_after) / 2)
+        assert row.p50_ms <= row.p90_ms <= row.p95_ms <= row.p99_ms
+        assert row.server_compute_infer_ms > 0 and row.enc_avg_batch >= 1
+        assert (quick_results / row.csv).is_file()
+        header = (quick_results / row.csv).read_text().splitlines()[0]
+        assert "Server Queue" in header and "Server Compute Infer" in header
+    ensembles = table[table["model"] == "geneformer_embed_onnx"]
+    assert (ensembles["tok_compute_infer_ms"] > 0).all()
+    metrics = pd.read_csv(quick_results / "triton_metrics.csv")
+    encoder = metrics[(metrics["model"] == "geneformer_onnx") & (metrics["composing_model"] == "geneformer_onnx")]
+    assert len(encoder) == 2 and (encoder["failures"] == 0).all()
+    assert (encoder["requests"] == table[table["model"] == "geneformer_onnx"]["request_count"].to_numpy()).all()
+    assert set(metrics[metrics["model"] == "geneformer_embed_onnx"]["composing_model"]) == {"geneformer_tokenizer", "geneformer_onnx"}
+
+
+def test_quick_scaling(quick_results):
+    table = pd.read_csv(quick_results / "scaling.csv")
+    assert set(table["sweep"]) == {"cells", "length", "batch"}
+    assert (table["error"].fillna("") == "").all()
+    length = table[table["sweep"] == "length"].sort_values("x")
+    assert list(length["x"]) == [128, 256, 512] and np.allclose(length["tokens_mean"], length["x"])
+    assert list(table[table["sweep"] == "cells"]["n_cells"]) == [4, 8]
+    assert (table["cells_per_s"] > 0).all()
