@@ -213,6 +213,8 @@ def _plots(out_dir: Path, inprocess: pd.DataFrame, triton: pd.DataFrame | None, 
         good = triton[triton["error"].fillna("") == ""]
         if len(good):
             fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+            for ax in axes:
+                ax.set_prop_cycle(color=plt.cm.tab20.colors)
             for (model, protocol), group in good.groupby(["model", "protocol"], sort=False):
                 group = group.sort_values("concurrency")
                 axes[0].plot(group["concurrency"], group["cells_per_s"], marker="o", label=f"{model} {protocol}")
