@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from geneformer_triton.stand_in_batching import execute_in_groups
+from geneformer_triton.stand_in_backend import config_parameter, execute_in_groups, model_file_path, truthy
 
 _BACKEND = "onnxruntime (local python stand-in)"
 
@@ -70,15 +70,6 @@ def _config_numpy_dtype(data_type: str) -> Any:
     return dtype
 
 
-def _parameter(config: dict, key: str) -> str | None:
-    value = config.get("parameters", {}).get(key)
-    if value is None:
-        return None
-    return str(value.get("string_value", "")).strip()
-
-
-def _truthy(text: str) -> bool:
-    return text.strip().lower() in ("1", "true", "yes", "on")
 
 
 class TritonPythonModel:
@@ -92,11 +83,8 @@ class TritonPythonModel:
         self.max_batch_size = int(self.config.get("max_batch_size", 0))
         self.batching = self.max_batch_size > 0
 
-        # model_repository is the model's own folder (<repository>/<model>).
-        model_dir = args["model_repository"]
         version = args["model_version"]
-        filename = self.config.get("default_model_filename") or "model.onnx"
-        path = os.path.join(model_dir, version, filename)
+        path = model_file_path(args, self.config, "model.onnx")
         if os.path.isdir(path):
             path = os.path.join(path, "model.onnx")
         if not os.path.isfile(path):
@@ -131,7 +119,7 @@ class TritonPythonModel:
             ) from exc
 
         self.run_options = ort.RunOptions()
-        shrink = _parameter(self.config, "memory.enable_memory_arena_shrinkage")
+        shrink = config_parameter(self.config, "memory.enable_memory_arena_shrinkage")
         if shrink:
             self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", shrink)
 
@@ -149,20 +137,20 @@ class TritonPythonModel:
         cfg = self.config
         for key, attr in (("intra_op_thread_count", "intra_op_num_threads"),
                           ("inter_op_thread_count", "inter_op_num_threads")):
-            value = _parameter(cfg, key)
+            value = config_parameter(cfg, key)
             if value:
                 setattr(options, attr, int(value))
-        mode = _parameter(cfg, "execution_mode")
+        mode = config_parameter(cfg, "execution_mode")
         if mode:
             options.execution_mode = (
                 ort.ExecutionMode.ORT_PARALLEL if int(mode) == 1 else ort.ExecutionMode.ORT_SEQUENTIAL
             )
-        arena = _parameter(cfg, "enable_mem_arena")
+        arena = config_parameter(cfg, "enable_mem_arena")
         if arena:
-            options.enable_cpu_mem_arena = _truthy(arena)
-        pattern = _parameter(cfg, "enable_mem_pattern")
+            options.enable_cpu_mem_arena = truthy(arena)
+        pattern = config_parameter(cfg, "enable_mem_pattern")
         if pattern:
-            options.enable_mem_pattern = _truthy(pattern)
+            options.enable_mem_pattern = truthy(pattern)
         # optimization { graph { level } }: -1 basic, 1 basic+extended, 2 disabled, else all.
         level = cfg.get("optimization", {}).get("graph", {}).get("level")
         levels = {

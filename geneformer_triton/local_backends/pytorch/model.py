@@ -39,21 +39,12 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from geneformer_triton.stand_in_batching import execute_in_groups
+from geneformer_triton.stand_in_backend import config_parameter, execute_in_groups, model_file_path, truthy
 
 _BACKEND = "pytorch (local python stand-in)"
 _INDEXED = re.compile(r"^(.*)__(\d+)$")
 
 
-def _parameter(config: dict, key: str) -> str | None:
-    value = config.get("parameters", {}).get(key)
-    if value is None:
-        return None
-    return str(value.get("string_value", "")).strip()
-
-
-def _truthy(text: str) -> bool:
-    return text.strip().lower() in ("1", "true", "yes", "on")
 
 
 def _config_numpy_dtype(data_type: str) -> Any:
@@ -100,10 +91,8 @@ class TritonPythonModel:
         self.max_batch_size = int(self.config.get("max_batch_size", 0))
         self.batching = self.max_batch_size > 0
 
-        model_dir = args["model_repository"]
         version = args["model_version"]
-        filename = self.config.get("default_model_filename") or "model.pt"
-        path = os.path.join(model_dir, version, filename)
+        path = model_file_path(args, self.config, "model.pt")
         if not os.path.isfile(path):
             raise pb_utils.TritonModelException(
                 f"[{_BACKEND}] model '{self.model_name}' version {version}: model file not found: {path}"
@@ -163,15 +152,15 @@ class TritonPythonModel:
 
     def _apply_parameters(self, torch: Any) -> None:
         cfg = self.config
-        value = _parameter(cfg, "INFERENCE_MODE")
-        self.inference_mode = _truthy(value) if value else True
-        value = _parameter(cfg, "DISABLE_OPTIMIZED_EXECUTION")
-        if value and _truthy(value):
+        value = config_parameter(cfg, "INFERENCE_MODE")
+        self.inference_mode = truthy(value) if value else True
+        value = config_parameter(cfg, "DISABLE_OPTIMIZED_EXECUTION")
+        if value and truthy(value):
             torch._C._set_graph_executor_optimize(False)
-        value = _parameter(cfg, "INTRA_OP_THREAD_COUNT")
+        value = config_parameter(cfg, "INTRA_OP_THREAD_COUNT")
         if value and int(value) > 0:
             torch.set_num_threads(int(value))
-        value = _parameter(cfg, "INTER_OP_THREAD_COUNT")
+        value = config_parameter(cfg, "INTER_OP_THREAD_COUNT")
         if value and int(value) > 0:
             try:
                 torch.set_num_interop_threads(int(value))
@@ -180,12 +169,12 @@ class TritonPythonModel:
         # libtorch's getExecutorMode() / getProfilingMode(), where this torch still has them.
         for key, setter in (("ENABLE_JIT_EXECUTOR", "_jit_set_profiling_executor"),
                             ("ENABLE_JIT_PROFILING", "_jit_set_profiling_mode")):
-            value = _parameter(cfg, key)
+            value = config_parameter(cfg, key)
             if value and hasattr(torch._C, setter):
-                getattr(torch._C, setter)(_truthy(value))
-        value = _parameter(cfg, "DISABLE_CUDNN")
+                getattr(torch._C, setter)(truthy(value))
+        value = config_parameter(cfg, "DISABLE_CUDNN")
         if value:
-            torch.backends.cudnn.enabled = not _truthy(value)
+            torch.backends.cudnn.enabled = not truthy(value)
 
     # -- execution ------------------------------------------------------------------------------
     def execute(self, requests: list[Any]) -> list[Any]:

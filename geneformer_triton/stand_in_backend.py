@@ -1,6 +1,6 @@
-"""Request handling shared by the local stand-in backends (``local_backends/*/model.py``).
+"""Helpers shared by the local stand-in backends (``local_backends/*/model.py``).
 
-One ``execute()`` call receives several requests (dynamic batching). Requests are parsed one by one
+Config parameters, the model file's location, and request handling: one ``execute()`` call receives several requests (dynamic batching). Requests are parsed one by one
 (a bad one gets its own error), grouped by a key (e.g. input names and non-batch shapes), and each
 group runs as one batch; if a group fails, its requests are retried one at a time so a single bad
 request does not fail its neighbours.
@@ -8,7 +8,27 @@ request does not fail its neighbours.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Hashable, Sequence
+
+
+def config_parameter(config: dict, key: str) -> str | None:
+    """A ``parameters { key: ... value: { string_value: ... } }`` entry of a model config, stripped."""
+    value = config.get("parameters", {}).get(key)
+    if value is None:
+        return None
+    return str(value.get("string_value", "")).strip()
+
+
+def truthy(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
+def model_file_path(args: dict[str, str], config: dict, default_filename: str) -> str:
+    """``<model folder>/<version>/<default_model_filename or default_filename>`` of a python-backend
+    ``initialize`` call (``args["model_repository"]`` is the model's own folder)."""
+    filename = config.get("default_model_filename") or default_filename
+    return os.path.join(args["model_repository"], args["model_version"], filename)
 
 
 def execute_in_groups(
