@@ -239,10 +239,11 @@ def check_shifts(shifts: pd.DataFrame, where: str = "shifts") -> pd.DataFrame:
     out["cell"] = out["cell"].fillna("").astype(str)
     out["state"] = out["state"].fillna("").astype(str)
     out["perturbed"] = out["perturbed"].astype(str)
-    bad = ~out["perturbed"].str.fullmatch(r"\d+(\+\d+)*")
+    keys = pd.Series(pd.unique(out["perturbed"]), dtype=object)
+    bad = ~keys.str.fullmatch(r"\d+(\+\d+)*")
     if bad.any():
-        raise IspStatsError(f"{where}: perturbed must be token ids joined with '+', e.g. '1234' or '12+34'; "
-                            f"row {int(np.flatnonzero(bad)[0])} has {out['perturbed'][bad].iloc[0]!r}")
+        raise IspStatsError(f"{where}: perturbed must be token ids joined with '+', e.g. '1234' or '12+34', "
+                            f"not {keys[bad].iloc[0]!r}")
     out["affected"] = pd.to_numeric(out["affected"], errors="raise").astype(np.int64)
     out["cos"] = pd.to_numeric(out["cos"], errors="raise").astype(np.float64)
     return out
@@ -390,6 +391,12 @@ def aggregate_data(shifts: pd.DataFrame, dictionaries: GeneDictionaries, options
     return pd.concat(parts)
 
 
+def _per_token(tokens: np.ndarray, lookup) -> np.ndarray:
+    """``lookup(token)`` for every token (NaN for CELL_EMB), one call per distinct token."""
+    unique, inverse = np.unique(tokens, return_inverse=True)
+    return np.array([np.nan if t == CELL_EMB else lookup(int(t)) for t in unique], dtype=object)[inverse]
+
+
 def aggregate_gene_shifts(shifts: pd.DataFrame, dictionaries: GeneDictionaries, options: StatsOptions) -> pd.DataFrame:
     """Mean, population stdev and count of the shifts of every (perturbed, affected) pair, the cell
     embedding ("cell_emb") rows first, each block by ascending mean (upstream's ``isp_aggregate_gene_shifts``).
@@ -415,8 +422,8 @@ def aggregate_gene_shifts(shifts: pd.DataFrame, dictionaries: GeneDictionaries, 
         "Gene_name": genes["Gene_name"].to_numpy()[key_codes],
         "Ensembl_ID": genes["Ensembl_ID"].to_numpy()[key_codes],
         "Affected": np.where(is_cell, "cell_emb", affected.astype(object)),
-        "Affected_gene_name": [np.nan if c else dictionaries.symbol(int(a)) for a, c in zip(affected, is_cell)],
-        "Affected_Ensembl_ID": [np.nan if c else dictionaries.ensembl(int(a)) for a, c in zip(affected, is_cell)],
+        "Affected_gene_name": _per_token(affected, dictionaries.symbol),
+        "Affected_Ensembl_ID": _per_token(affected, dictionaries.ensembl),
         "Cosine_sim_mean": pairs["mean"].to_numpy(),
         "Cosine_sim_stdev": pairs["stdev"].to_numpy(),
         "N_Detections": pairs["n"].to_numpy(),
@@ -449,10 +456,12 @@ def mixture_model(shifts: pd.DataFrame, dictionaries: GeneDictionaries, options:
 
     frame["Test_avg_shift"] = means
     frame["Impact_component"] = in_impact(means)
-    per_value = in_impact(groups.values)
-    counts = groups.counts()
-    frame["Impact_component_percent"] = np.bincount(groups.codes, weights=per_value, minlength=len(keys)) / counts * 100
-    frame["N_Detections"] = counts
+    finite = groups.finite()
+    per_value = in_impact(finite.values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frame["Impact_component_percent"] = (np.bincount(finite.codes, weights=per_value, minlength=len(keys))
+                                             / finite.counts() * 100)
+    frame["N_Detections"] = groups.counts()
     return frame.sort_values(by=["Impact_component", "Test_avg_shift"], ascending=[False, True])
 
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from geneformer_triton.isp_stats import CELL_EMB, SHIFT_COLUMNS, GeneDictionaries, IspStatsError, perturbed_key
 
@@ -57,22 +59,44 @@ def _frame(cells, perturbed, affected, states, values) -> pd.DataFrame:
                          "state": states, "cos": np.asarray(values, dtype=np.float64)}, columns=list(SHIFT_COLUMNS))
 
 
-def _rows_of_dict(content: dict, state: str, cell: Optional[str]) -> tuple[list, list, list, list, list]:
-    """Rows of one ``{(perturbed, affected): [values]}`` dict. ``cell``: the file's cell, else the value's
-    position (a list-mode cell-embedding list holds one value per cell) for cell rows and "" for gene rows."""
-    cells, perturbed, affected, states, values = [], [], [], [], []
-    for key, vals in content.items():
-        if not (isinstance(key, tuple) and len(key) == 2):
-            raise IspStatsError(f"unexpected key {key!r} in an upstream ISP pickle (want (perturbed, affected))")
-        pert, aff = key
-        is_cell = aff == "cell_emb"
-        n = len(vals)
-        cells += [cell] * n if cell is not None else ([str(i) for i in range(n)] if is_cell else [""] * n)
-        perturbed += [perturbed_key(pert)] * n
-        affected += [CELL_EMB if is_cell else int(aff)] * n
-        states += [state] * n
-        values += [float(v) for v in vals]
-    return cells, perturbed, affected, states, values
+class _Collector:
+    """Rows gathered one upstream dict at a time, as numpy arrays (one Python step per key, not per value)."""
+
+    def __init__(self) -> None:
+        self.parts: list[pd.DataFrame] = []
+        self._keys: dict = {}  # upstream perturbed key (int or tuple) -> our string key
+
+    def _key(self, pert) -> str:
+        key = self._keys.get(pert)
+        if key is None:
+            key = self._keys[pert] = perturbed_key(pert)
+        return key
+
+    def add_dict(self, content: dict, state: str, cell: Optional[str]) -> None:
+        """``{(perturbed, affected): [values]}``. ``cell``: the file's cell; else (list runs) the value's
+        position for cell rows (one value per cell, in upstream's cell order) and "" for gene rows."""
+        if not content:
+            return
+        keys = list(content)
+        if not all(isinstance(k, tuple) and len(k) == 2 for k in keys):
+            bad = next(k for k in keys if not (isinstance(k, tuple) and len(k) == 2))
+            raise IspStatsError(f"unexpected key {bad!r} in an upstream ISP pickle (want (perturbed, affected))")
+        counts = np.fromiter((len(v) for v in content.values()), dtype=np.int64, count=len(keys))
+        values = np.fromiter(itertools.chain.from_iterable(content.values()), dtype=np.float64, count=int(counts.sum()))
+        affected = np.array([CELL_EMB if k[1] == "cell_emb" else int(k[1]) for k in keys], dtype=np.int64)
+        perturbed = np.repeat(np.array([self._key(k[0]) for k in keys], dtype=object), counts)
+        affected = np.repeat(affected, counts)
+        if cell is not None:
+            cells = np.full(values.size, cell, dtype=object)
+        else:  # position within each cell-embedding list; "" for gene rows
+            within = np.arange(values.size) - np.repeat(np.cumsum(counts) - counts, counts)
+            cells = np.where(affected == CELL_EMB, within.astype(str).astype(object), "")
+        self.parts.append(_frame(cells, perturbed, affected, np.full(values.size, state, dtype=object), values))
+
+    def frame(self) -> pd.DataFrame:
+        if not self.parts:
+            return _frame([], [], [], [], [])
+        return pd.concat(self.parts, ignore_index=True)
 
 
 def shifts_from_upstream_dir(directory: str | Path, suffix: str = UPSTREAM_SUFFIX) -> pd.DataFrame:
@@ -87,19 +111,18 @@ def shifts_from_upstream_dir(directory: str | Path, suffix: str = UPSTREAM_SUFFI
     files = [name for name in os.listdir(directory) if name.endswith(suffix)]
     if not files:
         raise IspStatsError(f"no files ending in {suffix!r} in {directory}: point at InSilicoPerturber's output_directory")
-    columns: list[list] = [[], [], [], [], []]
-    for name in files:
+    rows = _Collector()
+    for name in tqdm(files, desc="upstream pickles", unit="file", disable=None):
         content = _load_pickle(directory / name)
         if not isinstance(content, dict):
             raise IspStatsError(f"{directory / name} holds a {type(content).__name__}, not upstream's dict of shifts")
         match = _ALL_MODE_FILE.search(name)
-        cell = match.group(1) if match else None
         parts = content.items() if _is_state_dict(content) else [("", content)]
         for state, sub in parts:
-            for column, values in zip(columns, _rows_of_dict(sub, state, cell)):
-                column += values
-    LOGGER.info("read %d shifts from %d upstream pickles in %s", len(columns[4]), len(files), directory)
-    return _frame(*columns)
+            rows.add_dict(sub, state, match.group(1) if match else None)
+    out = rows.frame()
+    LOGGER.info("read %d shifts from %d upstream pickles in %s", len(out), len(files), directory)
+    return out
 
 
 def shifts_from_oracle_json(path: str | Path) -> pd.DataFrame:

@@ -143,8 +143,8 @@ def _upstream_csv(oracle: dict, run: str, mode: str) -> Path:
 def table_differences(ours: pd.DataFrame, upstream_csv: Path) -> list[str]:
     """What differs between our table and upstream's CSV (empty = the same): columns (names, order),
     the index (row order), numbers within 1e-6 (p-values and FDR within 1e-9 relative), text exactly."""
-    upstream = pd.read_csv(upstream_csv, index_col=0)
-    mine = pd.read_csv(io.StringIO(ours.to_csv()), index_col=0)  # the same CSV round trip as upstream's file
+    upstream = pd.read_csv(upstream_csv, index_col=0, low_memory=False)
+    mine = pd.read_csv(io.StringIO(ours.to_csv()), index_col=0, low_memory=False)  # the same CSV round trip as upstream's file
     if list(mine.columns) != list(upstream.columns):
         return [f"columns {list(mine.columns)} != upstream {list(upstream.columns)}"]
     if mine.shape != upstream.shape:
@@ -228,25 +228,36 @@ def test_oracle_json_reader_gives_the_same_stats(oracle, dictionaries):
     assert_same(ours, oracle["root"] / "stats" / "mixture_model.csv")
 
 
-def test_our_isp_results_adapter(oracle, dictionaries):
-    """Rows in our ISP output's format carrying upstream's values give upstream's stats."""
+def _isp_result_rows(oracle: dict, run: str, dictionaries: GeneDictionaries) -> pd.DataFrame:
+    """Rows in our ISP output's format (ISP_RESULT_COLUMNS) carrying upstream's cell values of ``run``."""
+    names = ISP_RESULT_COLUMNS
+    cells = json.loads((oracle["root"] / f"{run}.json").read_text())["cell_shifts"]
+    return pd.DataFrame({
+        names["cell"]: [str(r["cell"]) for r in cells],
+        names["perturbed_ids"]: ["+".join(dictionaries.ensembl(t) for t in r["perturbed"]) for r in cells],
+        names["stateless"]: [r["cos"] for r in cells],
+        names["goal_state"]: np.nan, names["start_state"]: np.nan,
+    })
+
+
+def test_our_isp_results_adapter(oracle, dictionaries, tmp_path):
+    """Our ISP output's rows carrying upstream's values give upstream's stats (function and CLI --input)."""
     from client.isp import COLUMNS
+
+    from geneformer_triton.cli import main
 
     missing = [c for c in ISP_RESULT_COLUMNS.values() if c not in COLUMNS]
     assert not missing, f"client/isp.py no longer writes {missing}: repoint ISP_RESULT_COLUMNS"
-    names = ISP_RESULT_COLUMNS
-    for run, options, null in ((("all"), StatsOptions("vs_null"), "null"), ("all", StatsOptions("mixture_model"), None)):
-        def rows_of(name: str) -> pd.DataFrame:
-            cells = json.loads((oracle["root"] / f"{name}.json").read_text())["cell_shifts"]
-            return pd.DataFrame({
-                names["cell"]: [str(r["cell"]) for r in cells],
-                names["perturbed_ids"]: ["+".join(dictionaries.ensembl(t) for t in r["perturbed"]) for r in cells],
-                names["stateless"]: [r["cos"] for r in cells],
-                names["goal_state"]: np.nan, names["start_state"]: np.nan,
-            })
-        shifts = shifts_from_isp_results(rows_of(run), dictionaries)
-        null_shifts = shifts_from_isp_results(rows_of(null), dictionaries) if null else None
-        assert_same(compute_stats(shifts, dictionaries, options, null_shifts), oracle["root"] / "stats" / f"{options.mode}.csv")
+    shifts = shifts_from_isp_results(_isp_result_rows(oracle, "all", dictionaries), dictionaries)
+    null = shifts_from_isp_results(_isp_result_rows(oracle, "null", dictionaries), dictionaries)
+    assert_same(compute_stats(shifts, dictionaries, StatsOptions("vs_null"), null), oracle["root"] / "stats" / "vs_null.csv")
+    results = tmp_path / "results.parquet"
+    results.mkdir()
+    _isp_result_rows(oracle, "all", dictionaries).to_parquet(results / "part-0.parquet")
+    output = tmp_path / "mixture.csv"
+    assert main(["isp-stats", "--mode", "mixture_model", "--input", str(results), "--dictionaries", str(DICTS),
+                 "--output", str(output)]) == 0
+    assert_same(pd.read_csv(output, index_col=0), oracle["root"] / "stats" / "mixture_model.csv")
 
 
 def test_cli_writes_upstreams_table_and_a_plot(oracle, tmp_path):
