@@ -225,7 +225,8 @@ class GeneformerClient:
                         "(the server's operator has it)"
                     ) from error
                 if not _is_unavailable(error):
-                    raise InferenceError(f"{what}: {getattr(error, 'message', lambda: str(error))()}") from error
+                    message = str(getattr(error, "message", lambda: str(error))())
+                    raise InferenceError(message if message.startswith(f"{what}: ") else f"{what}: {message}") from error
                 last = error
                 self._local = threading.local()  # reconnect on the next try
                 if attempt + 1 == self.retry.attempts:

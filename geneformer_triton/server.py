@@ -570,13 +570,17 @@ class LocalTritonServer:
         else:
             self.work_dir = self._work_dir_arg
             self.work_dir.mkdir(parents=True, exist_ok=True)
-        write_owner_file(self.work_dir, None, self.shm_prefix)
         self.log_path = self._log_path_arg or (self.work_dir / "tritonserver.log")
-        self._resolve_keys()
-        backend_dir = build_backend_directory(
-            self.work_dir / "backends", python_version=_venv_python_version(self.venv)
-        )
-        env = self._environment(server_dir)
+        try:
+            write_owner_file(self.work_dir, None, self.shm_prefix)
+            self._resolve_keys()
+            backend_dir = build_backend_directory(
+                self.work_dir / "backends", python_version=_venv_python_version(self.venv)
+            )
+            env = self._environment(server_dir)
+        except BaseException:
+            self._cleanup_files()
+            raise
 
         auto_ports = any(p is None for p in self._requested_ports)
         attempts = 3 if auto_ports else 1

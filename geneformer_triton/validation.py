@@ -161,7 +161,7 @@ def check_rank_shift(value: Optional[float], max_positions: int, name: str = "ra
     """ISP ``rank_shift``: a fraction in (0, 1) or whole positions in [1, ``max_positions``]; ``None`` passes."""
     if value is None:
         return
-    allowed = f"a fraction of the cell's genes in (0, 1) or whole positions in [1, {max_positions}]"
+    allowed = f"a fraction of the cell's genes in (0, 1) or a whole number of positions in [1, {max_positions}]"
     if not math.isfinite(value) or value <= 0 or value > max_positions or (value >= 1 and value != int(value)):
         raise InputValidationError(f"{name}: {value!r} is out of range; allowed: {allowed}")
 
