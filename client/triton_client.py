@@ -89,6 +89,8 @@ def _is_unavailable(error: Exception) -> bool:
         return False
     if isinstance(error, (ConnectionError, OSError, TimeoutError)):
         return True
+    if type(error).__name__ == "HTTPConnectionClosed":  # geventhttpclient: the server closed a pooled connection
+        return True
     if isinstance(error, InferenceServerException):
         status = str(error.status() or "")
         text = str(error.message() or "").lower()
@@ -99,8 +101,8 @@ def _is_unavailable(error: Exception) -> bool:
             or "failed to connect" in text
             or "not ready" in text
             or "unavailable" in text
-            or "server is stopping" in text
-            or "exiting" in text
+            or "server is stopping" in text  # draining after SIGTERM: the restarted server will take it
+            or "has no available versions" in text  # known model, unloaded while the server stops
         )
     return False
 
@@ -198,6 +200,19 @@ class GeneformerClient:
                 self._clients.append(client)
         return client
 
+    def _reset_connection(self) -> None:
+        """Close this thread's connection (a stopping server waits for open ones) and drop it."""
+        client = getattr(self._local, "client", None)
+        self._local = threading.local()
+        if client is not None:
+            with self._lock:
+                if client in self._clients:
+                    self._clients.remove(client)
+            try:
+                client.close()
+            except Exception as error:  # noqa: BLE001 - a broken connection may fail to close
+                LOGGER.debug("closing a failed connection: %s", error)
+
     def close(self) -> None:
         """Close every connection (do this before stopping a local server)."""
         with self._lock:
@@ -228,7 +243,7 @@ class GeneformerClient:
                     message = str(getattr(error, "message", lambda: str(error))())
                     raise InferenceError(message if message.startswith(f"{what}: ") else f"{what}: {message}") from error
                 last = error
-                self._local = threading.local()  # reconnect on the next try
+                self._reset_connection()  # reconnect on the next try
                 if attempt + 1 == self.retry.attempts:
                     break  # no wait after the last try
                 wait = min(self.retry.backoff_s * 2**attempt, self.retry.max_backoff_s)
@@ -320,7 +335,10 @@ class GeneformerClient:
                 result = self._client().infer(model, tensors, outputs=requested, client_timeout=self.timeout_s,
                                               headers=headers)
             else:
-                result = self._client().infer(model, tensors, outputs=requested, headers=headers)
+                # One connection per request: an idle keep-alive connection would hold a stopping server
+                # for its whole exit timeout (Triton waits for open HTTP connections before draining).
+                result = self._client().infer(model, tensors, outputs=requested,
+                                              headers={**(headers or {}), "Connection": "close"})
             return {name: result.as_numpy(name) for name in outputs}
 
         return self._with_retry(f"{model}", call)
