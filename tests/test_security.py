@@ -213,3 +213,18 @@ def test_protect_inference(repo, protocol):
             _echo(client)  # the admin key is not the inference key
         with _client(srv, protocol, inference_key=srv.inference_key) as client:
             np.testing.assert_array_equal(_echo(client), [[2.0, 6.0]])
+
+
+def test_docker_compose_restricts_admin_apis_with_the_clients_header_and_drains():
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).resolve().parents[1] / "docker-compose.yml").read_text())
+    server = compose["services"]["tritonserver"]
+    command = server["command"]
+    for flag in ("--http-restricted-api", "--grpc-restricted-protocol"):
+        spec = next(c for c in command if c.startswith(flag + "=")).split("=", 1)[1]
+        apis, _, key = spec.partition(":")
+        assert set(apis.split(",")) >= {"model-repository", "shared-memory", "trace", "logging"}
+        assert key.startswith("admin-key=${TRITON_ADMIN_KEY:?"), "the header our client sends is admin-key"
+    exit_timeout = int(next(c for c in command if c.startswith("--exit-timeout-secs=")).split("=")[1])
+    assert exit_timeout >= 60 and int(server["stop_grace_period"].rstrip("s")) > exit_timeout
