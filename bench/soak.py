@@ -27,7 +27,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -196,7 +195,7 @@ def run_soak(grpc_url: str, http_url: str, server_pid: int, vocabulary_dir: Path
         rng = np.random.default_rng(index)
         with GeneformerClient(grpc_url if protocol == "grpc" else http_url, protocol,
                               retry=RetryPolicy(attempts=3, backoff_s=0.2)) as client:
-            count = 0
+            count = index  # staggered: a quarter of the clients start with a bad request
             while time.monotonic() < stop_at:
                 count += 1
                 if count % bad_every == 0:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -181,14 +182,14 @@ def _serve_until_ready(repo: Path, log: Path) -> tuple[subprocess.Popen, Path, i
     proc = _serve(repo, log, ports)
     work_dir = Path(_wait_for(r"admin key generated into (\S+)/admin\.key", log, proc).group(1))
     _wait_for(r"tritonserver ready", log, proc)
-    server_pid = int(__import__("json").loads((work_dir / OWNER_FILE).read_text())["server_pid"])
+    server_pid = int(json.loads((work_dir / OWNER_FILE).read_text())["server_pid"])
     with GeneformerClient(f"127.0.0.1:{ports[1]}", "grpc") as client:  # python backend shm regions exist now
         assert client.infer("slow", {"x": np.array([[3.0]], np.float32)}, ["y"])["y"][0, 0] == 6.0
     return proc, work_dir, server_pid, ports
 
 
 def _shm_regions(work_dir: Path) -> list[Path]:
-    prefix = __import__("json").loads((work_dir / OWNER_FILE).read_text())["shm_prefix"]
+    prefix = json.loads((work_dir / OWNER_FILE).read_text())["shm_prefix"]
     return sorted(Path("/dev/shm").glob(prefix + "*"))
 
 
