@@ -4,12 +4,18 @@
 token ids (client-side tokenization, straight to an encoder) and returns float32 embeddings. Requests
 are split to the model's ``max_batch_size``, run with bounded concurrency (one tritonclient per worker
 thread: the HTTP client is not thread-safe), and retried with exponential backoff while the server is
-unreachable or not ready. Errors the server reports about the input are raised at once, unretried.
+unreachable or not ready. Errors the server reports about the input are raised at once, unretried
+(``InferenceError``); a refusal of a key-protected API is a ``PermissionDeniedError`` (HTTP 403, or
+gRPC UNAVAILABLE "This protocol is restricted", which is NOT retried as a down server).
+
+Keys: ``admin_key`` (default ``$GFTRITON_ADMIN_KEY``) is sent with admin calls (model index,
+load/unload), ``inference_key`` (default ``$GFTRITON_INFERENCE_KEY``) with inference requests.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +46,22 @@ class InferenceError(RuntimeError):
     """The server rejected a request; the message is the server's (it says what was wrong)."""
 
 
+class PermissionDeniedError(InferenceError):
+    """The server refused a key-protected API: the key is missing or wrong (exit code 2, not retried)."""
+
+
+ADMIN_KEY_ENV = "GFTRITON_ADMIN_KEY"
+INFERENCE_KEY_ENV = "GFTRITON_INFERENCE_KEY"
+_RESTRICTED_MARKERS = ("this protocol is restricted", "this api is restricted")
+
+#: The project's models: probed one by one (health API) when the model index is refused.
+KNOWN_MODELS = (
+    "geneformer_tokenizer", "geneformer_onnx", "geneformer_onnx_fp16", "geneformer_torchscript", "geneformer_trt",
+    "geneformer_embed_onnx", "geneformer_embed_onnx_fp16", "geneformer_embed_torchscript", "geneformer_embed_trt",
+    "geneformer_isp",
+)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Retries for unreachable servers: ``attempts`` tries, waits ``backoff_s * 2**i`` (capped)."""
@@ -49,11 +71,25 @@ class RetryPolicy:
     max_backoff_s: float = 8.0
 
 
+def _is_permission_denied(error: Exception) -> bool:
+    """Whether an error is Triton refusing a restricted API (HTTP 403; gRPC UNAVAILABLE with 'restricted')."""
+    from tritonclient.utils import InferenceServerException
+
+    if not isinstance(error, InferenceServerException):
+        return False
+    text = str(error.message() or "").lower()
+    return str(error.status() or "") == "403" or any(marker in text for marker in _RESTRICTED_MARKERS)
+
+
 def _is_unavailable(error: Exception) -> bool:
     """Whether an error means 'server not reachable/ready' (retry) rather than 'bad request'."""
     from tritonclient.utils import InferenceServerException
 
+    if _is_permission_denied(error):
+        return False
     if isinstance(error, (ConnectionError, OSError, TimeoutError)):
+        return True
+    if type(error).__name__ == "HTTPConnectionClosed":  # geventhttpclient: the server closed a pooled connection
         return True
     if isinstance(error, InferenceServerException):
         status = str(error.status() or "")
@@ -65,6 +101,8 @@ def _is_unavailable(error: Exception) -> bool:
             or "failed to connect" in text
             or "not ready" in text
             or "unavailable" in text
+            or "server is stopping" in text  # draining after SIGTERM: the restarted server will take it
+            or "has no available versions" in text  # known model, unloaded while the server stops
         )
     return False
 
@@ -108,6 +146,8 @@ class GeneformerClient:
         concurrency: int = 2,
         timeout_s: float = 300.0,
         retry: RetryPolicy = RetryPolicy(),
+        admin_key: str | None = None,
+        inference_key: str | None = None,
     ) -> None:
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
@@ -120,6 +160,22 @@ class GeneformerClient:
         self._clients: list = []
         self._lock = threading.Lock()
         self._metadata: dict[str, dict] = {}
+        self.admin_key = admin_key or os.environ.get(ADMIN_KEY_ENV) or None
+        self.inference_key = inference_key or os.environ.get(INFERENCE_KEY_ENV) or None
+
+    def _headers(self, name: str, key: str | None) -> dict[str, str] | None:
+        """Header carrying ``key`` under Triton's restricted-API header ``name`` (gRPC adds its prefix)."""
+        if key is None:
+            return None
+        return {f"triton-grpc-protocol-{name}" if self.protocol == "grpc" else name: key}
+
+    @property
+    def admin_headers(self) -> dict[str, str] | None:
+        return self._headers("admin-key", self.admin_key)
+
+    @property
+    def inference_headers(self) -> dict[str, str] | None:
+        return self._headers("inference-key", self.inference_key)
 
     # ------------------------------------------------------------------ connection
     @property
@@ -144,6 +200,19 @@ class GeneformerClient:
                 self._clients.append(client)
         return client
 
+    def _reset_connection(self) -> None:
+        """Close this thread's connection (a stopping server waits for open ones) and drop it."""
+        client = getattr(self._local, "client", None)
+        self._local = threading.local()
+        if client is not None:
+            with self._lock:
+                if client in self._clients:
+                    self._clients.remove(client)
+            try:
+                client.close()
+            except Exception as error:  # noqa: BLE001 - a broken connection may fail to close
+                LOGGER.debug("closing a failed connection: %s", error)
+
     def close(self) -> None:
         """Close every connection (do this before stopping a local server)."""
         with self._lock:
@@ -164,10 +233,17 @@ class GeneformerClient:
             try:
                 return call()
             except Exception as error:  # classified below: retry only 'server unavailable'
+                if _is_permission_denied(error):
+                    raise PermissionDeniedError(
+                        f"{what}: refused by {self.url} ({self.protocol}): {error.message()}; this API needs "
+                        f"a key: set ${INFERENCE_KEY_ENV if 'inference-key' in str(error.message()) else ADMIN_KEY_ENV} "
+                        "(the server's operator has it)"
+                    ) from error
                 if not _is_unavailable(error):
-                    raise InferenceError(f"{what}: {getattr(error, 'message', lambda: str(error))()}") from error
+                    message = str(getattr(error, "message", lambda: str(error))())
+                    raise InferenceError(message if message.startswith(f"{what}: ") else f"{what}: {message}") from error
                 last = error
-                self._local = threading.local()  # reconnect on the next try
+                self._reset_connection()  # reconnect on the next try
                 if attempt + 1 == self.retry.attempts:
                     break  # no wait after the last try
                 wait = min(self.retry.backoff_s * 2**attempt, self.retry.max_backoff_s)
@@ -205,14 +281,36 @@ class GeneformerClient:
     def max_batch_size(self, model: str) -> int:
         return int(self.model_config(model).get("max_batch_size", 0)) or 1
 
-    def ready_models(self) -> list[str]:
-        """Names of the models the server has loaded and ready."""
+    def ready_models(self, candidates: Sequence[str] = KNOWN_MODELS) -> list[str]:
+        """Names of the models the server has loaded and ready: from the model index (an admin API),
+        or, when the index is refused for want of the admin key, by probing ``candidates``."""
         def fetch() -> list[str]:
-            index = self._client().get_model_repository_index(as_json=True) if self.protocol == "grpc" \
-                else self._client().get_model_repository_index()
+            headers = self.admin_headers
+            index = self._client().get_model_repository_index(headers=headers, as_json=True) \
+                if self.protocol == "grpc" else self._client().get_model_repository_index(headers=headers)
             models = index.get("models", index) if isinstance(index, dict) else index
             return sorted(m["name"] for m in models if m.get("state") == "READY")
-        return self._with_retry("model index", fetch)
+
+        def probe() -> list[str]:
+            return sorted(m for m in candidates if self._client().is_model_ready(m))
+
+        try:
+            return self._with_retry("model index", fetch)
+        except PermissionDeniedError:
+            LOGGER.debug("model index needs the admin key; probing %d known model names", len(candidates))
+            return self._with_retry("model readiness", probe)
+
+    def load_model(self, model: str, config: str | None = None, files: dict[str, bytes] | None = None) -> None:
+        """Load (or reload) ``model``, optionally with a JSON ``config`` override and ``files``
+        (``{"file:1/model.py": bytes}``). An admin API: needs the admin key."""
+        self._metadata.pop(model, None)
+        self._with_retry(f"load {model}", lambda: self._client().load_model(
+            model, headers=self.admin_headers, config=config, files=files))
+
+    def unload_model(self, model: str) -> None:
+        """Unload ``model``. An admin API: needs the admin key."""
+        self._metadata.pop(model, None)
+        self._with_retry(f"unload {model}", lambda: self._client().unload_model(model, headers=self.admin_headers))
 
     def tensor_name(self, model: str, name: str) -> str:
         """Wire name of a logical tensor (TorchScript models use ``<name>__<index>``)."""
@@ -232,10 +330,15 @@ class GeneformerClient:
                 tensor.set_data_from_numpy(array)
                 tensors.append(tensor)
             requested = [module.InferRequestedOutput(name) for name in outputs]
+            headers = self.inference_headers
             if self.protocol == "grpc":
-                result = self._client().infer(model, tensors, outputs=requested, client_timeout=self.timeout_s)
+                result = self._client().infer(model, tensors, outputs=requested, client_timeout=self.timeout_s,
+                                              headers=headers)
             else:
-                result = self._client().infer(model, tensors, outputs=requested)
+                # One connection per request: an idle keep-alive connection would hold a stopping server
+                # for its whole exit timeout (Triton waits for open HTTP connections before draining).
+                result = self._client().infer(model, tensors, outputs=requested,
+                                              headers={**(headers or {}), "Connection": "close"})
             return {name: result.as_numpy(name) for name in outputs}
 
         return self._with_retry(f"{model}", call)

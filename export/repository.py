@@ -54,6 +54,7 @@ def write_manifest(version_dir: Path, loaded: LoadedGeneformer, fmt: EncoderForm
         "opset": OPSET if fmt.kind == "onnx" else None,
         "hidden_size": loaded.config.hidden_size,
         "input_size": loaded.input_size,
+        "vocabulary_size": len(loaded.vocabulary) if loaded.vocabulary is not None else None,
         "emb_layer": emb_layer,
         "pooling": pooling,
         "special_tokens": loaded.special_tokens,

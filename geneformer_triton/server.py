@@ -21,6 +21,13 @@ Typical use::
         client = tritonclient.http.InferenceServerClient(server.http_url)
         ...
 
+Security: the model-repository, shared-memory, trace and logging APIs are restricted to requests
+carrying the admin key (:mod:`geneformer_triton.security`; a key is generated into
+``<work_dir>/admin.key``, mode 0600, when none is given); ``server.admin_headers("http"|"grpc")``
+gives the headers. Shutdown drains: SIGTERM, then Triton finishes in-flight requests for up to
+``exit_timeout_s``. A work dir or shared-memory region left by a killed run is removed at the next
+start (:mod:`geneformer_triton.leftovers`).
+
 All durations are in seconds, sizes in bytes.
 """
 
@@ -45,6 +52,20 @@ import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+
+from geneformer_triton.leftovers import OWNER_FILE, WORK_DIR_PREFIX, remove_stale_leftovers, write_owner_file
+from geneformer_triton.security import (
+    ADMIN_HEADER,
+    ADMIN_KEY_ENV,
+    INFERENCE_HEADER,
+    INFERENCE_KEY_ENV,
+    ApiAccess,
+    ResolvedKey,
+    grpc_header,
+    redact,
+    resolve_key,
+    restriction_args,
+)
 
 __all__ = [
     "TritonServerError",
@@ -249,12 +270,12 @@ def _http_get_status(url: str, timeout_s: float) -> int:
         return 0
 
 
-def _http_post_json(url: str, payload: object, timeout_s: float) -> object:
-    """POST JSON to ``url`` and return the decoded JSON answer."""
+def _http_post_json(url: str, payload: object, timeout_s: float, headers: Mapping[str, str] | None = None) -> object:
+    """POST JSON to ``url`` (with extra ``headers``) and return the decoded JSON answer."""
     req = urllib.request.Request(
         url,
         data=json.dumps(payload).encode(),
-        headers={"Content-Type": "application/json", "Connection": "close"},
+        headers={"Content-Type": "application/json", "Connection": "close", **(headers or {})},
         method="POST",
     )
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310 (loopback only)
@@ -262,6 +283,17 @@ def _http_post_json(url: str, payload: object, timeout_s: float) -> object:
 
 
 _LIVE_SERVERS: "set[LocalTritonServer]" = set()  # running servers, stopped at exit
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+    """Ask Linux to SIGTERM the server when the thread that started it dies (a SIGKILLed owner):
+    the server then drains and exits instead of running on unowned. Start servers from a thread
+    that lives as long as the server (e.g. the main thread)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 @atexit.register
@@ -292,7 +324,12 @@ class LocalTritonServer:
             default ``<work_dir>/tritonserver.log``.
         log_verbose: ``--log-verbose`` level (0 = off).
         exit_timeout_s: ``--exit-timeout-secs``: how long the server waits for in-flight requests
-            on shutdown, in seconds.
+            on shutdown, in seconds (HTTP connections and inferences share it: an idle keep-alive
+            connection uses it up; when it runs out with inferences in flight, tritonserver 2.51
+            exits non-zero or crashes with signal 11).
+        access: which APIs need a key and the keys (:class:`~geneformer_triton.security.ApiAccess`);
+            default: admin APIs restricted, inference open, admin key from ``$GFTRITON_ADMIN_KEY``
+            or generated.
         allow_gpu_metrics: ``--allow-gpu-metrics``; asking for it on a host without a GPU raises
             :class:`GpuNotAvailableError`.
         allow_metrics: serve Prometheus metrics (``--allow-metrics``).
@@ -318,13 +355,14 @@ class LocalTritonServer:
         work_dir: str | os.PathLike[str] | None = None,
         log_path: str | os.PathLike[str] | None = None,
         log_verbose: int = 0,
-        exit_timeout_s: int = 10,
+        exit_timeout_s: int = 30,
         allow_gpu_metrics: bool = False,
         allow_metrics: bool = True,
         backend_config: Mapping[str, Mapping[str, str]] | None = None,
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         venv: str | os.PathLike[str] | None = None,
+        access: ApiAccess | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         if isinstance(models, str):
@@ -350,6 +388,9 @@ class LocalTritonServer:
         self.extra_args = list(extra_args)
         self.extra_env = dict(env or {})
         self.venv = Path(venv).resolve() if venv is not None else Path(sys.prefix)
+        self.access = access or ApiAccess()
+        self._admin_key: ResolvedKey | None = None
+        self._inference_key: ResolvedKey | None = None
         #: Unique prefix of this server's python-backend shared-memory regions in /dev/shm.
         self.shm_prefix = f"{SHM_REGION_PREFIX}gft{os.getpid()}_{secrets.token_hex(4)}_"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -385,6 +426,53 @@ class LocalTritonServer:
     def log_tail(self, lines: int = 40) -> str:
         """The last ``lines`` lines of the server log ('' before the first start)."""
         return _tail(self.log_path, lines)
+
+    @property
+    def admin_key(self) -> str | None:
+        """The admin key of the running (or last) server; ``None`` before the first start."""
+        return self._admin_key.value if self._admin_key else None
+
+    @property
+    def admin_key_file(self) -> Path | None:
+        """Where a generated admin key was written (mode 0600), else ``None``."""
+        return self._admin_key.file if self._admin_key else None
+
+    @property
+    def inference_key(self) -> str | None:
+        """The inference key when ``access.protect_inference``, else ``None``."""
+        return self._inference_key.value if self._inference_key else None
+
+    def admin_headers(self, protocol: str = "http") -> dict[str, str]:
+        """Request headers that unlock the restricted admin APIs over ``protocol`` ("http" or "grpc")."""
+        return self._headers(protocol, ADMIN_HEADER, self.admin_key)
+
+    def inference_headers(self, protocol: str = "http") -> dict[str, str]:
+        """Request headers for inference (empty unless ``access.protect_inference``)."""
+        return self._headers(protocol, INFERENCE_HEADER, self.inference_key)
+
+    @staticmethod
+    def _headers(protocol: str, header: str, key: str | None) -> dict[str, str]:
+        if key is None:
+            return {}
+        return {grpc_header(header) if protocol == "grpc" else header: key}
+
+    def _resolve_keys(self) -> None:
+        assert self.work_dir is not None
+        access = self.access
+        self._admin_key = resolve_key(access.admin_key, access.admin_key_file, ADMIN_KEY_ENV,
+                                      self.work_dir / "admin.key")
+        self._inference_key = (
+            resolve_key(access.inference_key, access.inference_key_file, INFERENCE_KEY_ENV,
+                        self.work_dir / "inference.key")
+            if access.protect_inference else None
+        )
+        for what, key in (("admin", self._admin_key), ("inference", self._inference_key)):
+            if key is not None:
+                where = f"generated into {key.file} (mode 0600)" if key.file else f"from {key.source}"
+                logger.info("%s key %s", what, where)
+
+    def _secrets(self) -> list[str]:
+        return [k.value for k in (self._admin_key, self._inference_key) if k is not None]
 
     def shm_files(self) -> list[Path]:
         """This server's python-backend shared-memory files currently present in /dev/shm."""
@@ -448,6 +536,7 @@ class LocalTritonServer:
         for backend, settings in self.backend_config.items():
             for key, value in settings.items():
                 cmd.append(f"--backend-config={backend},{key}={value}")
+        cmd += restriction_args(self.admin_key or "", self.inference_key)
         cmd += self.extra_args
         return cmd
 
@@ -474,17 +563,24 @@ class LocalTritonServer:
         self._check_gpu_requests()
         binary = find_tritonserver()
         server_dir = pytriton_server_dir()
+        remove_stale_leftovers()
 
         if self._work_dir_arg is None:
-            self.work_dir = Path(tempfile.mkdtemp(prefix="gftriton-server-"))
+            self.work_dir = Path(tempfile.mkdtemp(prefix=WORK_DIR_PREFIX))
         else:
             self.work_dir = self._work_dir_arg
             self.work_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self._log_path_arg or (self.work_dir / "tritonserver.log")
-        backend_dir = build_backend_directory(
-            self.work_dir / "backends", python_version=_venv_python_version(self.venv)
-        )
-        env = self._environment(server_dir)
+        try:
+            write_owner_file(self.work_dir, None, self.shm_prefix)
+            self._resolve_keys()
+            backend_dir = build_backend_directory(
+                self.work_dir / "backends", python_version=_venv_python_version(self.venv)
+            )
+            env = self._environment(server_dir)
+        except BaseException:
+            self._cleanup_files()
+            raise
 
         auto_ports = any(p is None for p in self._requested_ports)
         attempts = 3 if auto_ports else 1
@@ -526,7 +622,7 @@ class LocalTritonServer:
         # Append mode: the server, its stubs and retries all write to the same file safely.
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 (closed in _terminate)
         self._log_offset = self._log_file.tell()
-        self._log_file.write(("\n$ " + " ".join(self.command) + "\n").encode())
+        self._log_file.write(("\n$ " + " ".join(redact(self.command, self._secrets())) + "\n").encode())
         self._log_file.flush()
         logger.info(
             "starting tritonserver: repository=%s models=%s http=%s grpc=%s log=%s",
@@ -542,7 +638,9 @@ class LocalTritonServer:
             env=dict(env),
             cwd=str(self.work_dir),
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
+        write_owner_file(self.work_dir, self._proc.pid, self.shm_prefix)
         _LIVE_SERVERS.add(self)
 
     def _log_since_launch(self, max_bytes: int = 1_000_000) -> str:
@@ -606,7 +704,8 @@ class LocalTritonServer:
     def _check_models(self, base: str) -> None:
         """Raise if a requested model is not READY (the index gives Triton's reason)."""
         try:
-            index = _http_post_json(f"{base}/v2/repository/index", {}, timeout_s=5.0)
+            index = _http_post_json(f"{base}/v2/repository/index", {}, timeout_s=5.0,
+                                    headers=self.admin_headers("http"))
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise self._error(f"could not read the model repository index: {exc}") from exc
         states = {}
@@ -674,6 +773,11 @@ class LocalTritonServer:
             with contextlib.suppress(OSError):
                 path.unlink()
                 logger.debug("removed leftover shared-memory file %s", path)
+        if self.work_dir is not None:
+            generated = [k.file for k in (self._admin_key, self._inference_key) if k is not None and k.file]
+            for path in generated + [self.work_dir / OWNER_FILE]:
+                with contextlib.suppress(OSError):
+                    path.unlink()
         if self._own_work_dir and self.work_dir is not None:
             log_inside = self.log_path is not None and self.work_dir in self.log_path.parents
             if log_inside:

@@ -25,6 +25,10 @@ What it mirrors from the real backend:
   names); each request gets only what it asked for;
 * failures become a per-request ``TritonError`` with a clear message; the stub never crashes.
 
+Unlike the real backend, it validates Geneformer token inputs (``input_ids`` in ``[0, vocabulary)``,
+``attention_mask`` 0/1 with a 1 per row, at most the manifest's ``input_size`` tokens) and answers bad
+requests with INVALID_ARGUMENT / HTTP 400 (``geneformer_triton.validation``).
+
 Differences: it runs in the python-backend stub process, so inputs and outputs go through shared
 memory (extra copies), and there is no pinned memory, CUDA-graph or TensorRT support.
 """
@@ -38,7 +42,15 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from geneformer_triton.stand_in_backend import config_parameter, execute_in_groups, model_file_path, truthy
+from geneformer_triton.stand_in_backend import (
+    check_token_inputs,
+    config_parameter,
+    execute_in_groups,
+    model_file_path,
+    token_limits,
+    truthy,
+)
+from geneformer_triton.triton_errors import error_response
 
 _BACKEND = "onnxruntime (local python stand-in)"
 
@@ -126,6 +138,7 @@ class TritonPythonModel:
         self.inputs = self._match(self.config.get("input", []), self.session.get_inputs(), "input")
         self.outputs = self._match(self.config.get("output", []), self.session.get_outputs(), "output")
         self.output_order = [o["name"] for o in self.config.get("output", [])]
+        self.token_limits = token_limits(args)
         pb_utils.Logger.log_info(
             f"[{_BACKEND}] loaded '{self.model_name}' from {path} "
             f"(providers {self.session.get_providers()}, max_batch_size {self.max_batch_size})"
@@ -220,10 +233,7 @@ class TritonPythonModel:
         return tuple(sorted((n, a.shape[1:], a.dtype.str) for n, a in item[0].items()))
 
     def _error(self, exc: BaseException) -> Any:
-        return pb_utils.InferenceResponse(
-            output_tensors=[],
-            error=pb_utils.TritonError(f"[{_BACKEND}] model '{self.model_name}': {exc}"),
-        )
+        return error_response(pb_utils, f"[{_BACKEND}] model '{self.model_name}': ", exc)
 
     def _read_request(self, request: Any) -> tuple[dict[str, np.ndarray], list[str]]:
         feeds: dict[str, np.ndarray] = {}
@@ -248,6 +258,7 @@ class TritonPythonModel:
             if array.dtype != np.dtype(spec["dtype"]):
                 array = array.astype(spec["dtype"])
             feeds[name] = array
+        check_token_inputs(feeds, self.token_limits)
         requested = list(request.requested_output_names()) or list(self.output_order)
         unknown = [n for n in requested if n not in self.outputs]
         if unknown:

@@ -25,6 +25,10 @@ What it mirrors from the real backend:
   concatenated into one ``forward()`` and the results split back; others run separately;
 * failures become a per-request ``TritonError`` with a clear message; the stub never crashes.
 
+Unlike the real backend, it validates Geneformer token inputs (``input_ids__0`` in ``[0, vocabulary)``,
+``attention_mask__1`` 0/1 with a 1 per row, at most the manifest's ``input_size`` tokens) and answers
+bad requests with INVALID_ARGUMENT / HTTP 400 (``geneformer_triton.validation``).
+
 Differences: TorchScript computes every output (only the requested ones are returned); it runs in
 the python-backend stub process, so tensors go through shared memory (extra copies).
 """
@@ -39,7 +43,15 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from geneformer_triton.stand_in_backend import config_parameter, execute_in_groups, model_file_path, truthy
+from geneformer_triton.stand_in_backend import (
+    check_token_inputs,
+    config_parameter,
+    execute_in_groups,
+    model_file_path,
+    token_limits,
+    truthy,
+)
+from geneformer_triton.triton_errors import error_response
 
 _BACKEND = "pytorch (local python stand-in)"
 _INDEXED = re.compile(r"^(.*)__(\d+)$")
@@ -145,6 +157,7 @@ class TritonPythonModel:
                 f"[{_BACKEND}] model '{self.model_name}': the configuration has {len(self.input_order)} "
                 f"inputs but forward() takes {len(arg_names)} ({arg_names})"
             )
+        self.token_limits = token_limits(args)
         pb_utils.Logger.log_info(
             f"[{_BACKEND}] loaded '{self.model_name}' from {path} on {self.device} "
             f"(inputs {self.input_order}, max_batch_size {self.max_batch_size})"
@@ -187,10 +200,7 @@ class TritonPythonModel:
         return tuple((a.shape[1:], a.dtype.str) for a in item[0])
 
     def _error(self, exc: BaseException) -> Any:
-        return pb_utils.InferenceResponse(
-            output_tensors=[],
-            error=pb_utils.TritonError(f"[{_BACKEND}] model '{self.model_name}': {exc}"),
-        )
+        return error_response(pb_utils, f"[{_BACKEND}] model '{self.model_name}': ", exc)
 
     def _read_request(self, request: Any) -> tuple[list[np.ndarray], list[str]]:
         arrays: list[np.ndarray] = []
@@ -208,6 +218,7 @@ class TritonPythonModel:
                 elif array.shape[0] != batch:
                     raise ValueError(f"input '{name}' has batch size {array.shape[0]}, expected {batch}")
             arrays.append(array)
+        check_token_inputs(dict(zip(self.input_order, arrays)), self.token_limits)
         requested = list(request.requested_output_names()) or list(self.outputs)
         unknown = [n for n in requested if n not in self.outputs]
         if unknown:

@@ -18,7 +18,8 @@ Encoder tensor names and max_batch_size come from the encoder's ``config.pbtxt``
 repository (TorchScript encoders use ``input_ids__0`` ... ``token_embeddings__1``); its
 ``token_embeddings`` output is requested only when the gene-embedding shift is computed. BLS outputs
 are requested in CPU memory. Every bad input fails only its own request with a TritonError naming
-the problem; encoder failures are reported the same way; the stub never crashes.
+the problem (INVALID_ARGUMENT / HTTP 400; inputs checked by ``geneformer_triton.validation`` first);
+encoder failures are INTERNAL / 500; the stub never crashes.
 """
 
 import asyncio
@@ -34,6 +35,8 @@ import triton_python_backend_utils as pb_utils
 
 from geneformer_triton.dictionaries import DictionaryError, load_vocabulary
 from geneformer_triton.isp_service import IspEngine, IspInputError, parse_request, wants_gene_shift
+from geneformer_triton.triton_errors import error_response
+from geneformer_triton.validation import check_rank_shift, validate_cell_inputs
 
 LOGGER = logging.getLogger("geneformer_isp")
 PREFIX = "geneformer_isp: "
@@ -92,9 +95,10 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"{PREFIX}{error}; the dictionaries are written by `gftriton export` into geneformer_tokenizer/1"
             ) from error
+        self.model_input_size = int(_parameter(config, "model_input_size"))
         self.engine = IspEngine(
             vocabulary,
-            model_input_size=int(_parameter(config, "model_input_size")),
+            model_input_size=self.model_input_size,
             special_tokens=_parameter(config, "special_tokens", "false").lower() == "true",
             max_tokens_per_batch=int(_parameter(config, "max_tokens_per_batch", "32768")),
             max_batch=None,
@@ -170,7 +174,9 @@ class TritonPythonModel:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             return None if tensor is None else tensor.as_numpy()
 
+        validate_cell_inputs(get)
         parsed = parse_request(get)
+        check_rank_shift(parsed.rank_shift, self.model_input_size)
         encoder = self._encoder(parsed.encoder_model)
         requested = list(request.requested_output_names())
         job = self.engine.prepare(
@@ -201,9 +207,11 @@ class TritonPythonModel:
         for request in requests:
             try:
                 responses.append(await self._serve(request))
-            except (IspInputError, EncoderError) as error:
+            except ValueError as error:  # IspInputError, InputValidationError: the request is wrong
+                responses.append(error_response(pb_utils, PREFIX, error))
+            except EncoderError as error:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{PREFIX}{error}")))
             except Exception as error:  # never crash the stub: report and serve the next request
                 LOGGER.exception("geneformer_isp failed")
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{PREFIX}internal error: {error!r}")))
+                responses.append(error_response(pb_utils, PREFIX, error))
         return responses

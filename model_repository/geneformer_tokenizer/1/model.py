@@ -5,8 +5,10 @@ Inputs per batch row (one cell): ``gene_ids`` BYTES [G] (Ensembl ids, "" = paddi
 the longest cell of the request, ``attention_mask`` INT64 [L], ``length`` INT64 [1].
 
 Dictionaries and sizes come from the model config's parameters (files relative to this folder).
-Any bad input (NaN/negative counts, shape mismatch, no vocabulary gene, oversize request) fails only
-its own request with a message naming the cell; the other requests of the batch are served.
+Any bad input (NaN/negative/absurd counts, bad n_counts, non-UTF-8 gene ids, shape mismatch, no
+vocabulary gene, oversize request; ``geneformer_triton.validation``) fails only its own request with
+INVALID_ARGUMENT / HTTP 400 and a message naming the tensor and the cell; the other requests of the
+batch are served. Server faults are INTERNAL / 500.
 Needs the ``geneformer_triton`` package importable by the python backend's stub.
 """
 
@@ -19,8 +21,11 @@ import triton_python_backend_utils as pb_utils
 
 from geneformer_triton.dictionaries import load_vocabulary
 from geneformer_triton.tokenizer import RankValueTokenizer, TokenizationError, pad_token_batch
+from geneformer_triton.triton_errors import error_response
+from geneformer_triton.validation import validate_cell_inputs
 
 LOGGER = logging.getLogger("geneformer_tokenizer")
+PREFIX = "geneformer_tokenizer: "
 
 
 def _parameter(config: dict, key: str, default: str | None = None) -> str:
@@ -53,15 +58,18 @@ class TritonPythonModel:
         self.max_genes_per_request = int(_parameter(config, "max_genes_per_request", "1000000"))
 
     def _tokenize(self, request) -> "pb_utils.InferenceResponse":
-        gene_ids = pb_utils.get_input_tensor_by_name(request, "gene_ids").as_numpy()
-        counts = pb_utils.get_input_tensor_by_name(request, "counts").as_numpy()
-        n_counts_tensor = pb_utils.get_input_tensor_by_name(request, "n_counts")
-        n_counts = n_counts_tensor.as_numpy().reshape(-1) if n_counts_tensor is not None else None
-        if gene_ids.size > self.max_genes_per_request:
+        def get(name: str):
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            return None if tensor is None else tensor.as_numpy()
+
+        raw_ids = get("gene_ids")
+        if raw_ids is not None and raw_ids.size > self.max_genes_per_request:
             raise TokenizationError(
-                f"request carries {gene_ids.size} gene entries, more than max_genes_per_request="
+                f"request carries {raw_ids.size} gene entries, more than max_genes_per_request="
                 f"{self.max_genes_per_request}; split it into smaller requests"
             )
+        gene_ids, counts, n_counts = validate_cell_inputs(get)
+        n_counts = None if n_counts is None else n_counts.reshape(-1)
         cells = self.tokenizer.tokenize_gene_lists(gene_ids, counts, n_counts)
         input_ids, attention_mask = pad_token_batch(cells, self.pad_id)
         lengths = attention_mask.sum(axis=1, keepdims=True).astype(np.int64)
@@ -78,11 +86,9 @@ class TritonPythonModel:
         for request in requests:
             try:
                 responses.append(self._tokenize(request))
-            except TokenizationError as error:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"geneformer_tokenizer: {error}")))
+            except ValueError as error:  # TokenizationError, InputValidationError: the request is wrong
+                responses.append(error_response(pb_utils, PREFIX, error))
             except Exception as error:  # never crash the stub: report and serve the next request
                 LOGGER.exception("tokenizer failed")
-                responses.append(
-                    pb_utils.InferenceResponse(error=pb_utils.TritonError(f"geneformer_tokenizer: internal error: {error!r}"))
-                )
+                responses.append(error_response(pb_utils, PREFIX, error))
         return responses
