@@ -171,13 +171,14 @@ def check_built_backends(venv: str | os.PathLike[str] | None = None, folder: Pat
 
 
 def choose_backends(mode: str | None = None, *, venv: str | os.PathLike[str] | None = None,
-                    folder: Path | None = None) -> BackendChoice:
+                    folder: Path | None = None, gpu: bool = False) -> BackendChoice:
     """Decide between the real backends and the stand-ins (see the module docstring).
 
     Args:
         mode: ``auto``, ``real`` or ``stand-in``; ``None`` reads ``$GFTRITON_BACKENDS`` (default ``auto``).
         venv: the server's Python environment (default ``sys.prefix``).
         folder: the build folder (default :func:`build_dir`).
+        gpu: the server runs GPU configs (``KIND_GPU``), which the CPU-only build cannot serve.
 
     Raises:
         ValueError: an unknown mode.
@@ -189,6 +190,8 @@ def choose_backends(mode: str | None = None, *, venv: str | os.PathLike[str] | N
     if chosen == "stand-in":
         return BackendChoice("stand-in", None, f"stand-ins asked for ({BACKENDS_ENV}=stand-in or backends='stand-in')")
     directory, reason = check_built_backends(venv, folder)
+    if directory is not None and gpu:
+        directory, reason = None, f"the build ({reason}) is CPU-only (TRITON_ENABLE_GPU=OFF) and the configs are GPU ones"
     if directory is not None:
         logger.info("serving through Triton's C++ onnxruntime and pytorch backends: %s", reason)
         return BackendChoice("real", directory, reason)

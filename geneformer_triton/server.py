@@ -503,7 +503,8 @@ class LocalTritonServer:
             self.work_dir = self._work_dir_arg
             self.work_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self._log_path_arg or (self.work_dir / "tritonserver.log")
-        self.backend_choice = choose_backends(self.backends_mode, venv=self.venv)
+        gpu_configs = (self.model_config_name or "").lower().startswith("gpu")
+        self.backend_choice = choose_backends(self.backends_mode, venv=self.venv, gpu=gpu_configs)
         backend_dir = build_backend_directory(
             self.work_dir / "backends", python_version=_venv_python_version(self.venv),
             real_backends=self.backend_choice.directory,

@@ -11,6 +11,8 @@
 #   --out     build folder (default: $GFTRITON_BACKEND_BUILD, else .backends): writes stamp.json,
 #             backends/{python,onnxruntime,pytorch} and build/ (cmake trees and logs)
 #   --force   rebuild even when the stamp matches
+#   --optional  when the sources are not there, warn and exit 0 (the servers then fall back to the
+#             Python stand-ins, loudly); `make demo/serve/bench` use it, `make backends/test` do not
 # The build is skipped when <out>/stamp.json matches: venv path, Python, torch and onnxruntime versions,
 # the wheel's libtritonserver hash, a hash of the source tree and of this script.
 set -euo pipefail
@@ -20,13 +22,15 @@ SRC=${GFTRITON_BACKEND_SOURCE:-${GFTRITON_SHARED_DIR:-$ROOT/../shared}/reference
 VENV=.venv
 OUT=${GFTRITON_BACKEND_BUILD:-$ROOT/.backends}
 FORCE=0
+OPTIONAL=0
 while [ $# -gt 0 ]; do
   case $1 in
     --source) SRC=$2; shift 2 ;;
     --venv) VENV=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --force) FORCE=1; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    --optional) OPTIONAL=1; shift ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -34,8 +38,13 @@ fail() { echo "error: $*" >&2; exit 1; }
 
 [ -x "$VENV/bin/python" ] || fail "no Python environment at $VENV: run 'make venv' first"
 for part in common core backend pytorch_backend onnxruntime_backend ort-include; do
-  [ -d "$SRC/$part" ] || fail "backend sources not found: $SRC/$part is missing. Pass --source DIR (or set
+  [ -d "$SRC/$part" ] && continue
+  message="backend sources not found: $SRC/$part is missing. Pass --source DIR (or set
   GFTRITON_BACKEND_SOURCE) to a folder with the r24.10 sources; docs/deployment.md ('Real C++ backends') lists them"
+  if [ "$OPTIONAL" = 1 ]; then
+    echo "WARNING: $message. Until then the local server uses the Python stand-ins." >&2; exit 0
+  fi
+  fail "$message"
 done
 SRC=$(cd "$SRC" && pwd) VENV=$(cd "$VENV" && pwd -P)
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)

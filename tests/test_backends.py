@@ -137,3 +137,11 @@ def test_build_script_skips_a_current_build_and_names_missing_sources(tmp_path):
                              capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert missing.returncode != 0
     assert "backend sources not found" in missing.stderr and "--source DIR" in missing.stderr
+
+
+def test_gpu_configs_never_get_the_cpu_only_build(caplog):
+    with caplog.at_level(logging.WARNING, logger="geneformer_triton.backend_build"):
+        assert choose_backends("auto", gpu=True).kind == "stand-in"
+    assert "CPU-only" in caplog.text
+    with pytest.raises(BackendsNotBuiltError, match="CPU-only"):
+        choose_backends("real", gpu=True)
