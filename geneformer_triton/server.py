@@ -208,10 +208,10 @@ def build_backend_directory(
         shutil.copy2(src, python_dir / src.name)
 
     for name in local_backends:
+        shutil.rmtree(dest / name, ignore_errors=True)  # a reused dest must not keep the other kind
         if real_backends is not None:
             if not (real_backends / name).is_dir():
                 raise TritonServerError(f"built backend '{name}' not found at {real_backends / name}")
-            shutil.rmtree(dest / name, ignore_errors=True)
             shutil.copytree(real_backends / name, dest / name, symlinks=True)
             continue
         src = LOCAL_BACKENDS_DIR / name / "model.py"

@@ -3,7 +3,7 @@
 # against this venv's pip onnxruntime and torch, and assemble a complete --backend-directory
 # (python + the stub for the venv's Python, onnxruntime, pytorch) for the wheel's tritonserver 2.51.0.
 #
-# usage: scripts/build_backends.sh [--source DIR] [--venv DIR] [--out DIR] [--force]
+# usage: scripts/build_backends.sh [--source DIR] [--venv DIR] [--out DIR] [--force] [--optional]
 #   --source  folder holding common/ core/ backend/ pytorch_backend/ onnxruntime_backend/ ort-include/
 #             (default: $GFTRITON_BACKEND_SOURCE, else ${GFTRITON_SHARED_DIR:-../shared}/reference/triton-backends-r24.10;
 #             docs/deployment.md says how to fetch them from GitHub)
@@ -30,7 +30,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     --force) FORCE=1; shift ;;
     --optional) OPTIONAL=1; shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -40,7 +40,7 @@ fail() { echo "error: $*" >&2; exit 1; }
 for part in common core backend pytorch_backend onnxruntime_backend ort-include; do
   [ -d "$SRC/$part" ] && continue
   message="backend sources not found: $SRC/$part is missing. Pass --source DIR (or set
-  GFTRITON_BACKEND_SOURCE) to a folder with the r24.10 sources; docs/deployment.md ('Real C++ backends') lists them"
+  GFTRITON_BACKEND_SOURCE) to a folder with the r24.10 sources; docs/deployment.md §9 says where to get them"
   if [ "$OPTIONAL" = 1 ]; then
     echo "WARNING: $message. Until then the local server uses the Python stand-ins." >&2; exit 0
   fi

@@ -145,3 +145,15 @@ def test_gpu_configs_never_get_the_cpu_only_build(caplog):
     assert "CPU-only" in caplog.text
     with pytest.raises(BackendsNotBuiltError, match="CPU-only"):
         choose_backends("real", gpu=True)
+
+
+def test_a_reused_backend_directory_switches_kind_cleanly(tmp_path):
+    from geneformer_triton.server import build_backend_directory
+
+    dest = tmp_path / "backends"
+    build_backend_directory(dest, real_backends=build_dir() / "backends")
+    assert (dest / "onnxruntime" / "libtriton_onnxruntime.so").is_file()
+    assert (dest / "onnxruntime" / "libonnxruntime.so.1").is_symlink()
+    build_backend_directory(dest)
+    assert sorted(p.name for p in (dest / "onnxruntime").iterdir()) == ["model.py"]
+    assert sorted(p.name for p in (dest / "pytorch").iterdir()) == ["model.py"]
