@@ -20,7 +20,8 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-__all__ = ["ONNX_LIMITS", "TORCHSCRIPT_MAX_FILE_FORMAT", "check_file", "check_onnx", "check_repository", "check_torchscript"]
+__all__ = ["ONNX_LIMITS", "TORCHSCRIPT_MAX_FILE_FORMAT", "check_file", "check_onnx", "check_repository", "check_torchscript",
+           "torchscript_file_format_version"]
 
 #: onnxruntime 1.19 (NGC 24.10): the highest IR version and opset per domain it loads.
 ONNX_LIMITS = {"ir_version": 10, "opsets": {"": 21, "ai.onnx": 21, "ai.onnx.ml": 5}, "other_domains": 1}
