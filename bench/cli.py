@@ -47,6 +47,7 @@ class ModeConfig:
     min_length: int = 0  # only cells with at least this many tokens (GPU: 512-2,048-token cells)
     device: str = "cpu"
     export_formats: tuple[str, ...] = ("onnx", "onnx_fp16", "torchscript")
+    triton_backends: tuple[str, ...] = ("auto",)  # real C++ backends when built (--triton-backends real,stand-in)
 
 
 MODES = {
@@ -105,6 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--triton-models", help="comma list of served models (default: the mode's)")
     parser.add_argument("--concurrency", help="comma list of perf_analyzer concurrencies (default: the mode's)")
     parser.add_argument("--protocols", help="comma list: grpc,http")
+    parser.add_argument("--triton-backends", help="comma list of served backends, one server each, same cells: "
+                        "real (Triton's C++ onnxruntime/pytorch), stand-in (Python), auto (default: real when built)")
     parser.add_argument("--skip-inprocess", action="store_true")
     parser.add_argument("--skip-triton", action="store_true")
     parser.add_argument("--skip-scaling", action="store_true")
@@ -311,7 +314,8 @@ def _stages(args, cfg, ctx, catalogue, specs, cells, full, pool, arch, out_dir, 
             http_concurrencies=_csv(args.concurrency, int) or cfg.http_concurrencies,
             passes=cfg.triton_passes, batch_size=cfg.triton_batch,
             model_config_name="gpu" if cfg.device == "cuda" else "cpu", min_seconds=cfg.triton_min_s,
-            write_compose_input=args.mode == "full", rows=results["triton"], metric_rows=results["triton_metrics"])
+            write_compose_input=args.mode == "full", rows=results["triton"], metric_rows=results["triton_metrics"],
+            backends=tuple(_csv(args.triton_backends) or cfg.triton_backends))
         results.update(triton=rows, triton_metrics=metric_rows, triton_info=info)
         save()
     if not args.skip_scaling and cfg.scaling_methods:

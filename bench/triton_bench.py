@@ -72,7 +72,7 @@ def select_throughput(row: dict) -> None:
 
 
 TRITON_COLUMNS = [
-    "model", "kind", "protocol", "concurrency", "batch_size", "request_count", "n_cells", "tokens_mean",
+    "model", "kind", "backend", "protocol", "concurrency", "batch_size", "request_count", "n_cells", "tokens_mean",
     "cells_per_s", "throughput_source", "cells_per_s_perf_analyzer", "cells_per_s_littles_law", "inprocess_method",
     "inprocess_cells_per_s", "inprocess_before", "inprocess_after", "efficiency", "inprocess_cpu_s_per_cell",
     "server_cpu_s_per_cell", "cpu_efficiency", "avg_latency_ms", "p50_ms", "p90_ms",
@@ -193,8 +193,13 @@ def run_triton(
     http_concurrencies: list[int] | None = None,
     rows: list[dict] | None = None,
     metric_rows: list[dict] | None = None,
+    backends: tuple[str, ...] = ("auto",),
 ) -> tuple[list[dict], list[dict], dict]:
-    """Serve ``models`` from ``ctx.repository`` and measure them; returns (rows, metric rows, info)."""
+    """Serve ``models`` from ``ctx.repository`` and measure them; returns (rows, metric rows, info).
+
+    ``backends``: one server per entry, one after the other on the same cells and inputs (``real``: Triton's
+    C++ onnxruntime/pytorch backends, ``stand-in``: the Python stand-ins, ``auto``: real when built); each
+    row's ``backend`` says which served it."""
     from geneformer_triton.server import LocalTritonServer
 
     served = [SERVED[m] for m in models]
@@ -210,19 +215,35 @@ def run_triton(
     metric_rows = [] if metric_rows is None else metric_rows
     info = {"models": needed, "protocols": protocols, "concurrencies": concurrencies,
             "http_concurrencies": http_concurrencies or concurrencies, "batch_size": batch_size,
-            "perf_analyzer": str(binary), "model_config_name": model_config_name}
+            "perf_analyzer": str(binary), "model_config_name": model_config_name, "backends": {}}
     # $GFTRITON_SERVER_PYTHONPATH goes first on the server's (python stubs') PYTHONPATH only: a GPU host
     # whose Python has numpy 2 gives the stubs numpy<2 there (Triton 2.51's python backend needs it)
     server_env = {}
     if os.environ.get("GFTRITON_SERVER_PYTHONPATH"):
         server_env["PYTHONPATH"] = os.pathsep.join(
             p for p in (os.environ["GFTRITON_SERVER_PYTHONPATH"], os.environ.get("PYTHONPATH", "")) if p)
-    server = LocalTritonServer(ctx.repository, models=needed, model_config_name=model_config_name,
-                               work_dir=ctx.work_dir / "server", log_path=out_dir / "tritonserver.log",
-                               allow_gpu_metrics=ctx.device.startswith("cuda"), env=server_env)
+    for requested in backends:
+        suffix = f"-{requested}" if len(backends) > 1 else ""
+        _serve_and_measure(LocalTritonServer(
+            ctx.repository, models=needed, model_config_name=model_config_name,
+            work_dir=ctx.work_dir / f"server{suffix}", log_path=out_dir / f"tritonserver{suffix}.log",
+            allow_gpu_metrics=ctx.device.startswith("cuda"), env=server_env, backends=requested),
+            served, ctx, method_specs, enc_cells, full_cells, binary, env, inputs, csv_dir, protocols, concurrencies,
+            http_concurrencies, passes, batch_size, timeout_s, min_seconds, rows, metric_rows, info)
+    return rows, metric_rows, info
+
+
+def _serve_and_measure(server, served: list[ServedModel], ctx: BuildContext, method_specs: dict[str, MethodSpec],
+                       enc_cells: CellSet, full_cells: CellSet, binary: Path, env: dict, inputs: dict, csv_dir: Path,
+                       protocols: list[str], concurrencies: list[int], http_concurrencies: list[int] | None,
+                       passes: int, batch_size: int, timeout_s: float, min_seconds: float, rows: list[dict],
+                       metric_rows: list[dict], info: dict) -> None:
+    """Start ``server``, then for each served model: in-process rate, perf_analyzer runs, in-process rate."""
     started = time.perf_counter()
     with server:
-        info["server_start_s"] = time.perf_counter() - started
+        backend = server.backend_choice.kind
+        info["backends"][backend] = {"server_start_s": time.perf_counter() - started,
+                                     "reason": server.backend_choice.reason, "log": str(server.log_path)}
         for model in served:
             cells = full_cells if model.kind == "ensemble" else enc_cells
 
@@ -246,14 +267,13 @@ def run_triton(
             for protocol in protocols:
                 url = server.grpc_url if protocol == "grpc" else server.http_url
                 for concurrency in (http_concurrencies or concurrencies) if protocol == "http" else concurrencies:
-                    model_rows.append(_one_run(model, server, binary, env, url, protocol, concurrency, batch_size,
+                    model_rows.append(_one_run(model, backend, server, binary, env, url, protocol, concurrency, batch_size,
                                                max(request_count, concurrency * 2), inputs[(model.signature, batch_size)],
                                                csv_dir, cells, before[0], timeout_s, metric_rows))
             rows.extend(model_rows)
             after = inprocess_now()
             for row in model_rows:
                 _set_efficiency(row, before, after)
-    return rows, metric_rows, info
 
 
 def _arch(ctx: BuildContext):
@@ -262,14 +282,14 @@ def _arch(ctx: BuildContext):
     return Architecture.from_config(ctx.loaded.config)
 
 
-def _one_run(model: ServedModel, server, binary: Path, env: dict, url: str, protocol: str, concurrency: int,
+def _one_run(model: ServedModel, backend: str, server, binary: Path, env: dict, url: str, protocol: str, concurrency: int,
              batch_size: int, request_count: int, input_data: Path, csv_dir: Path, cells: CellSet, inprocess: float,
              timeout_s: float, metric_rows: list[dict]) -> dict:
     row = {c: float("nan") for c in TRITON_COLUMNS}
-    row.update(model=model.name, kind=model.kind, protocol=protocol, concurrency=concurrency, batch_size=batch_size,
+    row.update(model=model.name, kind=model.kind, backend=backend, protocol=protocol, concurrency=concurrency, batch_size=batch_size,
                request_count=request_count, n_cells=len(cells), tokens_mean=float(cells.lengths.mean()),
                inprocess_method=model.method, inprocess_cells_per_s=inprocess, error="")
-    stem = f"{model.name}_{protocol}_c{concurrency}_b{batch_size}"
+    stem = f"{model.name}_{backend}_{protocol}_c{concurrency}_b{batch_size}"
     csv_path = csv_dir / f"{stem}.csv"
     command = perf.perf_analyzer_command(binary, model.name, url, protocol, input_data, concurrency, request_count,
                                          csv_path, batch_size)
@@ -300,7 +320,7 @@ def _one_run(model: ServedModel, server, binary: Path, env: dict, url: str, prot
         row["csv"] = str(csv_path.relative_to(csv_dir.parent))
         for name in model.composing:
             parts = triton_metrics.breakdown(before, after, name)
-            metric_rows.append({"model": model.name, "composing_model": name, "protocol": protocol,
+            metric_rows.append({"model": model.name, "backend": backend, "composing_model": name, "protocol": protocol,
                                 "concurrency": concurrency, "batch_size": batch_size, **parts})
             prefix = "tok_" if name == "geneformer_tokenizer" else "enc_"
             for key in ("avg_batch", "queue_ms", "compute_infer_ms", "compute_infer_ms_per_exec"):

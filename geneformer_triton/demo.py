@@ -41,6 +41,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from client.check import check_server, local_manifests
     from client.triton_client import GeneformerClient
     from export.repository import export_model_repository
+    from geneformer_triton.backend_build import served_backends
     from geneformer_triton.data.celltypist_sample import load_celltypist_sample
     from geneformer_triton.fidelity import format_fidelity_table, write_fidelity_report
     from geneformer_triton.server import LocalTritonServer
@@ -58,12 +59,14 @@ def run_demo(args: argparse.Namespace) -> int:
         ]
         with GeneformerClient(server.grpc_url, "grpc") as client:
             report = check_server(client, loaded, n_cells=args.check_cells, manifests=local_manifests(args.repository))
+        served_by = served_backends(server.http_url, server.log_path.read_text(errors="replace"))
     paths = write_fidelity_report(report.results, out)
     summary = {
         "model": loaded.name,
         "weights": "RANDOM (seeded; no biology)" if loaded.random_weights else loaded.source,
         "vocabulary_genes": len(loaded.vocabulary) - len(loaded.vocabulary.special_token_ids) - 2,
         "throughput": throughput,
+        "served_by": served_by,
         "fidelity_passed": report.passed,
         "served_tokenizer_mismatches": report.token_mismatches,
         "fidelity_csv": str(paths["csv"]),
@@ -74,6 +77,9 @@ def run_demo(args: argparse.Namespace) -> int:
     for row in throughput:
         print(f"  {row['protocol']:<5} {row['model']}: {row['cells']} real cells in {row['seconds']} s "
               f"= {row['cells_per_s']} cells/s (server-side tokenization, 2 CPU cores)")
+    print("\nWhat served each model (from the server log):")
+    for model, backend in served_by.items():
+        print(f"  {model:<32} {backend}")
     print(f"\nFidelity of every served backend vs the local fp32 PyTorch reference ({args.check_cells} cells):")
     print(format_fidelity_table(report.results))
     print(f"\nserved tokenizer vs local tokenizer: {report.token_mismatches} cells differ")

@@ -7,13 +7,16 @@ Python minor version. It does NOT bundle Triton's C++ ``onnxruntime``, ``pytorch
 
     <work_dir>/backends/
         python/        libtriton_python.so, triton_python_backend_utils.py, triton_python_backend_stub
-        onnxruntime/   model.py   (Python-based stand-in, geneformer_triton/local_backends/onnxruntime)
-        pytorch/       model.py   (Python-based stand-in, geneformer_triton/local_backends/pytorch)
+        onnxruntime/   libtriton_onnxruntime.so + libonnxruntime.so.1   (real, from `make backends`)
+                       or model.py (Python-based stand-in, geneformer_triton/local_backends/onnxruntime)
+        pytorch/       libtriton_pytorch.so (real) or model.py (stand-in, local_backends/pytorch)
 
 and starts ``tritonserver`` with it, so model configurations that say
 ``platform: "onnxruntime_onnx"`` or ``platform: "pytorch_libtorch"`` are served unchanged (the same
-``config.pbtxt`` runs on the real C++ backends in the NGC container). See ``../shared/RUNTIME.md``
-for the verified recipe this module follows.
+``config.pbtxt`` runs on the real C++ backends in the NGC container). Triton's real C++ backends are
+used whenever ``scripts/build_backends.sh`` built them for this venv; the stand-ins are a fallback
+that logs a WARNING (:mod:`geneformer_triton.backend_build`, ``$GFTRITON_BACKENDS``). See
+``../shared/RUNTIME.md`` for the verified recipe this module follows.
 
 Typical use::
 
@@ -53,6 +56,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from geneformer_triton.backend_build import BackendChoice, choose_backends
 from geneformer_triton.leftovers import OWNER_FILE, WORK_DIR_PREFIX, remove_stale_leftovers, write_owner_file
 from geneformer_triton.security import (
     ADMIN_HEADER,
@@ -190,13 +194,16 @@ def build_backend_directory(
     *,
     python_version: str | None = None,
     local_backends: Iterable[str] = ("onnxruntime", "pytorch"),
+    real_backends: Path | None = None,
 ) -> Path:
     """Assemble a Triton backend directory at ``dest`` and return it.
 
     ``dest/python/`` receives ``libtriton_python.so``, ``triton_python_backend_utils.py`` and the
-    python-backend stub for ``python_version`` (default: this interpreter's ``major.minor``);
-    ``dest/<name>/model.py`` receives each Python-based stand-in backend from
-    :data:`LOCAL_BACKENDS_DIR`. Files are copied, so later edits do not affect a running server.
+    python-backend stub for ``python_version`` (default: this interpreter's ``major.minor``).
+    For each name in ``local_backends``, ``dest/<name>/`` receives the real C++ backend
+    ``real_backends/<name>/`` (a folder built by ``scripts/build_backends.sh``) when ``real_backends``
+    is given, else the Python-based stand-in ``model.py`` from :data:`LOCAL_BACKENDS_DIR`. Files are
+    copied (symlinks stay symlinks), so later edits do not affect a running server.
 
     Raises:
         TritonNotInstalledError: a bundled part or the stub for this Python version is missing.
@@ -221,6 +228,12 @@ def build_backend_directory(
         shutil.copy2(src, python_dir / src.name)
 
     for name in local_backends:
+        shutil.rmtree(dest / name, ignore_errors=True)  # a reused dest must not keep the other kind
+        if real_backends is not None:
+            if not (real_backends / name).is_dir():
+                raise TritonServerError(f"built backend '{name}' not found at {real_backends / name}")
+            shutil.copytree(real_backends / name, dest / name, symlinks=True)
+            continue
         src = LOCAL_BACKENDS_DIR / name / "model.py"
         if not src.is_file():
             raise TritonServerError(f"local stand-in backend '{name}' not found at {src}")
@@ -340,6 +353,10 @@ class LocalTritonServer:
         env: extra environment variables for the server process.
         venv: Python environment the python stubs use (its ``bin/`` goes first on ``PATH``);
             default: the running interpreter's environment (``sys.prefix``).
+        backends: ``"auto"`` (real C++ onnxruntime/pytorch backends when built, else the Python
+            stand-ins with a WARNING), ``"real"`` (fail when not built) or ``"stand-in"``; ``None``
+            reads ``$GFTRITON_BACKENDS`` (default ``auto``). The choice made at :meth:`start` is
+            :attr:`backend_choice`.
     """
 
     def __init__(
@@ -363,6 +380,7 @@ class LocalTritonServer:
         env: Mapping[str, str] | None = None,
         venv: str | os.PathLike[str] | None = None,
         access: ApiAccess | None = None,
+        backends: str | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         if isinstance(models, str):
@@ -391,6 +409,9 @@ class LocalTritonServer:
         self.access = access or ApiAccess()
         self._admin_key: ResolvedKey | None = None
         self._inference_key: ResolvedKey | None = None
+        self.backends_mode = backends
+        #: The backends :meth:`start` chose (real C++ or stand-ins); ``None`` before the first start.
+        self.backend_choice: BackendChoice | None = None
         #: Unique prefix of this server's python-backend shared-memory regions in /dev/shm.
         self.shm_prefix = f"{SHM_REGION_PREFIX}gft{os.getpid()}_{secrets.token_hex(4)}_"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -574,8 +595,11 @@ class LocalTritonServer:
         try:
             write_owner_file(self.work_dir, None, self.shm_prefix)
             self._resolve_keys()
+            gpu_configs = (self.model_config_name or "").lower().startswith("gpu")
+            self.backend_choice = choose_backends(self.backends_mode, venv=self.venv, gpu=gpu_configs)
             backend_dir = build_backend_directory(
-                self.work_dir / "backends", python_version=_venv_python_version(self.venv)
+                self.work_dir / "backends", python_version=_venv_python_version(self.venv),
+                real_backends=self.backend_choice.directory,
             )
             env = self._environment(server_dir)
         except BaseException:

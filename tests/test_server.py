@@ -2,8 +2,9 @@
 
 A tiny encoder with the same tensor names and dtypes as the Geneformer encoders (docs/DESIGN.md)
 is exported to ONNX and TorchScript into a temporary model repository, served by the real
-tritonserver 2.51 from nvidia-pytriton through the Python-based stand-ins for the C++
-``onnxruntime`` and ``pytorch`` backends, and compared with the same files run in-process.
+tritonserver 2.51 from nvidia-pytriton, once through Triton's real C++ ``onnxruntime`` and ``pytorch``
+backends (built by ``make backends``; a missing build fails) and once through the Python-based
+stand-ins (the fallback), and compared with the same files run in-process.
 """
 
 from __future__ import annotations
@@ -133,9 +134,9 @@ def reference(repo):
     return {"enc_onnx": run_onnx, "enc_ts": run_ts}
 
 
-@pytest.fixture(scope="module")
-def server(repo, tmp_path_factory):
-    srv = LocalTritonServer(repo, work_dir=tmp_path_factory.mktemp("triton_work"))
+@pytest.fixture(scope="module", params=["real", "stand-in"])
+def server(repo, tmp_path_factory, request):
+    srv = LocalTritonServer(repo, work_dir=tmp_path_factory.mktemp("triton_work"), backends=request.param)
     srv.start(timeout_s=90)
     yield srv
     srv.stop()
@@ -234,6 +235,15 @@ def test_concurrent_requests_are_batched_in_one_execute(server, reference, model
     assert executions < len(cells), (executions, len(cells))
 
 
+# what each backend answers to input_ids [2, 5] with attention_mask [2, 4]
+BACKEND_ERRORS = {
+    ("stand-in", "enc_onnx"): "local python stand-in",
+    ("stand-in", "enc_ts"): "local python stand-in",
+    ("real", "enc_onnx"): "onnx runtime error 1: .*Attempting to broadcast an axis",
+    ("real", "enc_ts"): "PyTorch execute failure",
+}
+
+
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_bad_requests_get_errors_and_the_model_keeps_serving(server, reference, model):
     inputs, outputs = MODELS[model]
@@ -243,9 +253,9 @@ def test_bad_requests_get_errors_and_the_model_keeps_serving(server, reference, 
         with pytest.raises(InferenceServerException, match="(?i)data-?type"):
             client.infer(model, _inputs(httpclient, inputs, ids.astype(np.int32),
                                         mask.astype(np.int32), dtype="INT32"))
-        # right dtype, inconsistent lengths: reaches the stand-in backend, which answers an error
+        # right dtype, inconsistent lengths: reaches the backend, which answers an error
         bad_mask = np.ones((2, 4), dtype=np.int64)
-        with pytest.raises(InferenceServerException, match="local python stand-in"):
+        with pytest.raises(InferenceServerException, match=BACKEND_ERRORS[server.backend_choice.kind, model]):
             client.infer(model, _inputs(httpclient, inputs, ids, bad_mask))
         result = client.infer(model, _inputs(httpclient, inputs, ids, mask))
     want_cell, _ = reference[model](ids, mask)
@@ -258,25 +268,27 @@ def test_bad_requests_get_errors_and_the_model_keeps_serving(server, reference, 
     _assert_close(result.as_numpy(outputs[0]), want_cell)
 
 
-def test_missing_model_file_fails_start_with_log_tail(repo, tmp_path):
+@pytest.mark.parametrize("backends, says", [("stand-in", "model file not found"), ("real", "failed to stat file")])
+def test_missing_model_file_fails_start_with_log_tail(repo, tmp_path, backends, says):
     broken = tmp_path / "repo"
     (broken / "enc_missing" / "1").mkdir(parents=True)
     (broken / "enc_missing" / "config.pbtxt").write_text(
         _config("enc_missing", "onnxruntime_onnx", ONNX_IN, ONNX_OUT)
     )
-    srv = LocalTritonServer(broken, work_dir=tmp_path / "work")
+    srv = LocalTritonServer(broken, work_dir=tmp_path / "work", backends=backends)
     with pytest.raises(TritonServerError) as info:
         srv.start(timeout_s=60)
     message = str(info.value)
     assert "enc_missing" in message
-    assert "model file not found" in message  # from the stand-in, via the log tail
+    assert says in message  # from the backend, via the log
     assert "last lines of the tritonserver log" in message
     assert not srv.is_alive()
     assert srv.shm_files() == []
 
 
 def test_stop_leaves_no_process_and_no_shm_files(repo, tmp_path):
-    srv = LocalTritonServer(repo, models=["enc_onnx"], work_dir=tmp_path / "work")
+    # the stand-ins run in the python backend, whose shared-memory files must be cleaned up
+    srv = LocalTritonServer(repo, models=["enc_onnx"], work_dir=tmp_path / "work", backends="stand-in")
     with srv:
         pid = srv.pid
         assert pid is not None and srv.is_alive()
