@@ -230,15 +230,17 @@ def describe_backend_path(path: str) -> str:
 
 
 def served_backends(http_url: str, log_text: str, models: list[str] | None = None,
-                    timeout_s: float = 5.0) -> dict[str, str]:
+                    timeout_s: float = 5.0, headers: dict[str, str] | None = None) -> dict[str, str]:
     """``{model: what served it}`` for models of a running server (``models``; default: every READY
     model of its repository index): each model's ``backend`` from its served config (``GET
     /v2/models/<name>/config``) looked up in the server log's backend table (``ensemble scheduler``
-    for ensembles). ``http_url`` is ``host:port``."""
+    for ensembles). ``http_url`` is ``host:port``; ``headers`` carry the admin key that the repository
+    index needs on a restricted server (``LocalTritonServer.admin_headers("http")``)."""
     import urllib.request
 
     if models is None:
-        request = urllib.request.Request(f"http://{http_url}/v2/repository/index", data=b"{}", method="POST")
+        request = urllib.request.Request(f"http://{http_url}/v2/repository/index", data=b"{}", method="POST",
+                                         headers=dict(headers or {}))
         with urllib.request.urlopen(request, timeout=timeout_s) as resp:  # noqa: S310 (the caller's server)
             models = sorted({e["name"] for e in json.loads(resp.read()) if e.get("state") == "READY"})
     table = log_backend_table(log_text)

@@ -59,7 +59,8 @@ def run_demo(args: argparse.Namespace) -> int:
         ]
         with GeneformerClient(server.grpc_url, "grpc") as client:
             report = check_server(client, loaded, n_cells=args.check_cells, manifests=local_manifests(args.repository))
-        served_by = served_backends(server.http_url, server.log_path.read_text(errors="replace"))
+        served_by = served_backends(server.http_url, server.log_path.read_text(errors="replace"),
+                                    headers=server.admin_headers("http"))
     paths = write_fidelity_report(report.results, out)
     summary = {
         "model": loaded.name,

@@ -50,7 +50,7 @@ def test_default_test_server_initialises_both_real_backends(triton_server):
 def test_every_model_of_the_repository_is_ready_and_encoders_run_in_cpp(triton_server):
     """Every model folder of model_repository/ (CPU configs) loads READY; encoders through the C++ libraries."""
     expected = sorted(p.parent.name for p in (REPO_ROOT / "model_repository").glob("*/config.pbtxt"))
-    served = served_backends(triton_server.http_url, _log(triton_server))
+    served = served_backends(triton_server.http_url, _log(triton_server), headers=triton_server.admin_headers("http"))
     assert sorted(served) == expected
     for model in ENCODERS:
         assert served[model].endswith("(Triton C++ backend)"), (model, served[model])
@@ -67,7 +67,7 @@ def test_forced_stand_ins_say_so_in_the_log(exported_repository, tmp_path):
     with LocalTritonServer(exported_repository, models=["geneformer_onnx"], model_config_name="cpu",
                            work_dir=tmp_path / "work", backends="stand-in") as server:
         assert server.backend_choice.kind == "stand-in"
-        served = served_backends(server.http_url, _log(server))
+        served = served_backends(server.http_url, _log(server), headers=server.admin_headers("http"))
     assert served == {"geneformer_onnx": "onnxruntime/model.py (Python stand-in)"}
     assert "libtriton_onnxruntime.so" not in _log(server)
 

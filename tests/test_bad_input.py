@@ -210,11 +210,30 @@ TOKEN_CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def stand_in_server(exported_repository):
+    """The same repository served through the Python stand-ins (they validate; the C++ backends cannot)."""
+    from geneformer_triton.server import LocalTritonServer
+
+    with LocalTritonServer(exported_repository, model_config_name="cpu", backends="stand-in",
+                           models=["geneformer_onnx", "geneformer_torchscript"]) as server:
+        yield server
+
+
+@pytest.fixture(scope="module", params=("http", "grpc"))
+def stand_in_client(request, stand_in_server):
+    url = stand_in_server.http_url if request.param == "http" else stand_in_server.grpc_url
+    with GeneformerClient(url, request.param, retry=RetryPolicy(attempts=2, backoff_s=0.1)) as client:
+        yield client
+
+
 @pytest.mark.parametrize("encoder", ("geneformer_onnx", "geneformer_torchscript"))
 @pytest.mark.parametrize("case", list(TOKEN_CASES))
-def test_bad_tokens_to_an_encoder_get_invalid_argument(client, encoder, case, v1_vocabulary):
-    """The encoders as served here (local stand-ins) validate token ids and masks; docs/deployment.md says
-    what Triton's C++ onnxruntime/libtorch backends do instead (they cannot validate)."""
+def test_bad_tokens_to_an_encoder_get_invalid_argument(stand_in_client, encoder, case, v1_vocabulary):
+    """The Python stand-in encoders validate token ids and masks; what Triton's C++ onnxruntime/libtorch
+    backends do instead (they cannot validate) is pinned in tests/test_backends_bad_input.py and documented
+    in docs/deployment.md: the ensembles are the validated public entry points."""
+    client = stand_in_client
     assert len(v1_vocabulary) == VOCAB
     make_inputs, patterns = TOKEN_CASES[case]
     inputs = {client.tensor_name(encoder, name): value for name, value in make_inputs().items()}
