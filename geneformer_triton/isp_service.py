@@ -584,7 +584,7 @@ class IspEngine:
                                 f"limit {self.max_perturbations}")
         labels = [SET_SEPARATOR.join(self.vocabulary.genes_for_tokens(np.asarray(p.label))) for p in plan.perturbations]
         limits = [b for b in (self.max_batch, max_batch) if b]
-        job = UpstreamJob(
+        return UpstreamJob(
             plan=plan, labels=labels, cell_genes=self.vocabulary.genes_for_tokens(cell), emb_mode=request.emb_mode,
             states=request.state_embeddings, max_tokens=self.max_tokens_per_batch,
             max_batch=min(limits) if limits else None, pad_token_id=self.vocabulary.pad_id, notes=notes,

@@ -88,7 +88,7 @@ def request(cell, perturbation, targets=None, mode=None, anchors=(), rank_shift=
             gene_shift=None, encoder=None) -> dict:
     gene_ids, counts, n_counts = cell
     inputs = {"gene_ids": b(gene_ids), "counts": counts, "n_counts": np.array([n_counts], np.float32),
-              "perturbation": b([perturbation])}
+              "perturbation": b([perturbation]), "semantics": b(["ours"])}  # ours; upstream's: test_isp_oracle.py
     if targets is not None:
         inputs["targets"] = b(targets)
     if mode is not None:
@@ -331,7 +331,7 @@ def _isp_cli(triton_server, h5ad, output, *extra):
     # `python -m client.isp_cli ARGS` == `gftriton isp ARGS` (registration: test_isp_subcommand_is_registered)
     return [sys.executable, "-m", "client.isp_cli", "--url", triton_server.grpc_url,
             "--h5ad", str(h5ad), "--output", str(output), "--concurrency", "2", "--flush-every", "1",
-            "--no-progress", "--top", "5", *extra]
+            "--no-progress", "--top", "5", "--semantics", "ours", "--target-mode", "each", *extra]
 
 
 def test_cli_killed_mid_run_resumes_without_duplicates(triton_server, small_h5ad, tmp_path):
@@ -417,7 +417,7 @@ def test_client_goal_state_from_reference_cells(triton_server, small_h5ad, token
     with GeneformerClient(triton_server.grpc_url, concurrency=2) as client:
         goal = state_embedding(client, cells, rows, "geneformer_embed_onnx")
         assert cosine(goal, expected_goal) >= EMB_COSINE
-        spec = IspSpec(goal_embedding=tuple(float(v) for v in goal))
+        spec = IspSpec(semantics="ours", goal_embedding=tuple(float(v) for v in goal))
         with ResultStore(tmp_path / "goal.csv", spec.fingerprint()) as store:
             stats = run_isp(client, cells, spec, store, concurrency=2, rows=[10, 11])
             result = store.read()
@@ -472,18 +472,18 @@ def test_client_records_rejected_and_skipped_cells(triton_server, small_h5ad, tm
     genes_b, _ = cells.cell(1)
     only_a = next(g for g in genes_a if g not in set(genes_b))
     with GeneformerClient(triton_server.grpc_url, concurrency=2) as client:
-        lenient = IspSpec(perturbation="overexpress", targets=(only_a,))
+        lenient = IspSpec(perturbation="overexpress", targets=(only_a,), semantics="ours")
         with ResultStore(tmp_path / "lenient.parquet", lenient.fingerprint()) as store:
             stats = run_isp(client, cells, lenient, store, rows=[0, 1])
             assert (stats.cells_done, stats.cells_without_targets) == (1, 1)
             assert list(store.read()["gene_id"]) == [only_a]
             assert store.read_errors()["error"].str.startswith("skipped").all()
-        strict = IspSpec(perturbation="overexpress", targets=(only_a,), strict_targets=True)
+        strict = IspSpec(perturbation="overexpress", targets=(only_a,), strict_targets=True, semantics="ours")
         with ResultStore(tmp_path / "strict.parquet", strict.fingerprint()) as store:
             stats = run_isp(client, cells, strict, store, rows=[0, 1])
             assert (stats.cells_done, stats.cells_rejected) == (1, 1)
             (message,) = store.read_errors()["error"]
-            assert "is not a gene of the cell: it is not expressed" in message
+            assert "dropped: not expressed in the cell" in message
             assert run_isp(client, cells, strict, store, rows=[0, 1]).cells_skipped_done == 2  # resume: nothing left
             store.forget_errors()
             assert run_isp(client, cells, strict, store, rows=[0, 1]).cells_rejected == 1  # --retry-errors

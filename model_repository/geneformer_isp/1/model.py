@@ -235,8 +235,8 @@ class TritonPythonModel:
             try:
                 responses.append(await self._serve(request))
             except (IspInputError, EncoderError) as error:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{PREFIX}{error}")))
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))))
             except Exception as error:  # never crash the stub: report and serve the next request
                 LOGGER.exception("geneformer_isp failed")
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{PREFIX}internal error: {error!r}")))
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {error!r}")))
         return responses
