@@ -37,6 +37,7 @@ demo: venv
 	$(GFTRITON) demo --repository $(REPOSITORY) $(MODEL_ARGS)
 
 test: venv helical-venv
+	bash scripts/setup_oracle_env.sh .oracle-overlay $(HELICAL_VENV)/bin/python  # upstream ISP oracle (idempotent)
 	GFTRITON_HELICAL_PYTHON=$(HELICAL_VENV)/bin/python $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: venv
