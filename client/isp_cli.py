@@ -138,10 +138,11 @@ def run_isp_command(args: argparse.Namespace) -> int:
         except ServerUnavailableError as error:
             raise IspRunError(f"{error}; start one with `gftriton serve`") from error
         semantics = "ours" if (args.semantics == "ours" or args.one_at_a_time) else "upstream"
+        targets = _gene_list(args.targets, cells, name_to_id)
         spec = IspSpec(
             perturbation=args.perturbation,
-            targets=_gene_list(args.targets, cells, name_to_id),
-            target_mode="each" if args.one_at_a_time else args.target_mode,
+            targets=targets,
+            target_mode=args.target_mode or ("each" if args.one_at_a_time or targets is None else "set"),
             anchor_genes=_gene_list(args.anchor, cells, name_to_id) or (),
             rank_shift=args.rank_shift,
             gene_shift=args.gene_shift,
@@ -279,8 +280,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "--target-mode/--one-at-a-time, inhibit/activate, goal/start embeddings")
     pert.add_argument("--one-at-a-time", action="store_true",
                       help="ours: one perturbation per listed gene (upstream perturbs a list jointly)")
-    pert.add_argument("--target-mode", choices=["each", "set"], default="set",
-                      help="with --semantics ours: each = one perturbation per target, set = all together")
+    pert.add_argument("--target-mode", choices=["each", "set"],
+                      help="with --semantics ours: each = one perturbation per target, set = all together "
+                           "(default: set for a list, like upstream; each with --one-at-a-time)")
     pert.add_argument("--emb-layer", type=int, default=-1,
                       help="upstream ISP convention: hidden_states[n_layers + EMB_LAYER]; -1 (default) = second-to-last "
                            "hidden state (hidden_states[5] of 6 layers; helical/`gftriton embed` --emb-layer -2), 0 = last "

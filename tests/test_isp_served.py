@@ -487,3 +487,60 @@ def test_client_records_rejected_and_skipped_cells(triton_server, small_h5ad, tm
             assert run_isp(client, cells, strict, store, rows=[0, 1]).cells_skipped_done == 2  # resume: nothing left
             store.forget_errors()
             assert run_isp(client, cells, strict, store, rows=[0, 1]).cells_rejected == 1  # --retry-errors
+
+
+# ----------------------------------------------------------------------------- upstream semantics through the CLI
+
+
+def _gftriton(*args, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, "-m", "geneformer_triton.cli", *map(str, args)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_overexpress_absent_gene_in_control_cells(triton_server, exported_repository, tmp_path):
+    """The CRISPRa analogue: KLF1 (not among the file's 500 genes) overexpressed in 12 control cells of the
+    log-normalized perturbench file (counts recovered from obs['ncounts']): one row per cell, exit 0."""
+    output = tmp_path / "oe.parquet"
+    done = _gftriton("isp", "--url", triton_server.grpc_url, "--repository", exported_repository,
+                     "--h5ad", REPO_ROOT.parent / "shared" / "data" / "perturbench_norman19_k562.h5ad",
+                     "--cells", "condition=control", "--max-cells", 12, "--perturbation", "overexpress",
+                     "--targets", "KLF1", "--allow-non-integer", "--output", output, "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_parts(output)
+    assert len(rows) == 12 and rows["cell_id"].nunique() == 12
+    assert (rows["gene_symbol"] == "KLF1").all() and rows["cell_emb_shift"].between(-1, 1).all()
+    assert rows["cell_emb_shift"].notna().all() and (rows["cell_emb_shift"] < 1).all()
+
+
+def test_unknown_target_dropped_and_named_others_run(triton_server, small_h5ad, tmp_path):
+    output = tmp_path / "drop.parquet"
+    with GeneformerClient(triton_server.grpc_url, concurrency=2) as client:
+        from client.isp import IspSpec, load_cells, run_isp
+
+        cells = load_cells(str(small_h5ad))
+        genes, _ = cells.cell(0)
+        spec = IspSpec(perturbation="overexpress", targets=(str(genes[3]), "ENSG99999999999"))
+        with ResultStore(output, spec.fingerprint()) as store:
+            stats = run_isp(client, cells, spec, store, rows=[0, 1])
+            rows, errors = store.read(), store.read_errors()
+    assert stats.cells_done == 2 and len(rows) == 2 and (rows["gene_id"] == str(genes[3])).all()
+    assert (errors["error"] == "target ENSG99999999999 dropped: not in the model's gene vocabulary").sum() == 2
+
+
+def test_run_without_results_exits_nonzero_with_reason(triton_server, small_h5ad, tmp_path):
+    done = _gftriton("isp", "--url", triton_server.grpc_url, "--h5ad", small_h5ad, "--n-cells", 2, "--targets",
+                     "ENSG99999999999", "--output", tmp_path / "none.parquet", "--no-progress")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "no cell produced a result" in done.stderr and "not in the model's gene vocabulary" in done.stderr
+    assert "geneformer_isp: geneformer_isp:" not in done.stderr  # no doubled prefix
+
+
+@pytest.mark.parametrize("command", [["isp", "--wait", 1, "--retries", 1, "--n-cells", 1, "--output", "OUT"],
+                                     ["check", "--retries", 0, "--retry-backoff", 0.1]])
+def test_unreachable_server_exits_3(tmp_path, command):
+    from geneformer_triton.server import free_port
+
+    args = [tmp_path / "x.parquet" if a == "OUT" else a for a in command]
+    done = _gftriton(*args, "--url", f"127.0.0.1:{free_port()}")
+    assert done.returncode == 3, (done.returncode, done.stderr[-2000:])
