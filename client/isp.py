@@ -566,7 +566,7 @@ class ResultStore:
     def _append_csv(self, frame: pd.DataFrame, file: Path, columns: Sequence[str]) -> None:
         header = not file.is_file() or file.stat().st_size == 0
         buffer = io.StringIO()
-        frame.to_csv(buffer, index=False, header=header, columns=list(columns))
+        frame.reindex(columns=list(columns)).to_csv(buffer, index=False, header=header)
         data = buffer.getvalue().encode()
         fd = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:

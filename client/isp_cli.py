@@ -53,6 +53,7 @@ def _gene_list(text: Optional[str], cells: CellTable, name_to_id: dict) -> Optio
             genes.append(symbol_to_id[item])
         elif item in name_to_id:
             genes.append(name_to_id[item])
+            cells.symbols.setdefault(name_to_id[item], item)  # a gene the dataset does not measure (e.g. KLF1)
         else:
             raise IspRunError(f"gene {item!r} is neither an Ensembl id nor a known symbol of the dataset/dictionaries")
     if not genes:

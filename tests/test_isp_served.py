@@ -26,6 +26,7 @@ from geneformer_triton.perturbation import cosine, plan_perturbations, run_plan
 from geneformer_triton.tokenizer import RankValueTokenizer, pad_token_batch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("GFTRITON_SHARED_DIR", REPO_ROOT.parent / "shared"))
 ISP = "geneformer_isp"
 ENCODERS = ("geneformer_onnx", "geneformer_torchscript")
 SCORE_ATOL = 1e-4
@@ -232,7 +233,7 @@ def test_hand_checked_token_order(client, reference_encoder, tiny, perturbation,
 
 
 BAD = {
-    "gene-not-in-cell": (dict(targets=["ENSG00000000003"]), "is not a gene of the cell: it is not expressed"),
+    "gene-not-in-cell": (dict(targets=["ENSG00000000003"]), "dropped: not expressed in the cell"),
     "gene-not-in-vocabulary": (dict(targets=["ENSG99999999999"]), "not in the model's gene vocabulary"),
     "unknown-perturbation": (dict(perturbation="knockout"), "unknown perturbation 'knockout'"),
     "empty-target-list": (dict(targets=[]), "targets is empty"),
@@ -388,6 +389,7 @@ def test_csv_store_repairs_a_torn_append(tmp_path):
             "cell_id": [cell] * rows, "perturbation": ["delete"] * rows, "gene_id": [f"ENSG{i:011d}" for i in range(rows)],
             "gene_symbol": [f"G{i}" for i in range(rows)], "target_index": np.arange(rows), "n_perturbations": [n] * rows,
             "cell_shift": np.linspace(0.9, 1, rows), "gene_embedding_shift": np.nan, "goal_shift": np.nan, "start_shift": np.nan,
+            "cell_emb_shift": np.nan,
         })[list(COLUMNS)]
 
     with ResultStore(path, {"perturbation": "delete"}) as store:
@@ -460,7 +462,7 @@ def test_engine_with_special_tokens_in_process(v2_vocabulary, top_gene_cells):
     assert [g.decode() for g in out["perturbed_genes"]] == genes
     for name, expected in (("cell_shift", ref.cell_shift), ("gene_embedding_shift", ref.gene_shift), ("goal_shift", ref.goal_shift)):
         np.testing.assert_allclose(out[name], expected, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="'<cls>' is not in the model's gene vocabulary"):  # special tokens are no genes
+    with pytest.raises(ValueError, match="target <cls> dropped: not in the model's gene vocabulary"):  # no genes
         engine.prepare(parse_request(lambda name: {**inputs, "targets": b(["<cls>"])}.get(name)), False)
 
 
@@ -503,7 +505,7 @@ def test_overexpress_absent_gene_in_control_cells(triton_server, exported_reposi
     log-normalized perturbench file (counts recovered from obs['ncounts']): one row per cell, exit 0."""
     output = tmp_path / "oe.parquet"
     done = _gftriton("isp", "--url", triton_server.grpc_url, "--repository", exported_repository,
-                     "--h5ad", REPO_ROOT.parent / "shared" / "data" / "perturbench_norman19_k562.h5ad",
+                     "--h5ad", SHARED / "data" / "perturbench_norman19_k562.h5ad",
                      "--cells", "condition=control", "--max-cells", 12, "--perturbation", "overexpress",
                      "--targets", "KLF1", "--allow-non-integer", "--output", output, "--no-progress")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -544,3 +546,24 @@ def test_unreachable_server_exits_3(tmp_path, command):
     args = [tmp_path / "x.parquet" if a == "OUT" else a for a in command]
     done = _gftriton(*args, "--url", f"127.0.0.1:{free_port()}")
     assert done.returncode == 3, (done.returncode, done.stderr[-2000:])
+
+
+def test_target_beyond_input_size_is_dropped_in_process(v1_vocabulary, top_gene_cells):
+    """A 16-token input: a target ranked beyond it is dropped for that cell with the reason (ours, one at a
+    time) while the other targets run; a joint delete (upstream) skips the cell saying why."""
+    from geneformer_triton.isp_service import IspEngine, IspInputError, parse_request
+
+    engine = IspEngine(v1_vocabulary, 16, False, max_tokens_per_batch=4096)
+    gene_ids, counts, n_counts = top_gene_cells[0]
+    cell = engine.tokenize(parse_request(lambda name: request(top_gene_cells[0], "delete").get(name)))
+    inside, beyond = v1_vocabulary.gene_for_token(int(cell[2])), None
+    ranked = RankValueTokenizer(v1_vocabulary, 2048, False).tokenize_gene_lists(gene_ids[None, :], counts[None, :], np.array([n_counts]))[0]
+    beyond = v1_vocabulary.gene_for_token(int(ranked[20]))
+    ours = request(top_gene_cells[0], "delete", targets=[inside, beyond], mode="each")
+    job = engine.prepare(parse_request(lambda name: ours.get(name)), gene_shift=False)
+    assert job.labels == [inside]
+    assert job.notes == [f"target {beyond} dropped: expressed but ranked beyond the model input size (16 genes)"]
+    upstream = {**ours, "semantics": b(["upstream"])}
+    upstream.pop("target_mode")
+    with pytest.raises(IspInputError, match=f"target {beyond} is expressed but ranked beyond the model input size"):
+        engine.prepare_upstream(parse_request(lambda name: upstream.get(name)))
