@@ -14,6 +14,12 @@ tests drive it in-process. Perturbation semantics, chunking and score formulas a
 ``reduce_scores``); the chunking is identical to :func:`~geneformer_triton.perturbation.run_plan`
 (original cell first, then the perturbations in target order).
 
+Two semantics, chosen by the ``semantics`` input: ``upstream`` (default; Geneformer ``InSilicoPerturber``'s
+numbers: :meth:`IspEngine.prepare_upstream` -> :class:`geneformer_triton.isp_upstream_service.UpstreamJob`,
+whose module documents its extra inputs and outputs) and ``ours`` (:meth:`IspEngine.prepare` ->
+:class:`IspJob`, described here). Targets that cannot be perturbed in a cell are dropped for that cell
+and listed in the ``target_errors`` output (BYTES [E]).
+
 Wire contract (``model_repository/geneformer_isp/config.pbtxt``; ``max_batch_size: 0``, one cell per
 request):
 

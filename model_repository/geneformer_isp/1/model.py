@@ -14,6 +14,10 @@ request's ``encoder_model`` input may choose from), ``dictionary_dir`` (relative
 folder), ``model_input_size``, ``special_tokens``, ``max_tokens_per_batch``, optional
 ``max_inflight_batches``, ``max_perturbations_per_request``.
 
+With ``semantics="upstream"`` (default) the encoder is the allowed one whose ``manifest.json``
+``hidden_state_index`` equals ``n_layers + emb_layer`` (upstream's ISP layer convention), and the chunks
+holding the original cell(s) run before the perturbed ones (``job.leading_chunks``).
+
 Encoder tensor names and max_batch_size come from the encoder's ``config.pbtxt`` in the same
 repository (TorchScript encoders use ``input_ids__0`` ... ``token_embeddings__1``); its
 ``token_embeddings`` output is requested only when the gene-embedding shift is computed. BLS outputs
