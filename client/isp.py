@@ -19,7 +19,11 @@ runs from writing the same output.
 One row per cell x perturbation: ``cell_id``, ``perturbation``, ``gene_id`` (Ensembl ids, a set joined
 with "+"), ``gene_symbol``, ``target_index``, ``n_perturbations``, ``cell_shift`` (cosine of the cell
 embeddings; 1 = no shift), ``gene_embedding_shift``, ``goal_shift``, ``start_shift`` (NaN when not
-computed). :func:`summarize` ranks genes by mean shift over cells; :func:`plot_top_shifts` draws them.
+computed), ``cell_emb_shift`` (upstream Geneformer's ``cell_emb`` value, semantics "upstream") and one
+``state_shift_<state>`` per cell state (upstream's value with ``cell_states_to_model``). With emb_mode
+``cell_and_gene`` every (perturbed, affected) gene cosine goes to ``OUT.parquet/_genes/`` (Parquet parts
+written per flushed block of cells, before those cells' rows). :func:`summarize` ranks genes by mean shift
+over cells; :func:`plot_top_shifts` draws them.
 """
 
 from __future__ import annotations
