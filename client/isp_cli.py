@@ -286,7 +286,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "(default: set for a list, like upstream; each with --one-at-a-time)")
     pert.add_argument("--emb-layer", type=int, default=-1,
                       help="upstream ISP convention: hidden_states[n_layers + EMB_LAYER]; -1 (default) = second-to-last "
-                           "hidden state (hidden_states[5] of 6 layers; helical/`gftriton embed` --emb-layer -2), 0 = last "
+                           "hidden state (hidden_states[5] of 6 layers; helical / `gftriton export` --emb-layer -2), 0 = last "
                            "layer (helical -1)")
     pert.add_argument("--emb-mode", choices=["cell", "cell_and_gene"], default="cell",
                       help="cell_and_gene also streams every (perturbed, affected) gene cosine to OUTPUT/_genes/")
