@@ -218,6 +218,7 @@ def triton_delete_all(loaded, cells: list[np.ndarray], concurrency: int, work_di
         requests.append({
             "gene_ids": gene_ids, "counts": counts, "n_counts": np.array([n_counts], np.float32),
             "perturbation": np.array([b"delete"], dtype=object), "return_gene_shift": np.array([False]),
+            "semantics": np.array([b"ours"], dtype=object),
         })
     with LocalTritonServer(repository, models=["geneformer_onnx", "geneformer_isp"], model_config_name="cpu",
                            log_path=work_dir / "tritonserver.log") as server:

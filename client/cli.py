@@ -23,6 +23,18 @@ TOKENIZER_MODEL = "geneformer_tokenizer"
 EXIT_UNAVAILABLE = 3
 
 
+def server_unavailable(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) is a server that could not be reached: every
+    gftriton command then exits with EXIT_UNAVAILABLE."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ServerUnavailableError):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _url(args: argparse.Namespace) -> str:
     return args.url or f"localhost:{DEFAULT_PORTS[args.protocol]}"
 

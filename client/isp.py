@@ -19,7 +19,11 @@ runs from writing the same output.
 One row per cell x perturbation: ``cell_id``, ``perturbation``, ``gene_id`` (Ensembl ids, a set joined
 with "+"), ``gene_symbol``, ``target_index``, ``n_perturbations``, ``cell_shift`` (cosine of the cell
 embeddings; 1 = no shift), ``gene_embedding_shift``, ``goal_shift``, ``start_shift`` (NaN when not
-computed). :func:`summarize` ranks genes by mean shift over cells; :func:`plot_top_shifts` draws them.
+computed), ``cell_emb_shift`` (upstream Geneformer's ``cell_emb`` value, semantics "upstream") and one
+``state_shift_<state>`` per cell state (upstream's value with ``cell_states_to_model``). With emb_mode
+``cell_and_gene`` every (perturbed, affected) gene cosine goes to ``OUT.parquet/_genes/`` (Parquet parts
+written per flushed block of cells, before those cells' rows). :func:`summarize` ranks genes by mean shift
+over cells; :func:`plot_top_shifts` draws them.
 """
 
 from __future__ import annotations
@@ -50,10 +54,16 @@ LOGGER = logging.getLogger(__name__)
 ISP_MODEL = "geneformer_isp"
 PERTURBATIONS = ("delete", "overexpress", "inhibit", "activate")
 SCORE_OUTPUTS = ("cell_shift", "gene_embedding_shift", "goal_shift", "start_shift")
+#: upstream's per-perturbation value (InSilicoPerturber's ``(perturbed, "cell_emb")`` without cell states)
+UPSTREAM_SCORE = "cell_emb_shift"
 COLUMNS = (
     "cell_id", "perturbation", "gene_id", "gene_symbol", "target_index", "n_perturbations",
-    *SCORE_OUTPUTS,
+    *SCORE_OUTPUTS, UPSTREAM_SCORE,
 )
+#: Parquet dataset of every (perturbed, affected) gene cosine (emb_mode cell_and_gene), inside the output
+GENE_FOLDER = "_genes"
+GENE_COLUMNS = ("cell_id", "gene_id", "affected_gene_id", "affected_symbol", "cos")
+STATE_PREFIX = "state_shift_"  # + state name: upstream's value with cell_states_to_model
 ERROR_COLUMNS = ("cell_id", "error")
 #: encoder -> embedding ensemble built on it (to embed reference cells for goal/start states)
 EMBED_MODEL_FOR = {
@@ -107,8 +117,62 @@ def _looks_ensembl(values: Iterable[str]) -> bool:
     return bool(sample) and sum(v.upper().startswith("ENS") for v in sample) > 0.8 * len(sample)
 
 
+TOTAL_COUNT_COLUMNS = ("n_counts", "ncounts", "total_counts")
+
+
+def _raw_counts(counts: sp.csr_matrix, adata, total_column: Optional[str], allow_non_integer: bool) -> sp.csr_matrix:
+    """Raw counts from ``counts``: as is when integer; recovered as ``round(expm1(X) * total / 1e4)`` from
+    log-normalized data (``uns['log1p']`` and a total-counts obs column); else refused unless allowed."""
+    data = counts.data
+    if data.size == 0 or np.all(data == np.round(data)):
+        return counts
+    if "log1p" in adata.uns and total_column is not None:
+        totals = adata.obs[total_column].to_numpy(dtype=np.float64)
+        recovered = counts.copy().astype(np.float64)
+        recovered.data = np.expm1(recovered.data)
+        recovered = sp.csr_matrix(sp.diags(totals / 1e4) @ recovered)
+        recovered.data = np.round(recovered.data)
+        recovered.eliminate_zeros()
+        LOGGER.warning("X is log-normalized (uns['log1p']): raw counts recovered as round(expm1(X) * %s / 1e4)", total_column)
+        out = recovered.astype(np.float32)
+        out.sort_indices()
+        return out
+    if allow_non_integer:
+        LOGGER.warning("X holds non-integer values; tokenizing them as counts (--allow-non-integer)")
+        return counts
+    raise IspRunError("X holds non-integer values and raw counts cannot be recovered (no uns['log1p'] with a "
+                      f"total-counts column {'/'.join(TOTAL_COUNT_COLUMNS)}): give raw counts (--counts-layer) "
+                      "or pass --allow-non-integer to tokenize the values as they are")
+
+
+def select_cells(cells: "CellTable", filters: Sequence[str] = (), max_cells: Optional[int] = None,
+                 index_range: Optional[tuple[int, int]] = None) -> list[int]:
+    """Rows to perturb: ``filters`` ``COL=V1[,V2]`` (upstream ``filter_data``: obs value among the listed),
+    then ``max_cells`` (upstream ``max_ncells``: when more cells remain they are shuffled with
+    ``numpy.random.default_rng(42).permutation``, as ``datasets.Dataset.shuffle(seed=42)``, and the first
+    ``max_cells`` kept), then ``index_range`` [start, end) of those rows in file order."""
+    rows = np.arange(len(cells))
+    for selector in filters:
+        column, sep, values = selector.partition("=")
+        if not sep or cells.obs is None or column not in cells.obs:
+            columns = [] if cells.obs is None else list(cells.obs.columns)
+            raise IspRunError(f"--cells takes OBS_COLUMN=VALUE[,VALUE] with a column of obs ({columns}), got {selector!r}")
+        wanted = set(values.split(","))
+        rows = rows[np.isin(cells.obs[column].astype(str).to_numpy()[rows], list(wanted))]
+        if rows.size == 0:
+            raise IspRunError(f"no cell has {column} in {sorted(wanted)}")
+    if max_cells is not None and rows.size > max_cells:
+        rows = np.sort(rows[np.random.default_rng(42).permutation(rows.size)[:max_cells]])
+    if index_range is not None:
+        start, end = index_range
+        if start >= rows.size:
+            raise IspRunError(f"--cell-index-range starts at {start} but only {rows.size} cells are selected")
+        rows = rows[start:end]
+    return [int(r) for r in rows]
+
+
 def cell_table_from_anndata(adata, gene_column: Optional[str] = None, symbol_to_ensembl: Optional[dict] = None,
-                            counts_layer: Optional[str] = None) -> CellTable:
+                            counts_layer: Optional[str] = None, allow_non_integer: bool = False) -> CellTable:
     """Build a :class:`CellTable` from an AnnData of raw counts.
 
     Ensembl ids come from ``var[gene_column]`` (default: ``var["ensembl_id"]`` if present, else the
@@ -141,8 +205,10 @@ def cell_table_from_anndata(adata, gene_column: Optional[str] = None, symbol_to_
         gene_ids[duplicated.to_numpy()] = ""
     if (gene_ids != "").sum() == 0:
         raise IspRunError("no column has an Ensembl gene id")
-    if "n_counts" in adata.obs:
-        totals = adata.obs["n_counts"].to_numpy(dtype=np.float64)
+    total_column = next((c for c in TOTAL_COUNT_COLUMNS if c in adata.obs), None)
+    counts = _raw_counts(counts, adata, total_column, allow_non_integer)
+    if total_column is not None:
+        totals = adata.obs[total_column].to_numpy(dtype=np.float64)
     else:
         totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
     cell_ids = [str(c) for c in adata.obs_names]
@@ -152,7 +218,8 @@ def cell_table_from_anndata(adata, gene_column: Optional[str] = None, symbol_to_
 
 
 def load_cells(h5ad: Optional[str], n_cells: Optional[int] = None, gene_column: Optional[str] = None,
-               symbol_to_ensembl: Optional[dict] = None, counts_layer: Optional[str] = None) -> CellTable:
+               symbol_to_ensembl: Optional[dict] = None, counts_layer: Optional[str] = None,
+               allow_non_integer: bool = False) -> CellTable:
     """Cells of an .h5ad file (``None``: the celltypist sample, 559 real PBMC cells)."""
     if h5ad is None:
         from geneformer_triton.data.celltypist_sample import load_celltypist_sample
@@ -166,7 +233,7 @@ def load_cells(h5ad: Optional[str], n_cells: Optional[int] = None, gene_column: 
         adata = anndata.read_h5ad(h5ad)
         if n_cells is not None:
             adata = adata[:n_cells].copy()
-    return cell_table_from_anndata(adata, gene_column, symbol_to_ensembl, counts_layer)
+    return cell_table_from_anndata(adata, gene_column, symbol_to_ensembl, counts_layer, allow_non_integer)
 
 
 # ----------------------------------------------------------------------------- spec
@@ -187,6 +254,11 @@ class IspSpec:
     encoder_model: Optional[str] = None
     model: str = ISP_MODEL
     strict_targets: bool = False  # send targets a cell does not express (the server rejects the cell)
+    semantics: str = "upstream"  # upstream Geneformer's InSilicoPerturber, or "ours" (target_mode, inhibit/activate)
+    emb_layer: int = -1  # upstream ISP convention: hidden_states[n_layers + emb_layer]
+    emb_mode: str = "cell"  # "cell_and_gene": also every (perturbed, affected) gene cosine
+    state_names: tuple[str, ...] = ()  # cell_states_to_model: start, goal, alt... (upstream order)
+    state_embeddings: Optional[tuple[tuple[float, ...], ...]] = None
 
     def __post_init__(self) -> None:
         if self.perturbation not in PERTURBATIONS:
@@ -197,6 +269,20 @@ class IspSpec:
             raise IspRunError("target_mode 'set' needs an explicit list of target genes")
         if self.targets is not None and len(self.targets) == 0:
             raise IspRunError("the target list is empty (give genes, or 'all')")
+        if self.semantics not in ("upstream", "ours"):
+            raise IspRunError(f"semantics must be 'upstream' or 'ours', got {self.semantics!r}")
+        if self.semantics == "upstream" and self.perturbation not in ("delete", "overexpress"):
+            raise IspRunError(f"{self.perturbation} is ours (upstream has not implemented it): add --semantics ours")
+        if self.semantics == "ours" and (self.state_embeddings is not None or self.emb_mode != "cell"):
+            raise IspRunError("cell states and --emb-mode cell_and_gene are upstream semantics; drop --semantics ours")
+
+    @property
+    def upstream(self) -> bool:
+        return self.semantics == "upstream"
+
+    def columns(self) -> tuple[str, ...]:
+        """Row columns of this run (COLUMNS + one ``state_shift_<state>`` per cell state)."""
+        return COLUMNS + tuple(STATE_PREFIX + name for name in self.state_names)
 
     def fingerprint(self) -> dict:
         """Settings that must match to resume an output (goal/start states by hash)."""
@@ -205,6 +291,8 @@ class IspSpec:
             if data[key] is not None:
                 data[key] = hashlib.sha256(np.asarray(data[key], dtype=np.float32).tobytes()).hexdigest()[:16]
         data.pop("strict_targets")
+        if data["state_embeddings"] is not None:
+            data["state_embeddings"] = hashlib.sha256(np.asarray(data["state_embeddings"], dtype=np.float32).tobytes()).hexdigest()[:16]
         return data
 
     def request_inputs(self, gene_ids: np.ndarray, counts: np.ndarray, n_counts: float) -> Optional[dict]:
@@ -214,13 +302,20 @@ class IspSpec:
             "counts": np.ascontiguousarray(counts, dtype=np.float32),
             "n_counts": np.array([n_counts], dtype=np.float32),
             "perturbation": np.array([self.perturbation.encode()], dtype=object),
-            "target_mode": np.array([self.target_mode.encode()], dtype=object),
-            "return_gene_shift": np.array([self.gene_shift], dtype=bool),
+            "semantics": np.array([self.semantics.encode()], dtype=object),
         }
+        if self.upstream:
+            inputs["emb_layer"] = np.array([self.emb_layer], dtype=np.int32)
+            inputs["emb_mode"] = np.array([self.emb_mode.encode()], dtype=object)
+            if self.state_embeddings is not None:
+                inputs["state_embeddings"] = np.asarray(self.state_embeddings, dtype=np.float32)
+        else:
+            inputs["target_mode"] = np.array([self.target_mode.encode()], dtype=object)
+            inputs["return_gene_shift"] = np.array([self.gene_shift], dtype=bool)
         expressed = set(str(g) for g in gene_ids)
         if self.targets is not None:
             targets = list(self.targets)
-            if self.target_mode == "each" and not self.strict_targets:
+            if not self.upstream and self.target_mode == "each" and not self.strict_targets:
                 targets = [t for t in targets if t in expressed]
                 if not targets:
                     return None
@@ -238,7 +333,14 @@ class IspSpec:
         return inputs
 
     def outputs(self) -> list[str]:
-        names = ["perturbed_genes", "cell_shift"]
+        if self.upstream:
+            names = ["perturbed_genes", "cell_emb_shift", "cell_shift", "target_errors"]
+            if self.state_embeddings is not None:
+                names.append("state_shift")
+            if self.emb_mode == "cell_and_gene":
+                names += ["cell_genes", "gene_perturbation", "gene_affected", "gene_cos"]
+            return names
+        names = ["perturbed_genes", "cell_shift", "target_errors"]
         if self.gene_shift:
             names.append("gene_embedding_shift")
         if self.goal_embedding is not None:
@@ -246,6 +348,32 @@ class IspSpec:
         if self.start_embedding is not None:
             names.append("start_shift")
         return names
+
+
+def upstream_state_embedding(client: GeneformerClient, cells: CellTable, rows: Sequence[int], spec: "IspSpec",
+                             concurrency: int = 4) -> np.ndarray:
+    """A cell state's embedding as upstream's ``EmbExtractor.get_state_embs`` computes it: the mean over the
+    state's cells of each cell's mean over all its tokens at ``spec.emb_layer`` (``embed_only`` requests)."""
+    if len(rows) == 0:
+        raise IspRunError("no cell selected for a state embedding")
+
+    def one(row: int) -> np.ndarray:
+        gene_ids, counts = cells.cell(row)
+        inputs = {
+            "gene_ids": np.array([str(g).encode() for g in gene_ids], dtype=object),
+            "counts": np.ascontiguousarray(counts, dtype=np.float32),
+            "n_counts": np.array([cells.n_counts[row]], dtype=np.float32),
+            "perturbation": np.array([b"delete"], dtype=object),
+            "emb_layer": np.array([spec.emb_layer], dtype=np.int32),
+            "embed_only": np.array([True], dtype=bool),
+        }
+        if spec.encoder_model:
+            inputs["encoder_model"] = np.array([spec.encoder_model.encode()], dtype=object)
+        return client.infer(spec.model, inputs, ["original_embedding"])["original_embedding"]
+
+    with ThreadPoolExecutor(max(1, concurrency)) as pool:
+        means = list(pool.map(one, rows))
+    return np.asarray(means, dtype=np.float64).mean(axis=0)
 
 
 def state_embedding(client: GeneformerClient, cells: CellTable, rows: Sequence[int], embed_model: str) -> np.ndarray:
@@ -278,8 +406,10 @@ def _empty_frame(columns: Sequence[str]) -> pd.DataFrame:
 class ResultStore:
     """Append-only, resumable store of per-perturbation rows (Parquet dataset folder or one CSV file)."""
 
-    def __init__(self, path: str | Path, spec_fingerprint: dict, overwrite: bool = False) -> None:
+    def __init__(self, path: str | Path, spec_fingerprint: dict, overwrite: bool = False,
+                 columns: Sequence[str] = COLUMNS) -> None:
         self.path = Path(path)
+        self.columns = tuple(columns)
         self.csv = self.path.suffix.lower() == ".csv"
         if overwrite:
             self._remove()
@@ -293,7 +423,9 @@ class ResultStore:
                 raise IspRunError(f"{self.path} exists and is not a Parquet dataset folder")
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / "_errors").mkdir(exist_ok=True)
+            (self.path / GENE_FOLDER).mkdir(exist_ok=True)
             self.errors_path = self.path / "_errors"
+            self.genes_path = self.path / GENE_FOLDER
             self.run_path = self.path / "_run.json"
             lock_path = self.path / "_lock"
         self._lock = open(lock_path, "w")  # noqa: SIM115 - held for the store's lifetime
@@ -334,11 +466,11 @@ class ResultStore:
     def _recover(self) -> None:
         """Remove leftovers of a killed run: temporary parts (Parquet), torn or partial cells (CSV)."""
         if not self.csv:
-            for folder in (self.path, self.errors_path):
+            for folder in (self.path, self.errors_path, self.genes_path):
                 for tmp in folder.glob(".*.tmp"):
                     tmp.unlink()
             return
-        for file, columns in ((self.path, COLUMNS), (self.errors_path, ERROR_COLUMNS)):
+        for file, columns in ((self.path, self.columns), (self.errors_path, ERROR_COLUMNS)):
             if not file.is_file() or file.stat().st_size == 0:
                 continue
             data = file.read_bytes()
@@ -380,11 +512,18 @@ class ResultStore:
         """Every stored row (empty frame with the columns when none)."""
         if self.csv:
             if not self.path.is_file() or self.path.stat().st_size == 0:
-                return _empty_frame(COLUMNS)
+                return _empty_frame(self.columns)
             return pd.read_csv(self.path, dtype={"cell_id": str, "gene_id": str, "gene_symbol": str})
         parts = sorted(self.path.glob("part-*.parquet"))
         if not parts:
-            return _empty_frame(COLUMNS)
+            return _empty_frame(self.columns)
+        return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+
+    def read_genes(self) -> pd.DataFrame:
+        """Every stored (perturbed, affected) gene cosine (emb_mode cell_and_gene; Parquet outputs only)."""
+        parts = [] if self.csv else sorted(self.genes_path.glob("part-*.parquet"))
+        if not parts:
+            return _empty_frame(GENE_COLUMNS)
         return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
 
     def read_errors(self) -> pd.DataFrame:
@@ -431,7 +570,7 @@ class ResultStore:
     def _append_csv(self, frame: pd.DataFrame, file: Path, columns: Sequence[str]) -> None:
         header = not file.is_file() or file.stat().st_size == 0
         buffer = io.StringIO()
-        frame.to_csv(buffer, index=False, header=header, columns=list(columns))
+        frame.reindex(columns=list(columns)).to_csv(buffer, index=False, header=header)
         data = buffer.getvalue().encode()
         fd = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -443,12 +582,17 @@ class ResultStore:
         finally:
             os.close(fd)
 
-    def append(self, rows: pd.DataFrame, errors: pd.DataFrame) -> None:
-        """Persist finished cells: ``rows`` (whole cells only) and ``errors`` (rejected cells)."""
+    def append(self, rows: pd.DataFrame, errors: pd.DataFrame, genes: Optional[Sequence[pd.DataFrame]] = None) -> None:
+        """Persist finished cells: ``rows`` (whole cells only), ``errors`` (rejected cells, dropped targets)
+        and ``genes`` (gene-cosine frames, one part each, written before the cells' rows)."""
         with self._write_lock:
+            for frame in genes or ():
+                if self.csv:
+                    raise IspRunError("gene cosines (emb_mode cell_and_gene) are written to Parquet outputs only")
+                self._write_parquet(frame, self.genes_path)
             if len(rows):
                 if self.csv:
-                    self._append_csv(rows, self.path, COLUMNS)
+                    self._append_csv(rows, self.path, self.columns)
                 else:
                     self._write_parquet(rows, self.path)
             if len(errors):
@@ -473,10 +617,31 @@ def cell_rows(cell_id: str, spec: IspSpec, result: dict[str, np.ndarray], cells:
         "target_index": np.arange(n, dtype=np.int64),
         "n_perturbations": np.full(n, n, dtype=np.int64),
     })
-    for name in SCORE_OUTPUTS:
+    for name in SCORE_OUTPUTS + (UPSTREAM_SCORE,):
         value = result.get(name)
         frame[name] = np.asarray(value, dtype=np.float32) if value is not None else np.full(n, np.nan, dtype=np.float32)
+    if spec.state_names:
+        shifts = np.asarray(result["state_shift"], dtype=np.float32).reshape(n, len(spec.state_names))
+        for k, name in enumerate(spec.state_names):
+            frame[STATE_PREFIX + name] = shifts[:, k]
     return frame
+
+
+def gene_rows(cell_id: str, result: dict[str, np.ndarray], cells: CellTable) -> Optional[pd.DataFrame]:
+    """One cell's (perturbed, affected) gene cosines (emb_mode cell_and_gene), or None when not returned."""
+    if "gene_cos" not in result:
+        return None
+    decode = lambda values: [v.decode() if isinstance(v, bytes) else str(v) for v in values]  # noqa: E731
+    perturbed = np.array(decode(result["perturbed_genes"]), dtype=object)
+    genes = np.array(decode(result["cell_genes"]), dtype=object)
+    affected = genes[np.asarray(result["gene_affected"], dtype=np.int64)]
+    return pd.DataFrame({
+        "cell_id": cell_id,
+        "gene_id": perturbed[np.asarray(result["gene_perturbation"], dtype=np.int64)],
+        "affected_gene_id": affected,
+        "affected_symbol": [cells.symbols.get(g, g) for g in affected],
+        "cos": np.asarray(result["gene_cos"], dtype=np.float32),
+    })
 
 
 @dataclass
@@ -518,14 +683,15 @@ def run_isp(
         LOGGER.info("resuming: %d of %d cells already in %s", stats.cells_skipped_done, len(selected), store.path)
     outputs = spec.outputs()
     buffer: list[pd.DataFrame] = []
+    genes: list[pd.DataFrame] = []
     errors: list[dict] = []
     last_flush = time.monotonic()
 
     def flush() -> None:
-        nonlocal buffer, errors, last_flush
-        store.append(pd.concat(buffer, ignore_index=True) if buffer else _empty_frame(COLUMNS),
-                     pd.DataFrame(errors, columns=list(ERROR_COLUMNS)))
-        buffer, errors, last_flush = [], [], time.monotonic()
+        nonlocal buffer, errors, genes, last_flush
+        store.append(pd.concat(buffer, ignore_index=True) if buffer else _empty_frame(store.columns),
+                     pd.DataFrame(errors, columns=list(ERROR_COLUMNS)), genes)
+        buffer, errors, genes, last_flush = [], [], [], time.monotonic()
 
     def work(row: int):
         gene_ids, counts = cells.cell(row)
@@ -571,6 +737,11 @@ def run_isp(
                     else:
                         frame = cell_rows(cell_id, spec, result, cells)
                         buffer.append(frame)
+                        gene_frame = gene_rows(cell_id, result, cells)
+                        if gene_frame is not None:
+                            genes.append(gene_frame)
+                        for note in result.get("target_errors", []):
+                            errors.append({"cell_id": cell_id, "error": note.decode() if isinstance(note, bytes) else str(note)})
                         stats.cells_done += 1
                         stats.perturbations += len(frame)
                     bar.update(1)

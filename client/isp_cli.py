@@ -30,8 +30,10 @@ from client.isp import (
     load_cells,
     plot_top_shifts,
     run_isp,
+    select_cells,
     state_embedding,
     summarize,
+    upstream_state_embedding,
 )
 
 LOGGER = logging.getLogger("gftriton.isp")
@@ -51,6 +53,7 @@ def _gene_list(text: Optional[str], cells: CellTable, name_to_id: dict) -> Optio
             genes.append(symbol_to_id[item])
         elif item in name_to_id:
             genes.append(name_to_id[item])
+            cells.symbols.setdefault(name_to_id[item], item)  # a gene the dataset does not measure (e.g. KLF1)
         else:
             raise IspRunError(f"gene {item!r} is neither an Ensembl id nor a known symbol of the dataset/dictionaries")
     if not genes:
@@ -110,28 +113,37 @@ def run_isp_command(args: argparse.Namespace) -> int:
     from client.triton_client import GeneformerClient, RetryPolicy, ServerUnavailableError
 
     name_to_id: dict = {}
-    if args.dictionaries:
+    dictionaries = args.dictionaries or _repository_dictionaries(args.repository)
+    if dictionaries:
         from geneformer_triton.dictionaries import load_vocabulary
 
-        name_to_id = load_vocabulary(args.dictionaries).gene_name_to_id or {}
+        name_to_id = load_vocabulary(dictionaries).gene_name_to_id or {}
     if args.summary_only:
         store = ResultStore(args.output, _stored_fingerprint(args.output))
         with store:
             _report(store, args)
         return 0
 
-    cells = load_cells(args.h5ad, args.n_cells, args.gene_column, name_to_id or None, args.counts_layer)
+    cells = load_cells(args.h5ad, args.n_cells, args.gene_column, name_to_id or None, args.counts_layer,
+                       args.allow_non_integer)
     LOGGER.info("%d cells, %d genes with Ensembl ids", len(cells), int((cells.gene_ids != "").sum()))
+    states = _states_option(args)
+    filters = list(args.cells or [])
+    if states is not None:  # upstream perturbs only start-state cells
+        filters.append(f"{states['state_key']}={states['start_state']}")
+    rows = select_cells(cells, filters, args.max_cells, _index_range(args.cell_index_range))
     retry = RetryPolicy(attempts=args.retries)
     with GeneformerClient(args.url, args.protocol, concurrency=args.concurrency, timeout_s=args.timeout, retry=retry) as client:
         try:
             client.wait_ready(args.wait, args.model)
         except ServerUnavailableError as error:
             raise IspRunError(f"{error}; start one with `gftriton serve`") from error
+        semantics = "ours" if (args.semantics == "ours" or args.one_at_a_time) else "upstream"
+        targets = _gene_list(args.targets, cells, name_to_id)
         spec = IspSpec(
             perturbation=args.perturbation,
-            targets=_gene_list(args.targets, cells, name_to_id),
-            target_mode=args.target_mode,
+            targets=targets,
+            target_mode=args.target_mode or ("each" if args.one_at_a_time or targets is None else "set"),
             anchor_genes=_gene_list(args.anchor, cells, name_to_id) or (),
             rank_shift=args.rank_shift,
             gene_shift=args.gene_shift,
@@ -140,17 +152,22 @@ def run_isp_command(args: argparse.Namespace) -> int:
             encoder_model=args.encoder,
             model=args.model,
             strict_targets=args.strict_targets,
+            semantics=semantics,
+            emb_layer=args.emb_layer,
+            emb_mode=args.emb_mode,
         )
+        if states is not None:
+            spec = _with_states(spec, client, cells, states, args.concurrency)
         if args.rank_by == "goal" and spec.goal_embedding is None:
             raise IspRunError("--rank-by goal needs a goal state (--goal-cells or --goal-embedding)")
         if args.rank_by == "gene" and not spec.gene_shift:
             raise IspRunError("--rank-by gene needs --gene-shift")
-        with ResultStore(args.output, spec.fingerprint(), overwrite=args.overwrite) as store:
+        with ResultStore(args.output, spec.fingerprint(), overwrite=args.overwrite, columns=spec.columns()) as store:
             if args.retry_errors:
                 store.forget_errors()
             try:
                 stats = run_isp(client, cells, spec, store, args.concurrency, args.flush_every, args.flush_seconds,
-                                progress=not args.no_progress)
+                                rows=rows, progress=not args.no_progress)
             except ServerUnavailableError as error:
                 raise IspRunError(f"{error}; finished cells are saved, rerun to resume") from error
             LOGGER.info(
@@ -158,8 +175,58 @@ def run_isp_command(args: argparse.Namespace) -> int:
                 stats.cells_done, stats.perturbations, stats.perturbations_per_s, stats.cells_skipped_done,
                 stats.cells_rejected, stats.cells_without_targets,
             )
+            if store.read().empty:
+                errors = store.read_errors()
+                why = "; ".join(sorted(set(errors["error"].astype(str)))[:3]) if len(errors) else "no cell was selected"
+                raise IspRunError(f"no cell produced a result ({len(errors)} skipped or rejected): {why}")
             _report(store, args)
     return 0
+
+
+def _repository_dictionaries(repository: Optional[str]) -> Optional[str]:
+    """The served tokenizer's dictionaries in a local model repository (symbol -> Ensembl id), if there."""
+    folder = Path(repository or "model_repository") / "geneformer_tokenizer" / "1"
+    return str(folder) if (folder / "token_dictionary.json").is_file() else None
+
+
+def _index_range(text: Optional[str]) -> Optional[tuple[int, int]]:
+    if not text:
+        return None
+    start, sep, end = text.partition(":")
+    if not sep or not start.isdigit() or not end.isdigit() or int(end) <= int(start):
+        raise IspRunError(f"--cell-index-range takes START:END with 0 <= START < END, got {text!r}")
+    return int(start), int(end)
+
+
+def _states_option(args) -> Optional[dict]:
+    """cell_states_to_model from --state-key/--start-state/--goal-state/--alt-states (None without)."""
+    given = [args.state_key, args.start_state, args.goal_state]
+    if not any(given) and not args.alt_states:
+        return None
+    if not all(given):
+        raise IspRunError("cell states need --state-key, --start-state and --goal-state (and optionally --alt-states)")
+    alt = [a for a in (args.alt_states or "").split(",") if a]
+    return {"state_key": args.state_key, "start_state": args.start_state, "goal_state": args.goal_state, "alt_states": alt}
+
+
+def _with_states(spec: IspSpec, client, cells: CellTable, states: dict, concurrency: int) -> IspSpec:
+    """``spec`` with upstream state embeddings (every cell of the file labelled with each state)."""
+    from dataclasses import replace
+
+    if not spec.upstream:
+        raise IspRunError("cell states (--state-key ...) are upstream semantics; for ours use --goal-cells/--start-cells")
+    names = [states["start_state"], states["goal_state"], *states["alt_states"]]
+    if cells.obs is None or states["state_key"] not in cells.obs:
+        raise IspRunError(f"obs has no column {states['state_key']!r} for --state-key")
+    labels = cells.obs[states["state_key"]].astype(str).to_numpy()
+    embeddings = []
+    for name in names:
+        rows = [int(r) for r in np.flatnonzero(labels == name)]
+        if not rows:
+            raise IspRunError(f"no cell has {states['state_key']} == {name!r}")
+        LOGGER.info("state %s: mean of %d cells' embeddings (upstream get_state_embs)", name, len(rows))
+        embeddings.append(tuple(float(v) for v in upstream_state_embedding(client, cells, rows, spec, concurrency)))
+    return replace(spec, state_names=tuple(names), state_embeddings=tuple(embeddings))
 
 
 def _stored_fingerprint(output: str) -> dict:
@@ -193,13 +260,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--n-cells", type=int, help="only the first N cells")
     data.add_argument("--gene-column", help="var column with Ensembl ids (default: 'ensembl_id' if present, else var names)")
     data.add_argument("--counts-layer", help="layer with raw counts (default X)")
-    data.add_argument("--dictionaries", help="Geneformer dictionary folder (symbol -> Ensembl id mapping)")
+    data.add_argument("--dictionaries", help="Geneformer dictionary folder (symbol -> Ensembl id mapping; default: "
+                                             "the tokenizer's in --repository when there)")
+    data.add_argument("--repository", default="model_repository", help="local model repository (for its dictionaries)")
+    data.add_argument("--cells", action="append", metavar="COL=VALUE[,VALUE]",
+                      help="only cells whose obs COL is one of the values (upstream filter_data; repeatable)")
+    data.add_argument("--max-cells", type=int, help="at most N cells: more are shuffled with seed 42 and cut "
+                                                   "(upstream max_ncells)")
+    data.add_argument("--cell-index-range", metavar="START:END", help="rows START..END-1 of the selected cells "
+                                                                      "(upstream cell_inds_to_perturb, in file order)")
+    data.add_argument("--allow-non-integer", action="store_true",
+                      help="tokenize non-integer X as counts when raw counts cannot be recovered (log-normalized X "
+                           "with uns['log1p'] and obs n_counts/ncounts is converted back to counts)")
 
     pert = parser.add_argument_group("perturbation")
     pert.add_argument("--perturbation", choices=PERTURBATIONS, default="delete")
     pert.add_argument("--targets", default="all", help="'all' or a comma list of Ensembl ids / symbols")
-    pert.add_argument("--target-mode", choices=["each", "set"], default="each",
-                      help="each: one perturbation per target; set: all targets together")
+    pert.add_argument("--semantics", choices=["upstream", "ours"], default="upstream",
+                      help="upstream (default): Geneformer InSilicoPerturber's perturbations and numbers; ours: "
+                           "--target-mode/--one-at-a-time, inhibit/activate, goal/start embeddings")
+    pert.add_argument("--one-at-a-time", action="store_true",
+                      help="ours: one perturbation per listed gene (upstream perturbs a list jointly)")
+    pert.add_argument("--target-mode", choices=["each", "set"],
+                      help="with --semantics ours: each = one perturbation per target, set = all together "
+                           "(default: set for a list, like upstream; each with --one-at-a-time)")
+    pert.add_argument("--emb-layer", type=int, default=-1,
+                      help="upstream ISP convention: hidden_states[n_layers + EMB_LAYER]; -1 (default) = second-to-last "
+                           "hidden state (hidden_states[5] of 6 layers; helical / `gftriton export` --emb-layer -2), 0 = last "
+                           "layer (helical -1)")
+    pert.add_argument("--emb-mode", choices=["cell", "cell_and_gene"], default="cell",
+                      help="cell_and_gene also streams every (perturbed, affected) gene cosine to OUTPUT/_genes/")
+    pert.add_argument("--state-key", help="cell states: obs column of the labels (upstream cell_states_to_model)")
+    pert.add_argument("--start-state", help="label of the cells to perturb")
+    pert.add_argument("--goal-state", help="label of the goal state")
+    pert.add_argument("--alt-states", help="comma list of alternative state labels")
     pert.add_argument("--anchor", help="comma list of genes perturbed together with every target")
     pert.add_argument("--rank-shift", type=float, help="inhibit/activate: positions (>= 1) or fraction of genes (0..1)")
     pert.add_argument("--gene-shift", action="store_true", help="also compute the gene-embedding shift (slower)")
@@ -242,9 +336,11 @@ def main(argv: Optional[list] = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, FileNotFoundError, RuntimeError, ConnectionError) as error:
+        from client.cli import EXIT_UNAVAILABLE, server_unavailable
+
         LOGGER.error("%s", error)
-        return 2
+        return EXIT_UNAVAILABLE if server_unavailable(error) else 2
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ def run_export(args: argparse.Namespace) -> int:
     written = export_model_repository(loaded, args.repository, formats, args.emb_layer, args.pooling)
     for name, path in written.items():
         LOGGER.info("%-12s -> %s", name, path)
+    if args.save_checkpoint:
+        from export.checkpoint import save_checkpoint
+
+        save_checkpoint(loaded, args.save_checkpoint)
     if loaded.random_weights:
         LOGGER.warning("exported RANDOM weights (%s): fine for serving tests and benchmarks, not for biology", loaded.source)
     return 0
@@ -36,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--repository", default="model_repository", help="model repository folder")
     parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS), help=f"comma list of {sorted(ENCODER_FORMATS)}")
     parser.add_argument("--emb-layer", type=int, default=-1, help="hidden_states index to embed (helical meaning; -1 = last layer)")
+    parser.add_argument("--save-checkpoint", metavar="DIR",
+                        help="also write the served weights as a Hugging Face BertForMaskedLM folder (config.json + "
+                             "model.safetensors) that upstream Geneformer loads as is")
     parser.add_argument("--pooling", choices=["mean", "cls"], default="mean", help="cell embedding: mean of gene tokens or <cls> (V2)")
     parser.set_defaults(func=run_export)
 

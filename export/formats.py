@@ -15,12 +15,16 @@ class EncoderFormat:
     model: str
     kind: str
     precision: str
+    #: fixed helical emb_layer for this variant (None: the export's --emb-layer); -2 = hidden_states[n_layers - 1]
+    emb_layer: int | None = None
 
 
 ENCODER_FORMATS = {
     f.name: f
     for f in (
         EncoderFormat("onnx", "geneformer_onnx", "onnx", "fp32"),
+        # in-silico perturbation at upstream InSilicoPerturber's default layer (its emb_layer=-1)
+        EncoderFormat("onnx_isp", "geneformer_onnx_isp", "onnx", "fp32", emb_layer=-2),
         EncoderFormat("onnx_fp16", "geneformer_onnx_fp16", "onnx", "fp16"),
         EncoderFormat("torchscript", "geneformer_torchscript", "torchscript", "fp32"),
     )

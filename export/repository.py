@@ -56,6 +56,8 @@ def write_manifest(version_dir: Path, loaded: LoadedGeneformer, fmt: EncoderForm
         "input_size": loaded.input_size,
         "vocabulary_size": len(loaded.vocabulary) if loaded.vocabulary is not None else None,
         "emb_layer": emb_layer,
+        "num_hidden_layers": loaded.config.num_hidden_layers,
+        "hidden_state_index": emb_layer % (loaded.config.num_hidden_layers + 1),
         "pooling": pooling,
         "special_tokens": loaded.special_tokens,
         "config_sha256": loaded.config_sha256(),
@@ -117,19 +119,18 @@ def export_model_repository(
     # ONNX: plain MatMul/Softmax attention, which onnxruntime's optimizer fuses into its Attention op.
     # TorchScript: fused scaled_dot_product_attention (libtorch runs it natively); the traced "math"
     # graph materializes the [B, heads, L, L] scores and was ~3x slower on CPU (bench/README.md).
-    encoders = {
-        kind: loaded.encoder(emb_layer=emb_layer, pooling=pooling, attention=attention)
-        for kind, attention in (("onnx", "math"), ("torchscript", "sdpa"))
-    }
+    attention = {"onnx": "math", "torchscript": "sdpa"}
     for name in formats:
         fmt = ENCODER_FORMATS[name]
+        layer = emb_layer if fmt.emb_layer is None else fmt.emb_layer
+        encoder = loaded.encoder(emb_layer=layer, pooling=pooling, attention=attention[fmt.kind])
         version_dir = repository / fmt.model / "1"
         started = time.perf_counter()
         if fmt.kind == "onnx":
-            written[name] = export_onnx(encoders["onnx"], version_dir, precision=fmt.precision)
+            written[name] = export_onnx(encoder, version_dir, precision=fmt.precision)
         else:
-            written[name] = export_torchscript(encoders["torchscript"], version_dir)
-        write_manifest(version_dir, loaded, fmt, emb_layer, pooling)
+            written[name] = export_torchscript(encoder, version_dir)
+        write_manifest(version_dir, loaded, fmt, layer, pooling)
         LOGGER.info("exported %s in %.1f s", fmt.model, time.perf_counter() - started)
     tokenizer_dir = repository / TOKENIZER_MODEL / "1"
     loaded.vocabulary.save(tokenizer_dir)

@@ -49,9 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, FileNotFoundError, RuntimeError, ConnectionError) as error:
+        from client.cli import EXIT_UNAVAILABLE, server_unavailable
+
         logging.getLogger("gftriton").error("%s", error)
-        return 2
+        return EXIT_UNAVAILABLE if server_unavailable(error) else 2
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@ tests drive it in-process. Perturbation semantics, chunking and score formulas a
 ``reduce_scores``); the chunking is identical to :func:`~geneformer_triton.perturbation.run_plan`
 (original cell first, then the perturbations in target order).
 
+Two semantics, chosen by the ``semantics`` input: ``upstream`` (default; Geneformer ``InSilicoPerturber``'s
+numbers: :meth:`IspEngine.prepare_upstream` -> :class:`geneformer_triton.isp_upstream_service.UpstreamJob`,
+whose module documents its extra inputs and outputs) and ``ours`` (:meth:`IspEngine.prepare` ->
+:class:`IspJob`, described here). Targets that cannot be perturbed in a cell are dropped for that cell
+and listed in the ``target_errors`` output (BYTES [E]).
+
 Wire contract (``model_repository/geneformer_isp/config.pbtxt``; ``max_batch_size: 0``, one cell per
 request):
 
@@ -43,8 +49,8 @@ chunk by chunk; nothing of size [perturbations x length x hidden] is kept or ret
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -60,6 +66,9 @@ from geneformer_triton.perturbation import (
 )
 from geneformer_triton.tokenizer import UNKNOWN, RankValueTokenizer, TokenizationError, pad_token_batch
 
+if TYPE_CHECKING:
+    from geneformer_triton.isp_upstream_service import UpstreamJob
+
 TARGET_MODES = ("each", "set")
 ALL_TARGETS = "all"
 SET_SEPARATOR = "+"
@@ -68,9 +77,13 @@ SET_SEPARATOR = "+"
 INPUTS = (
     "gene_ids", "counts", "n_counts", "perturbation", "targets", "target_mode", "anchor_genes",
     "rank_shift", "goal_embedding", "start_embedding", "return_gene_shift", "encoder_model",
+    "semantics", "emb_layer", "emb_mode", "state_embeddings", "embed_only",
 )
 #: Response outputs.
-OUTPUTS = ("perturbed_genes", "cell_shift", "gene_embedding_shift", "goal_shift", "start_shift", "original_embedding")
+OUTPUTS = ("perturbed_genes", "cell_shift", "gene_embedding_shift", "goal_shift", "start_shift", "original_embedding",
+           "cell_emb_shift", "state_shift", "cell_genes", "gene_perturbation", "gene_affected", "gene_cos", "target_errors")
+#: ``semantics`` input: upstream Geneformer's InSilicoPerturber (default) or ours (isp_service's own job).
+SEMANTICS = ("upstream", "ours")
 
 
 class IspInputError(ValueError):
@@ -138,6 +151,57 @@ class IspRequest:
     start_embedding: Optional[np.ndarray] = None
     return_gene_shift: Optional[bool] = None
     encoder_model: Optional[str] = None
+    semantics: str = "upstream"
+    emb_layer: int = -1  # upstream ISP convention (hidden_states[n_layers + emb_layer])
+    emb_mode: str = "cell"
+    state_embeddings: Optional[np.ndarray] = None  # [S, H]
+    embed_only: bool = False
+
+
+def _flag(array: Optional[np.ndarray], name: str) -> Optional[bool]:
+    if array is None:
+        return None
+    values = np.asarray(array).reshape(-1)
+    if values.size != 1:
+        raise IspInputError(f"{name} must hold one value, got {values.size}")
+    return bool(values[0])
+
+
+def _parse_upstream_fields(get: Callable[[str], Optional[np.ndarray]], perturbation: str, target_mode: str) -> dict:
+    """``semantics``, ``emb_layer``, ``emb_mode``, ``state_embeddings``, ``embed_only`` of a request."""
+    semantics = (_scalar_string(get("semantics"), "semantics", "upstream") or "upstream").lower()
+    if semantics not in SEMANTICS:
+        raise IspInputError(f"unknown semantics {semantics!r}; expected 'upstream' (Geneformer's InSilicoPerturber) or 'ours'")
+    layer = get("emb_layer")
+    emb_layer = -1
+    if layer is not None:
+        values = np.asarray(layer).reshape(-1)
+        if values.size != 1 or values.dtype.kind not in "iu":
+            raise IspInputError("emb_layer must be one integer (upstream ISP convention: 0 = last layer, -1 = second-to-last)")
+        emb_layer = int(values[0])
+    emb_mode = (_scalar_string(get("emb_mode"), "emb_mode", "cell") or "cell").lower()
+    if emb_mode not in ("cell", "cell_and_gene"):
+        raise IspInputError(f"unknown emb_mode {emb_mode!r}; expected 'cell' or 'cell_and_gene'")
+    states = get("state_embeddings")
+    if states is not None:
+        states = np.asarray(states)
+        if states.dtype.kind not in "fiu" or states.ndim != 2 or 0 in states.shape:
+            raise IspInputError(f"state_embeddings must be FP32 [states, hidden], got {states.dtype} {list(states.shape)}")
+        states = states.astype(np.float64)
+        if not np.all(np.isfinite(states)) or not np.all(np.any(states, axis=1)):
+            raise IspInputError("state_embeddings hold NaN/infinite values or an all-zero state")
+    if semantics == "upstream":
+        if perturbation not in ("delete", "overexpress"):
+            raise IspInputError(f"perturbation {perturbation!r} exists only with semantics 'ours' (upstream has not "
+                                "implemented it): send semantics='ours'")
+        if target_mode == "each" and get("target_mode") is not None:
+            raise IspInputError("target_mode 'each' (one perturbation per listed gene) is ours: send semantics='ours'; "
+                                "upstream perturbs a list jointly")
+    elif states is not None or emb_mode != "cell" or layer is not None:
+        raise IspInputError("emb_layer, emb_mode and state_embeddings belong to semantics 'upstream'; "
+                            "semantics 'ours' uses goal_embedding/start_embedding and the encoder's layer")
+    return {"semantics": semantics, "emb_layer": emb_layer, "emb_mode": emb_mode, "state_embeddings": states,
+            "embed_only": bool(_flag(get("embed_only"), "embed_only"))}
 
 
 def parse_request(get: Callable[[str], Optional[np.ndarray]]) -> IspRequest:
@@ -211,13 +275,8 @@ def parse_request(get: Callable[[str], Optional[np.ndarray]]) -> IspRequest:
     if perturbation in ("delete", "overexpress") and rank_shift is not None:
         raise IspInputError(f"rank_shift applies to inhibit/activate only, not to {perturbation!r}; omit it")
 
-    flag = get("return_gene_shift")
-    return_gene_shift = None
-    if flag is not None:
-        values = np.asarray(flag).reshape(-1)
-        if values.size != 1:
-            raise IspInputError(f"return_gene_shift must hold one value, got {values.size}")
-        return_gene_shift = bool(values[0])
+    return_gene_shift = _flag(get("return_gene_shift"), "return_gene_shift")
+    upstream = _parse_upstream_fields(get, perturbation, target_mode)
 
     encoder_model = _scalar_string(get("encoder_model"), "encoder_model", None) or None
     return IspRequest(
@@ -233,6 +292,7 @@ def parse_request(get: Callable[[str], Optional[np.ndarray]]) -> IspRequest:
         start_embedding=_vector(get("start_embedding"), "start_embedding"),
         return_gene_shift=return_gene_shift,
         encoder_model=encoder_model,
+        **upstream,
     )
 
 
@@ -261,6 +321,7 @@ class IspJob:
     goal: Optional[np.ndarray] = None
     start: Optional[np.ndarray] = None
     pad_token_id: int = 0
+    notes: list = field(default_factory=list)  # targets dropped for this cell, with the reason
     original_cell: Optional[np.ndarray] = field(default=None, repr=False)
     original_tokens: Optional[np.ndarray] = field(default=None, repr=False)
     scores: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
@@ -332,6 +393,7 @@ class IspJob:
             "perturbed_genes": np.array([s.encode() for s in self.labels], dtype=object),
             "cell_shift": self.scores["cell_shift"],
             "original_embedding": self.original_cell.astype(np.float32),
+            "target_errors": np.array([n.encode() for n in self.notes], dtype=object),
         }
         if self.gene_shift:
             out["gene_embedding_shift"] = self.scores["gene_shift"]
@@ -429,6 +491,19 @@ class IspEngine:
                 f"than the cell ({len(genes)} genes): at least one gene must stay unperturbed"
             )
         anchors = self._gene_tokens(request.anchor_genes, "anchor_genes", index, request) if request.anchor_genes else None
+        notes: list[str] = []
+        if request.targets is not None and request.target_mode == "each":
+            kept = []
+            for gene, tok in zip(request.targets, self.tokenizer.gene_tokens(list(request.targets))):
+                if tok == UNKNOWN:
+                    notes.append(f"target {gene} dropped: not in the model's gene vocabulary")
+                elif int(tok) not in index:
+                    notes.append(f"target {gene} dropped: {self._absent_reason(request, int(tok))}")
+                else:
+                    kept.append(gene)
+            if not kept:
+                raise IspInputError(f"no target can be perturbed in this cell ({'; '.join(notes)})")
+            request = replace(request, targets=tuple(kept))
         targets = "all" if request.targets is None else self._gene_tokens(request.targets, "targets", index, request)
         count = (len(genes) - (0 if anchors is None else len(anchors))) if request.targets is None else (
             1 if request.target_mode == "set" else len(request.targets))
@@ -451,6 +526,74 @@ class IspEngine:
         return IspJob(
             plan=plan, labels=labels, chunks=chunks, gene_shift=gene_shift,
             goal=request.goal_embedding, start=request.start_embedding, pad_token_id=self.vocabulary.pad_id,
+            notes=notes,
+        )
+
+    def _absent_reason(self, request: IspRequest, token: int) -> str:
+        expressed = set(int(t) for t in self.tokenizer.gene_tokens(list(request.gene_ids[request.counts > 0])))
+        if token in expressed:
+            return f"expressed but ranked beyond the model input size ({self.tokenizer.max_genes} genes)"
+        return "not expressed in the cell"
+
+    def prepare_upstream(self, request: IspRequest, max_batch: Optional[int] = None,
+                         hidden_size: Optional[int] = None) -> "UpstreamJob":
+        """Tokenize and plan one cell with upstream Geneformer's semantics (:mod:`geneformer_triton.isp_upstream`).
+
+        Targets outside the vocabulary are dropped (listed in ``target_errors``); a joint delete of genes
+        the cell does not carry skips the cell with the reason (upstream filters such cells out).
+        """
+        from geneformer_triton.isp_upstream import UpstreamPlan, UpstreamPlanError, plan_upstream
+        from geneformer_triton.isp_upstream_service import UpstreamJob
+
+        if self.special_tokens:
+            raise IspInputError("upstream semantics are implemented for V1 models (no <cls>/<eos>); this model has "
+                                "special tokens: send semantics='ours'")
+        if request.state_embeddings is not None and hidden_size is not None and request.state_embeddings.shape[1] != hidden_size:
+            raise IspInputError(f"state_embeddings have {request.state_embeddings.shape[1]} values per state; "
+                                f"the encoder's hidden size is {hidden_size}")
+        cell = self.tokenize(request)
+        notes: list[str] = []
+        genes: object = "all"
+        if request.targets is not None and not request.embed_only:
+            tokens = self.tokenizer.gene_tokens(list(request.targets))
+            known = [int(t) for t, g in zip(tokens, request.targets) if t != UNKNOWN]
+            notes += [f"target {g} dropped: not in the model's gene vocabulary" for t, g in zip(tokens, request.targets) if t == UNKNOWN]
+            if not known:
+                raise IspInputError(f"no target is in the model's gene vocabulary ({', '.join(notes)})")
+            genes = known
+        anchor = None
+        if request.anchor_genes:
+            if len(request.anchor_genes) != 1:
+                raise IspInputError("upstream semantics take one anchor gene (combos=1); send semantics='ours' for more")
+            (anchor_token,) = self.tokenizer.gene_tokens(list(request.anchor_genes))
+            if anchor_token == UNKNOWN:
+                raise IspInputError(f"anchor_genes[0]={request.anchor_genes[0]!r} is not in the model's gene vocabulary")
+            if int(anchor_token) not in set(int(t) for t in cell):
+                raise IspInputError(f"anchor_genes[0]={request.anchor_genes[0]!r} is "
+                                    f"{self._absent_reason(request, int(anchor_token))}")
+            anchor = int(anchor_token)
+        if isinstance(genes, list) and request.perturbation == "delete":
+            present = set(int(t) for t in cell)
+            for gene, token in zip(request.targets, self.tokenizer.gene_tokens(list(request.targets))):
+                if token != UNKNOWN and int(token) not in present:
+                    raise IspInputError(f"target {gene} is {self._absent_reason(request, int(token))}: a joint delete "
+                                        "needs every listed gene in the cell (upstream skips such cells)")
+        try:
+            if request.embed_only:
+                plan = UpstreamPlan(plan_upstream(cell, "delete", "all", max_len=self.model_input_size).cell, "delete", [])
+            else:
+                plan = plan_upstream(cell, request.perturbation, genes, anchor=anchor, max_len=self.model_input_size)
+        except UpstreamPlanError as error:
+            raise IspInputError(str(error)) from error
+        if len(plan.perturbations) > self.max_perturbations:
+            raise IspInputError(f"request asks for {len(plan.perturbations)} perturbations, more than this model's "
+                                f"limit {self.max_perturbations}")
+        labels = [SET_SEPARATOR.join(self.vocabulary.genes_for_tokens(np.asarray(p.label))) for p in plan.perturbations]
+        limits = [b for b in (self.max_batch, max_batch) if b]
+        return UpstreamJob(
+            plan=plan, labels=labels, cell_genes=self.vocabulary.genes_for_tokens(cell), emb_mode=request.emb_mode,
+            states=request.state_embeddings, max_tokens=self.max_tokens_per_batch,
+            max_batch=min(limits) if limits else None, pad_token_id=self.vocabulary.pad_id, notes=notes,
         )
 
     def _readable(self, message: str) -> str:

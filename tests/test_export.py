@@ -26,8 +26,12 @@ def _runtime(repository, name):
 
 
 @pytest.mark.parametrize("name", sorted(ENCODER_FORMATS))
-def test_exported_encoder_fidelity_on_real_cells(exported_repository, reference_encoder, celltypist_tokens, name):
+def test_exported_encoder_fidelity_on_real_cells(exported_repository, reference_encoder, loaded_model, celltypist_tokens, name):
     encode, fmt = _runtime(exported_repository, name)
+    if fmt.emb_layer is not None:  # a variant exported at a fixed layer (geneformer_onnx_isp)
+        from geneformer_triton.runtimes import torch_encode_fn
+
+        reference_encoder = torch_encode_fn(loaded_model.encoder(emb_layer=fmt.emb_layer))
     cells = celltypist_tokens[:24]
     reference = embed_token_cells(reference_encoder, cells, batch_size=8)
     for batch_size in (1, 8):

@@ -26,6 +26,7 @@ from geneformer_triton.perturbation import cosine, plan_perturbations, run_plan
 from geneformer_triton.tokenizer import RankValueTokenizer, pad_token_batch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("GFTRITON_SHARED_DIR", REPO_ROOT.parent / "shared"))
 ISP = "geneformer_isp"
 ENCODERS = ("geneformer_onnx", "geneformer_torchscript")
 SCORE_ATOL = 1e-4
@@ -88,7 +89,7 @@ def request(cell, perturbation, targets=None, mode=None, anchors=(), rank_shift=
             gene_shift=None, encoder=None) -> dict:
     gene_ids, counts, n_counts = cell
     inputs = {"gene_ids": b(gene_ids), "counts": counts, "n_counts": np.array([n_counts], np.float32),
-              "perturbation": b([perturbation])}
+              "perturbation": b([perturbation]), "semantics": b(["ours"])}  # ours; upstream's: test_isp_oracle.py
     if targets is not None:
         inputs["targets"] = b(targets)
     if mode is not None:
@@ -232,7 +233,7 @@ def test_hand_checked_token_order(client, reference_encoder, tiny, perturbation,
 
 
 BAD = {
-    "gene-not-in-cell": (dict(targets=["ENSG00000000003"]), "is not a gene of the cell: it is not expressed"),
+    "gene-not-in-cell": (dict(targets=["ENSG00000000003"]), "dropped: not expressed in the cell"),
     "gene-not-in-vocabulary": (dict(targets=["ENSG99999999999"]), "not in the model's gene vocabulary"),
     "unknown-perturbation": (dict(perturbation="knockout"), "unknown perturbation 'knockout'"),
     "empty-target-list": (dict(targets=[]), "targets is empty"),
@@ -331,7 +332,7 @@ def _isp_cli(triton_server, h5ad, output, *extra):
     # `python -m client.isp_cli ARGS` == `gftriton isp ARGS` (registration: test_isp_subcommand_is_registered)
     return [sys.executable, "-m", "client.isp_cli", "--url", triton_server.grpc_url,
             "--h5ad", str(h5ad), "--output", str(output), "--concurrency", "2", "--flush-every", "1",
-            "--no-progress", "--top", "5", *extra]
+            "--no-progress", "--top", "5", "--semantics", "ours", "--target-mode", "each", *extra]
 
 
 def test_cli_killed_mid_run_resumes_without_duplicates(triton_server, small_h5ad, tmp_path):
@@ -388,6 +389,7 @@ def test_csv_store_repairs_a_torn_append(tmp_path):
             "cell_id": [cell] * rows, "perturbation": ["delete"] * rows, "gene_id": [f"ENSG{i:011d}" for i in range(rows)],
             "gene_symbol": [f"G{i}" for i in range(rows)], "target_index": np.arange(rows), "n_perturbations": [n] * rows,
             "cell_shift": np.linspace(0.9, 1, rows), "gene_embedding_shift": np.nan, "goal_shift": np.nan, "start_shift": np.nan,
+            "cell_emb_shift": np.nan,
         })[list(COLUMNS)]
 
     with ResultStore(path, {"perturbation": "delete"}) as store:
@@ -417,7 +419,7 @@ def test_client_goal_state_from_reference_cells(triton_server, small_h5ad, token
     with GeneformerClient(triton_server.grpc_url, concurrency=2) as client:
         goal = state_embedding(client, cells, rows, "geneformer_embed_onnx")
         assert cosine(goal, expected_goal) >= EMB_COSINE
-        spec = IspSpec(goal_embedding=tuple(float(v) for v in goal))
+        spec = IspSpec(semantics="ours", goal_embedding=tuple(float(v) for v in goal))
         with ResultStore(tmp_path / "goal.csv", spec.fingerprint()) as store:
             stats = run_isp(client, cells, spec, store, concurrency=2, rows=[10, 11])
             result = store.read()
@@ -460,7 +462,7 @@ def test_engine_with_special_tokens_in_process(v2_vocabulary, top_gene_cells):
     assert [g.decode() for g in out["perturbed_genes"]] == genes
     for name, expected in (("cell_shift", ref.cell_shift), ("gene_embedding_shift", ref.gene_shift), ("goal_shift", ref.goal_shift)):
         np.testing.assert_allclose(out[name], expected, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="'<cls>' is not in the model's gene vocabulary"):  # special tokens are no genes
+    with pytest.raises(ValueError, match="target <cls> dropped: not in the model's gene vocabulary"):  # no genes
         engine.prepare(parse_request(lambda name: {**inputs, "targets": b(["<cls>"])}.get(name)), False)
 
 
@@ -472,18 +474,96 @@ def test_client_records_rejected_and_skipped_cells(triton_server, small_h5ad, tm
     genes_b, _ = cells.cell(1)
     only_a = next(g for g in genes_a if g not in set(genes_b))
     with GeneformerClient(triton_server.grpc_url, concurrency=2) as client:
-        lenient = IspSpec(perturbation="overexpress", targets=(only_a,))
+        lenient = IspSpec(perturbation="overexpress", targets=(only_a,), semantics="ours")
         with ResultStore(tmp_path / "lenient.parquet", lenient.fingerprint()) as store:
             stats = run_isp(client, cells, lenient, store, rows=[0, 1])
             assert (stats.cells_done, stats.cells_without_targets) == (1, 1)
             assert list(store.read()["gene_id"]) == [only_a]
             assert store.read_errors()["error"].str.startswith("skipped").all()
-        strict = IspSpec(perturbation="overexpress", targets=(only_a,), strict_targets=True)
+        strict = IspSpec(perturbation="overexpress", targets=(only_a,), strict_targets=True, semantics="ours")
         with ResultStore(tmp_path / "strict.parquet", strict.fingerprint()) as store:
             stats = run_isp(client, cells, strict, store, rows=[0, 1])
             assert (stats.cells_done, stats.cells_rejected) == (1, 1)
             (message,) = store.read_errors()["error"]
-            assert "is not a gene of the cell: it is not expressed" in message
+            assert "dropped: not expressed in the cell" in message
             assert run_isp(client, cells, strict, store, rows=[0, 1]).cells_skipped_done == 2  # resume: nothing left
             store.forget_errors()
             assert run_isp(client, cells, strict, store, rows=[0, 1]).cells_rejected == 1  # --retry-errors
+
+
+# ----------------------------------------------------------------------------- upstream semantics through the CLI
+
+
+def _gftriton(*args, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, "-m", "geneformer_triton.cli", *map(str, args)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_overexpress_absent_gene_in_control_cells(triton_server, exported_repository, tmp_path):
+    """The CRISPRa analogue: KLF1 (not among the file's 500 genes) overexpressed in 12 control cells of the
+    log-normalized perturbench file (counts recovered from obs['ncounts']): one row per cell, exit 0."""
+    output = tmp_path / "oe.parquet"
+    done = _gftriton("isp", "--url", triton_server.grpc_url, "--repository", exported_repository,
+                     "--h5ad", SHARED / "data" / "perturbench_norman19_k562.h5ad",
+                     "--cells", "condition=control", "--max-cells", 12, "--perturbation", "overexpress",
+                     "--targets", "KLF1", "--allow-non-integer", "--output", output, "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_parts(output)
+    assert len(rows) == 12 and rows["cell_id"].nunique() == 12
+    assert (rows["gene_symbol"] == "KLF1").all() and rows["cell_emb_shift"].between(-1, 1).all()
+    assert rows["cell_emb_shift"].notna().all() and (rows["cell_emb_shift"] < 1).all()
+
+
+def test_unknown_target_dropped_and_named_others_run(triton_server, small_h5ad, tmp_path):
+    output = tmp_path / "drop.parquet"
+    with GeneformerClient(triton_server.grpc_url, concurrency=2) as client:
+        from client.isp import IspSpec, load_cells, run_isp
+
+        cells = load_cells(str(small_h5ad))
+        genes, _ = cells.cell(0)
+        spec = IspSpec(perturbation="overexpress", targets=(str(genes[3]), "ENSG99999999999"))
+        with ResultStore(output, spec.fingerprint()) as store:
+            stats = run_isp(client, cells, spec, store, rows=[0, 1])
+            rows, errors = store.read(), store.read_errors()
+    assert stats.cells_done == 2 and len(rows) == 2 and (rows["gene_id"] == str(genes[3])).all()
+    assert (errors["error"] == "target ENSG99999999999 dropped: not in the model's gene vocabulary").sum() == 2
+
+
+def test_run_without_results_exits_nonzero_with_reason(triton_server, small_h5ad, tmp_path):
+    done = _gftriton("isp", "--url", triton_server.grpc_url, "--h5ad", small_h5ad, "--n-cells", 2, "--targets",
+                     "ENSG99999999999", "--output", tmp_path / "none.parquet", "--no-progress")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "no cell produced a result" in done.stderr and "not in the model's gene vocabulary" in done.stderr
+    assert "geneformer_isp: geneformer_isp:" not in done.stderr  # no doubled prefix
+
+
+@pytest.mark.parametrize("command", [["isp", "--wait", 1, "--retries", 1, "--n-cells", 1, "--output", "OUT"],
+                                     ["check", "--retries", 0, "--retry-backoff", 0.1]])
+def test_unreachable_server_exits_3(tmp_path, command):
+    from geneformer_triton.server import free_port
+
+    args = [tmp_path / "x.parquet" if a == "OUT" else a for a in command]
+    done = _gftriton(*args, "--url", f"127.0.0.1:{free_port()}")
+    assert done.returncode == 3, (done.returncode, done.stderr[-2000:])
+
+
+def test_target_beyond_input_size_is_dropped_in_process(v1_vocabulary, top_gene_cells):
+    """A 16-token input: a target ranked beyond it is dropped for that cell with the reason (ours, one at a
+    time) while the other targets run; a joint delete (upstream) skips the cell saying why."""
+    from geneformer_triton.isp_service import IspEngine, IspInputError, parse_request
+
+    engine = IspEngine(v1_vocabulary, 16, False, max_tokens_per_batch=4096)
+    gene_ids, counts, n_counts = top_gene_cells[0]
+    cell = engine.tokenize(parse_request(lambda name: request(top_gene_cells[0], "delete").get(name)))
+    inside, beyond = v1_vocabulary.gene_for_token(int(cell[2])), None
+    ranked = RankValueTokenizer(v1_vocabulary, 2048, False).tokenize_gene_lists(gene_ids[None, :], counts[None, :], np.array([n_counts]))[0]
+    beyond = v1_vocabulary.gene_for_token(int(ranked[20]))
+    ours = request(top_gene_cells[0], "delete", targets=[inside, beyond], mode="each")
+    job = engine.prepare(parse_request(lambda name: ours.get(name)), gene_shift=False)
+    assert job.labels == [inside]
+    assert job.notes == [f"target {beyond} dropped: expressed but ranked beyond the model input size (16 genes)"]
+    upstream = {**ours, "semantics": b(["upstream"])}
+    upstream.pop("target_mode")
+    with pytest.raises(IspInputError, match=f"target {beyond} is expressed but ranked beyond the model input size"):
+        engine.prepare_upstream(parse_request(lambda name: upstream.get(name)))

@@ -351,3 +351,62 @@ def test_runner_errors(enc_v1):
         run_perturbation(lambda i, m: (np.zeros((len(i), 4)), np.zeros((len(i), 4))), V1, "delete")
     with pytest.raises(PerturbationError, match="every gene of the cell is an anchor|leaves no unperturbed"):
         plan_perturbations([5, 6], "delete", anchor=[5, 6])
+
+
+# ----------------------------------------------------------------------------- upstream semantics (isp_upstream)
+
+
+def test_upstream_all_plans_by_hand():
+    from geneformer_triton.isp_upstream import plan_upstream
+
+    cell = np.array([10, 11, 12, 13])
+    delete = plan_upstream(cell, "delete", "all").perturbations
+    assert [p.label for p in delete] == [(10,), (11,), (12,), (13,)]
+    assert delete[1].sequence.tolist() == [10, 12, 13] and delete[1].orig_pos.tolist() == [0, 2, 3]
+    over = plan_upstream(cell, "overexpress", "all").perturbations
+    assert [p.label for p in over] == [(11,), (12,), (13,)]  # position 0 is already first: upstream skips it
+    assert over[1].sequence.tolist() == [12, 10, 11, 13]
+    assert over[1].orig_pos.tolist() == [0, 1, 3] and over[1].pert_pos.tolist() == [1, 2, 3]
+    anchored = plan_upstream(cell, "delete", "all", anchor=12).perturbations
+    assert [p.label for p in anchored] == [(10,), (11,), (13,)]
+    assert anchored[0].sequence.tolist() == [11, 13]
+
+
+def test_upstream_list_plans_by_hand():
+    from geneformer_triton.isp_upstream import UpstreamPlanError, plan_upstream
+
+    cell = np.array([10, 11, 12, 13, 14])
+    (joint,) = plan_upstream(cell, "delete", [13, 11]).perturbations
+    assert joint.label == (13, 11) and joint.sequence.tolist() == [10, 12, 14]
+    with pytest.raises(UpstreamPlanError, match="every gene to delete"):
+        plan_upstream(cell, "delete", [13, 99])
+    # overexpress a gene the cell lacks (99) with one it has (12): both in front in list order
+    (oe,) = plan_upstream(cell, "overexpress", [99, 12], max_len=16).perturbations
+    assert oe.sequence.tolist() == [99, 12, 10, 11, 13, 14]
+    assert oe.original_length == 5 and oe.orig_pos.tolist() == [0, 1, 3, 4] and oe.pert_pos.tolist() == [2, 3, 4, 5]
+    # a full cell (max_len - 1 tokens) + one absent gene: the perturbed cell fits, the original stays whole
+    (fit,) = plan_upstream(cell, "overexpress", [99], max_len=6).perturbations
+    assert fit.sequence.tolist() == [99, 10, 11, 12, 13, 14] and fit.original_length == 5
+    # at max_len: truncated, compared against the original cut to the genes that still fit
+    (cut,) = plan_upstream(cell, "overexpress", [99, 98], max_len=5).perturbations
+    assert cut.sequence.tolist() == [99, 98, 10, 11, 12] and cut.original_length == 3
+    with pytest.raises(UpstreamPlanError, match="combines with 'all'"):
+        plan_upstream(cell, "delete", [11], anchor=12)
+
+
+def test_upstream_scores_by_hand():
+    from geneformer_triton.isp_upstream import Perturbation, layer_index, score
+
+    original = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    perturbed = np.array([[1.0, 0.0], [1.0, 1.0]])  # gene 1 deleted, gene 0 unchanged, gene 2 unchanged
+    p = Perturbation((11,), np.array([10, 12]), 3, np.array([0, 2]), np.array([0, 1]))
+    states = np.array([[1.0, 0.0]])
+    s = score(p, original, perturbed, states)
+    assert s.gene_cos.tolist() == pytest.approx([1.0, 1.0]) and s.cell_emb_shift == pytest.approx(1.0)
+    mean_o, mean_p = original.mean(0), perturbed.mean(0)
+    cos = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
+    assert s.state_shift[0] == pytest.approx(cos(mean_p, states[0]) - cos(mean_o, states[0]))
+    assert s.cell_shift == pytest.approx(cos(mean_o, mean_p))
+    assert layer_index(6, -1) == 5 and layer_index(6, 0) == 6
+    with pytest.raises(ValueError, match="outside"):
+        layer_index(6, 1)

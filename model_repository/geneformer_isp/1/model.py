@@ -14,6 +14,10 @@ request's ``encoder_model`` input may choose from), ``dictionary_dir`` (relative
 folder), ``model_input_size``, ``special_tokens``, ``max_tokens_per_batch``, optional
 ``max_inflight_batches``, ``max_perturbations_per_request``.
 
+With ``semantics="upstream"`` (default) the encoder is the allowed one whose ``manifest.json``
+``hidden_state_index`` equals ``n_layers + emb_layer`` (upstream's ISP layer convention), and the chunks
+holding the original cell(s) run before the perturbed ones (``job.leading_chunks``).
+
 Encoder tensor names and max_batch_size come from the encoder's ``config.pbtxt`` in the same
 repository (TorchScript encoders use ``input_ids__0`` ... ``token_embeddings__1``); its
 ``token_embeddings`` output is requested only when the gene-embedding shift is computed. BLS outputs
@@ -55,6 +59,8 @@ class EncoderInfo:
     token_embeddings: str
     max_batch_size: Optional[int]
     hidden_size: Optional[int]
+    num_hidden_layers: Optional[int] = None  # from the encoder's manifest.json (None: unknown)
+    hidden_state_index: Optional[int] = None  # hidden_states index its token_embeddings are
 
 
 def _parameter(config: dict, key: str, default: Optional[str] = None) -> str:
@@ -75,10 +81,14 @@ def encoder_info(repository: Path, name: str) -> EncoderInfo:
     hidden = re.search(r'name:\s*"%s"[^}]*?dims:\s*\[\s*(\d+)\s*\]' % re.escape(names["cell_embedding"]), text)
     if not text:
         LOGGER.warning("no config.pbtxt for encoder %s under %s: assuming plain tensor names", name, repository)
+    manifest_path = repository / name / "1" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     return EncoderInfo(
         name=name,
         max_batch_size=(int(batch.group(1)) or None) if batch else None,  # 0 = no batch limit
         hidden_size=int(hidden.group(1)) if hidden else None,
+        num_hidden_layers=manifest.get("num_hidden_layers"),
+        hidden_state_index=manifest.get("hidden_state_index"),
         **names,
     )
 
@@ -123,6 +133,27 @@ class TritonPythonModel:
         if name not in self.encoders:
             self.encoders[name] = encoder_info(self.repository, name)
         return self.encoders[name]
+
+    def _encoder_for_layer(self, requested: Optional[str], emb_layer: int) -> EncoderInfo:
+        """The encoder serving ``hidden_states[n_layers + emb_layer]`` (upstream's ISP layer convention)."""
+        names = [requested] if requested else [self.default_encoder] + sorted(self.allowed_encoders - {self.default_encoder})
+        found = {}
+        for name in names:
+            info = self._encoder(name)
+            if info.num_hidden_layers is None or info.hidden_state_index is None:
+                continue
+            found[name] = info.hidden_state_index
+            if not -info.num_hidden_layers <= emb_layer <= 0:
+                raise IspInputError(f"emb_layer={emb_layer} is outside [-{info.num_hidden_layers}, 0] (upstream's ISP "
+                                    "convention: 0 = last layer, -1 = second-to-last)")
+            if info.hidden_state_index == info.num_hidden_layers + emb_layer:
+                return info
+        served = ", ".join(f"{n}: hidden_states[{i}]" for n, i in found.items()) or "none with a manifest.json"
+        raise IspInputError(
+            f"emb_layer={emb_layer} needs an encoder serving hidden_states[n_layers{emb_layer:+d}]; "
+            f"{'encoder_model ' + repr(requested) if requested else 'the allowed encoders'} serve {served} "
+            "(export one with `gftriton export --emb-layer`, or pick another emb_layer/encoder_model)"
+        )
 
     @staticmethod
     def _is_ready(name: str) -> bool:
@@ -177,13 +208,19 @@ class TritonPythonModel:
         validate_cell_inputs(get)
         parsed = parse_request(get)
         check_rank_shift(parsed.rank_shift, self.model_input_size)
-        encoder = self._encoder(parsed.encoder_model)
         requested = list(request.requested_output_names())
-        job = self.engine.prepare(
-            parsed, wants_gene_shift(parsed, requested), max_batch=encoder.max_batch_size, hidden_size=encoder.hidden_size
-        )
-        await self._run_chunk(job, encoder, 0)  # the original cell comes first
-        pending, next_chunk, error = set(), 1, None
+        if parsed.semantics == "upstream":
+            encoder = self._encoder_for_layer(parsed.encoder_model, parsed.emb_layer)
+            job = self.engine.prepare_upstream(parsed, max_batch=encoder.max_batch_size, hidden_size=encoder.hidden_size)
+        else:
+            encoder = self._encoder(parsed.encoder_model)
+            job = self.engine.prepare(
+                parsed, wants_gene_shift(parsed, requested), max_batch=encoder.max_batch_size, hidden_size=encoder.hidden_size
+            )
+        leading = getattr(job, "leading_chunks", 1)
+        for k in range(leading):  # the original cell(s) come first
+            await self._run_chunk(job, encoder, k)
+        pending, next_chunk, error = set(), leading, None
         while next_chunk < len(job.chunks) or pending:
             while next_chunk < len(job.chunks) and len(pending) < self.max_inflight and error is None:
                 pending.add(asyncio.ensure_future(self._run_chunk(job, encoder, next_chunk)))
