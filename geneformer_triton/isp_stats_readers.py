@@ -151,9 +151,8 @@ def shifts_from_oracle_json(path: str | Path) -> pd.DataFrame:
 ISP_RESULT_COLUMNS = {
     "cell": "cell_id",
     "perturbed_ids": "gene_id",  # Ensembl ids, a group joined with "+"
-    "stateless": "gene_embedding_shift",
-    "goal_state": "goal_shift",
-    "start_state": "start_shift",
+    "stateless": "cell_emb_shift",  # client.isp.UPSTREAM_SCORE
+    "state_prefix": "state_shift_",  # client.isp.STATE_PREFIX + state name
 }
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -174,18 +173,19 @@ def read_isp_results(path: str | Path) -> pd.DataFrame:
 def shifts_from_isp_results(rows: pd.DataFrame, dictionaries: GeneDictionaries,
                             cell_states: Optional[dict] = None) -> pd.DataFrame:
     """Our ISP rows -> stats input via :data:`ISP_RESULT_COLUMNS` (Ensembl ids -> tokens). Without
-    ``cell_states`` the stateless column gives the cell rows; with them the goal and start state columns
-    give rows of those states (``alt_states`` are not in our output yet)."""
+    ``cell_states`` the stateless column gives the cell rows; with them each state's
+    ``state_shift_<state>`` column (start, goal and alternative states) gives that state's rows."""
     names = ISP_RESULT_COLUMNS
     needed = [names["cell"], names["perturbed_ids"]]
-    value_columns = ({str(cell_states["goal_state"]): names["goal_state"], str(cell_states["start_state"]): names["start_state"]}
-                     if cell_states else {"": names["stateless"]})
+    if cell_states:
+        states = [cell_states["start_state"], cell_states["goal_state"], *(cell_states.get("alt_states") or [])]
+        value_columns = {str(state): names["state_prefix"] + str(state) for state in states if state is not None}
+    else:
+        value_columns = {"": names["stateless"]}
     missing = [c for c in needed + list(value_columns.values()) if c not in rows.columns]
     if missing:
         raise IspStatsError(f"ISP results lack the columns {missing} (have {list(rows.columns)}); repoint "
                             "geneformer_triton.isp_stats_readers.ISP_RESULT_COLUMNS")
-    if cell_states and cell_states.get("alt_states"):
-        raise IspStatsError("our ISP output has no alternative-state shifts yet: drop alt_states")
     to_token = dictionaries.id_to_token
     keys = []
     for ids in rows[names["perturbed_ids"]].astype(str):

@@ -1,24 +1,12 @@
 #!/usr/bin/env bash
-# Reference environment for the ISP oracle tests (tests/test_isp_oracle.py): upstream Geneformer's unmodified
-# InSilicoPerturber runs in helical's venv (Python 3.12, torch, transformers 5, datasets) plus four small
-# packages installed into a folder of their own (../shared/reference/oracle/README.md, "environment A").
-# Idempotent: a stamp file records the installed pins; rerunning with the same pins does nothing.
+# Reference environment for the upstream-oracle tests (tests/test_isp_oracle.py, tests/test_isp_stats.py):
+# upstream Geneformer's unmodified InSilicoPerturber / InSilicoPerturberStats run in helical's venv (Python 3.12,
+# torch, transformers 5, datasets) plus a few small packages in a folder of their own (peft, tdigest and its
+# helpers, statsmodels, patsy). The pins live once, in tests/oracle_env.py; this wrapper installs them
+# (idempotent: a stamp records the pins) so `make test` pays the install before the tests start.
 # Usage: scripts/setup_oracle_env.sh [OVERLAY_DIR] [HELICAL_PYTHON]
 set -euo pipefail
-OVERLAY=${1:-.oracle-overlay}
-PY=${2:-${GFTRITON_HELICAL_PYTHON:-.venv-helical/bin/python}}
-PINS="peft==0.21.2 tdigest==0.5.2.2 accumulation_tree pyudorandom"
-STAMP="$OVERLAY/.installed"
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$PINS" ]]; then
-  exit 0
-fi
-if [[ ! -x "$PY" ]]; then
-  echo "setup_oracle_env: helical's Python $PY not found: run 'make helical-venv' (or set GFTRITON_HELICAL_PYTHON)" >&2
-  exit 1
-fi
-rm -rf "$OVERLAY.tmp"
-"$PY" -m pip install --quiet --disable-pip-version-check --no-deps --target "$OVERLAY.tmp" $PINS
-rm -rf "$OVERLAY"
-mv "$OVERLAY.tmp" "$OVERLAY"
-echo "$PINS" > "$STAMP"
-echo "setup_oracle_env: installed $PINS into $OVERLAY"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export GFTRITON_ORACLE_OVERLAY=${1:-.oracle-overlay}
+export GFTRITON_HELICAL_PYTHON=${2:-${GFTRITON_HELICAL_PYTHON:-.venv-helical/bin/python}}
+echo "oracle overlay: $(python3 tests/oracle_env.py)"

@@ -13,11 +13,9 @@ raises: CI installs everything, so this must fail loudly, never skip.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -39,11 +37,8 @@ def helical_python() -> Path:
 
 
 def overlay_dir() -> Path:
-    """Where the overlay lives: $GFTRITON_ORACLE_OVERLAY, else a folder in the temp dir named by the pins."""
-    if os.environ.get("GFTRITON_ORACLE_OVERLAY"):
-        return Path(os.environ["GFTRITON_ORACLE_OVERLAY"])
-    digest = hashlib.sha256("\n".join(OVERLAY_PACKAGES).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"gftriton-oracle-overlay-{digest}"
+    """Where the overlay lives: $GFTRITON_ORACLE_OVERLAY, else ``.oracle-overlay`` in the repository (ignored)."""
+    return Path(os.environ.get("GFTRITON_ORACLE_OVERLAY", REPO_ROOT / ".oracle-overlay"))
 
 
 def oracle_overlay() -> Path:

@@ -25,6 +25,7 @@ import scipy.sparse as sp
 from scipy import stats
 
 from client.isp import CellTable, IspSpec, ResultStore, cell_table_from_anndata, run_isp, upstream_state_embedding
+import oracle_env
 from client.triton_client import GeneformerClient
 from geneformer_triton.isp_upstream import plan_upstream, score
 from geneformer_triton.tokenizer import RankValueTokenizer
@@ -33,7 +34,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GFTRITON_SHARED_DIR", REPO_ROOT.parent / "shared"))
 ORACLE = SHARED / "reference" / "oracle" / "run_oracle.py"
 PERTURBENCH = SHARED / "data" / "perturbench_norman19_k562.h5ad"
-OVERLAY = REPO_ROOT / ".oracle-overlay"
 ATOL = 1e-5
 N_SHORT = 4  # perturbench cells
 CUT = 80  # celltypist cell cut to its first CUT ranked genes
@@ -45,9 +45,8 @@ STATES = {"state_key": "state", "start_state": "A", "goal_state": "B", "alt_stat
 
 @pytest.fixture(scope="session")
 def oracle_python() -> str:
-    python = os.environ.get("GFTRITON_HELICAL_PYTHON", str(REPO_ROOT / ".venv-helical" / "bin" / "python"))
-    subprocess.run(["bash", str(REPO_ROOT / "scripts" / "setup_oracle_env.sh"), str(OVERLAY), python], check=True)
-    return python
+    oracle_env.oracle_overlay()
+    return str(oracle_env.helical_python())
 
 
 @pytest.fixture(scope="session")
@@ -121,7 +120,7 @@ def oracle(oracle_python, checkpoint, tokens_npz, tmp_path_factory):
     def run(name: str, *args: str) -> dict:
         if name not in results:
             out = work / f"{name}.json"
-            env = {**os.environ, "PYTHONPATH": str(OVERLAY)}
+            env = oracle_env.oracle_environment()
             subprocess.run([oracle_python, str(ORACLE), str(checkpoint), str(SHARED / "geneformer" / "v1"),
                             str(tokens_npz), "--no-stats", "--threads", "2", "--output", str(out), *args],
                            check=True, env=env, capture_output=True, timeout=600)

@@ -236,18 +236,17 @@ def _isp_result_rows(oracle: dict, run: str, dictionaries: GeneDictionaries) -> 
         names["cell"]: [str(r["cell"]) for r in cells],
         names["perturbed_ids"]: ["+".join(dictionaries.ensembl(t) for t in r["perturbed"]) for r in cells],
         names["stateless"]: [r["cos"] for r in cells],
-        names["goal_state"]: np.nan, names["start_state"]: np.nan,
     })
 
 
 def test_our_isp_results_adapter(oracle, dictionaries, tmp_path):
     """Our ISP output's rows carrying upstream's values give upstream's stats (function and CLI --input)."""
-    from client.isp import COLUMNS
+    from client.isp import STATE_PREFIX, UPSTREAM_SCORE
 
     from geneformer_triton.cli import main
 
-    missing = [c for c in ISP_RESULT_COLUMNS.values() if c not in COLUMNS]
-    assert not missing, f"client/isp.py no longer writes {missing}: repoint ISP_RESULT_COLUMNS"
+    assert (ISP_RESULT_COLUMNS["stateless"], ISP_RESULT_COLUMNS["state_prefix"]) == (UPSTREAM_SCORE, STATE_PREFIX), \
+        "client/isp.py writes other columns: repoint ISP_RESULT_COLUMNS"
     shifts = shifts_from_isp_results(_isp_result_rows(oracle, "all", dictionaries), dictionaries)
     null = shifts_from_isp_results(_isp_result_rows(oracle, "null", dictionaries), dictionaries)
     assert_same(compute_stats(shifts, dictionaries, StatsOptions("vs_null"), null), oracle["root"] / "stats" / "vs_null.csv")
