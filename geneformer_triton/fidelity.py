@@ -12,8 +12,9 @@ reports, for ``embeddings`` [N, H] against ``reference`` [N, H]:
 * ``rel_err``: the largest row-wise Euclidean error divided by the median Euclidean distance between
   two different reference cells (1.0 = the error is as large as the typical gap between cells).
 * ``nn_identity``: fraction of cells whose nearest reference embedding (Euclidean) is their own.
-* ``knn_overlap``: mean fraction of each cell's k nearest neighbours (k = min(10, N-1), Euclidean,
-  self excluded) among the variant's embeddings that are also its k nearest among the reference's.
+* ``knn_overlap``: mean fraction of each cell's k nearest neighbours (Euclidean, self excluded) among the
+  variant's embeddings that are also its k nearest among the reference's; k = min(10, (N-1) // 2), so
+  that the neighbours are a real choice (with k = N-1 every cell's neighbours are all the others).
 
 Metrics that compare cells with each other (centred cosine, ``rel_err``, ``nn_identity``, ``knn_overlap``)
 need at least :data:`MIN_NEIGHBOUR_CELLS` cells; with fewer they are NaN and not gated.
@@ -74,18 +75,18 @@ class Gate:
 
 
 #: The threshold table, per precision (stated once; README "Fidelity" and docs/fidelity.md describe it).
+#: Measured on 16-48 celltypist cells, seeded test weights, CPU (docs/fidelity.md): fp32 exports centred
+#: cosine >= 1 - 1e-10, rel_err <= 6e-6; ONNX fp16 centred 0.99990, rel_err 0.0062; PyTorch bf16 centred
+#: 0.9962, rel_err 0.048, kNN overlap 0.991. int8/fp8 are not measured here: provisional, the bf16 row.
 GATES: dict[str, Gate] = {
     "fp32": Gate(min_cosine=0.99999, min_centred_cosine=0.9999, max_rel_err=0.01, min_nn_identity=1.0,
                  min_knn_overlap=0.99),
-    "fp16": Gate(min_cosine=0.999, min_centred_cosine=0.99, max_rel_err=0.25, min_nn_identity=0.99,
+    "fp16": Gate(min_cosine=0.999, min_centred_cosine=0.999, max_rel_err=0.02, min_nn_identity=0.99,
                  min_knn_overlap=0.95),
-    "bf16": Gate(min_cosine=0.999, min_centred_cosine=0.95, max_rel_err=0.5, min_nn_identity=0.99,
+    "bf16": Gate(min_cosine=0.999, min_centred_cosine=0.99, max_rel_err=0.1, min_nn_identity=0.99,
                  min_knn_overlap=0.95),
-    "int8": Gate(min_cosine=0.999, min_centred_cosine=0.95, max_rel_err=0.5, min_nn_identity=0.99,
-                 min_knn_overlap=0.95),
-    "fp8": Gate(min_cosine=0.999, min_centred_cosine=0.95, max_rel_err=0.5, min_nn_identity=0.99,
-                min_knn_overlap=0.95),
 }
+GATES["int8"] = GATES["fp8"] = GATES["bf16"]
 
 
 @dataclass(frozen=True)
@@ -151,13 +152,14 @@ def neighbour_metrics(embeddings: np.ndarray, reference: np.ndarray, k: int = KN
     n = reference.shape[0]
     cross = _sq_distances(embeddings, reference)
     nn_identity = float(np.mean(cross.argmin(axis=1) == np.arange(n)))
-    k = min(k, n - 1)
+    k = max(1, min(k, (n - 1) // 2))
     ours, theirs = _knn(_sq_distances(embeddings, embeddings), k), _knn(_sq_distances(reference, reference), k)
     overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(ours, theirs)])
     between = np.sqrt(_sq_distances(reference, reference)[np.triu_indices(n, 1)])
     row_err = np.linalg.norm(embeddings - reference, axis=1)
     median = float(np.median(between))
-    rel_err = float(row_err.max() / median) if median > 0 else math.inf
+    worst = float(row_err.max())
+    rel_err = worst / median if median > 0 else (0.0 if worst == 0 else math.inf)
     return {"rel_err": rel_err, "nn_identity": nn_identity, "knn_overlap": float(overlap)}
 
 
