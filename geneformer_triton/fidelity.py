@@ -97,10 +97,12 @@ class IspGate:
     min_top_overlap: float
 
 
-#: ISP thresholds per precision (Spearman of per-gene shifts, top-20 overlap by |shift|).
+#: ISP thresholds per precision (Spearman of per-gene shifts, top-20 overlap by |shift|). Measured (delete
+#: each of a real cell's first 48 genes, 1 - cell_shift): ONNX fp32 Spearman 1.0 / overlap 1.0, ONNX fp16
+#: 0.99967 / 1.0; the perturbed gene kept (moved last instead of deleted) 0.662 / 0.75.
 ISP_GATES: dict[str, IspGate] = {
     "fp32": IspGate(min_spearman=0.999, min_top_overlap=0.95),
-    "reduced": IspGate(min_spearman=0.95, min_top_overlap=0.8),
+    "reduced": IspGate(min_spearman=0.99, min_top_overlap=0.85),
 }
 
 
