@@ -447,7 +447,7 @@ def _append_backend_section(path: Path, table: pd.DataFrame, checks: dict[str, A
     lines += ["", "Gates per precision: `geneformer_triton.fidelity.GATES` (docs/fidelity.md)."]
     verdict = "PASS" if checks["passed"] else "FAIL"
     lines += ["", f"**{verdict}**: fp32 backends' largest |Δ accuracy| = {checks['fp32_max_abs_delta_accuracy']:.4f} "
-              f"(tolerance {checks['accuracy_tolerance']}); fidelity below threshold: "
+              f"(tolerance {checks['accuracy_tolerance']}); fidelity gate failed: "
               f"{', '.join(checks['fidelity_failed']) or 'none'}. Reduced-precision backends are reported, not judged, "
               "on accuracy.", "",
               "Embed times: the reference runs in this process, served backends include tokenization, transport and "

@@ -169,8 +169,9 @@ def init_test_weights(model: torch.nn.Module, seed: int) -> None:
     leaves biases and LayerNorm parameters untested. Here (scales in :data:`TEST_WEIGHT_SCALES`):
     word embeddings N(0, 1) (the pad row too), position embeddings N(0, 0.3^2), token-type embeddings
     N(0, 0.1^2), LayerNorm weights U(0.5, 1.5) and biases N(0, 0.05^2), Linear weights
-    N(0, 0.3^2 / fan_in) and biases N(0, 0.05^2). Parameters are visited in name order from one ``torch.Generator``; tied
-    parameters (the MLM decoder shares the word embeddings) are set once.
+    N(0, 0.3^2 / fan_in) and biases N(0, 0.05^2). Parameters are visited in name order from one
+    ``torch.Generator``; tied parameters (the MLM decoder shares the word embeddings) are set once.
+    Inter-cell figures with these weights: docs/fidelity.md.
     """
     generator = torch.Generator().manual_seed(seed)
     seen: set[int] = set()
