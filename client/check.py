@@ -2,7 +2,8 @@
 
 Every served encoder (token ids in) and ensemble (raw counts in) is found from the server's ready models
 and their configs, embeds the same real celltypist cells as the reference, and is compared with
-``geneformer_triton.fidelity`` (fp32 min cosine >= 0.99999, reduced precision >= 0.999). The served
+``geneformer_triton.fidelity`` (centred cosine, error relative to the spread between cells, nearest-neighbour
+identity, kNN-10 overlap; thresholds per precision from ``fidelity.gate_for``). The served
 tokenizer's token ids are compared with local tokenization too. Where a local copy of the served
 repository is given, its manifests' weights hash must equal the reference's; without it, other weights
 show as a failed fidelity row whose detail says so.

@@ -93,7 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(parser)
     parser.add_argument("--repository", default="model_repository")
     parser.add_argument("--cells", type=int, default=48, help="celltypist cells to embed per protocol")
-    parser.add_argument("--check-cells", type=int, default=8, help="cells for the fidelity check of every backend")
+    parser.add_argument("--check-cells", type=int, default=16, help="cells for the fidelity check of every backend")
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--out", default="results/demo")
     parser.set_defaults(func=run_demo)

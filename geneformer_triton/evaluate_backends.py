@@ -29,7 +29,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from geneformer_triton.dictionaries import GeneVocabulary
-from geneformer_triton.fidelity import min_cosine_threshold
+from geneformer_triton.fidelity import gate_for
 from geneformer_triton.tokenizer import UNKNOWN, RankValueTokenizer
 
 if TYPE_CHECKING:
@@ -43,7 +43,8 @@ TOKENIZER_MODEL = "geneformer_tokenizer"
 #: Largest |accuracy delta| to the reference tolerated for fp32 backends (1 point).
 FP32_ACCURACY_TOLERANCE = 0.01
 #: Columns printed by :func:`format_summary`.
-SUMMARY_COLUMNS = ("accuracy", "f1_weighted", "silhouette", "knn_consistency", "ari", "nmi", "delta_accuracy", "cosine_min")
+SUMMARY_COLUMNS = ("accuracy", "f1_weighted", "silhouette", "knn_consistency", "ari", "nmi", "delta_accuracy", "cosine_min",
+                   "centred_cosine_min", "rel_err", "nn_identity", "knn_overlap")
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,14 +436,18 @@ def check_results(table: pd.DataFrame, accuracy_tolerance: float = FP32_ACCURACY
 
 def _append_backend_section(path: Path, table: pd.DataFrame, checks: dict[str, Any]) -> None:
     lines = ["", "## Backends", "",
-             "| method | runtime | precision | embed s | cells/s | min cosine threshold | fidelity |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | runtime | precision | embed s | cells/s | centred cosine | rel err | NN identity | kNN-10 overlap "
+             "| fidelity |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for method, row in table.iterrows():
+        verdict = "ok" if row["fidelity_passed"] else f"FAIL: {row['fidelity_failures']}"
         lines.append(f"| {method} | {row['runtime']} | {row['precision']} | {row['embed_seconds']:.1f} | "
-                     f"{row['cells_per_s']:.1f} | {row['fidelity_threshold']} | {'ok' if row['fidelity_passed'] else 'FAIL'} |")
+                     f"{row['cells_per_s']:.1f} | {row['centred_cosine_min']:.6f} | {row['rel_err']:.3g} | "
+                     f"{row['nn_identity']:.3f} | {row['knn_overlap']:.3f} | {verdict} |")
+    lines += ["", "Gates per precision: `geneformer_triton.fidelity.GATES` (docs/fidelity.md)."]
     verdict = "PASS" if checks["passed"] else "FAIL"
     lines += ["", f"**{verdict}**: fp32 backends' largest |Δ accuracy| = {checks['fp32_max_abs_delta_accuracy']:.4f} "
-              f"(tolerance {checks['accuracy_tolerance']}); fidelity below threshold: "
+              f"(tolerance {checks['accuracy_tolerance']}); fidelity gate failed: "
               f"{', '.join(checks['fidelity_failed']) or 'none'}. Reduced-precision backends are reported, not judged, "
               "on accuracy.", "",
               "Embed times: the reference runs in this process, served backends include tokenization, transport and "
@@ -560,14 +565,14 @@ def evaluate_backends(
     table["runtime"] = [by_method[m].runtime for m in table.index]
     table["embed_seconds"] = [by_method[m].seconds for m in table.index]
     table["cells_per_s"] = [cells.n_cells / max(by_method[m].seconds, 1e-9) for m in table.index]
-    table["fidelity_threshold"] = [min_cosine_threshold(p) for p in table["precision"]]
-    table["fidelity_passed"] = [bool(c >= t) for c, t in zip(table["cosine_min"], table["fidelity_threshold"])]
+    failures = ["; ".join(gate_for(p).failures(row.to_dict())) for p, (_, row) in zip(table["precision"], table.iterrows())]
+    table["fidelity_failures"] = failures
+    table["fidelity_passed"] = [not f for f in failures]
     checks = check_results(table, accuracy_tolerance)
     for method in checks["fidelity_failed"]:
         hint = " (the served model probably has other weights: check its manifest)" \
             if table.loc[method, "cosine_min"] < 0.99 and not known else ""
-        LOGGER.error("%s: min cosine %.6f to the reference is below %s%s", method, table.loc[method, "cosine_min"],
-                     table.loc[method, "fidelity_threshold"], hint)
+        LOGGER.error("%s: fidelity gate failed: %s%s", method, table.loc[method, "fidelity_failures"], hint)
 
     paths: dict[str, Path] = {}
     if out_dir is not None:
@@ -595,7 +600,7 @@ def format_summary(table: pd.DataFrame) -> str:
         values = []
         for c in cols:
             v = float(row[c])
-            values.append(f"{v:>10.7f}" if c == "cosine_min" else f"{v:>+10.4f}" if c.startswith("delta") else f"{v:>10.4f}")
+            values.append(f"{v:>10.7f}" if "cosine" in c else f"{v:>+10.4f}" if c.startswith("delta") else f"{v:>10.4f}")
         lines.append(f"{method:<26} {row['precision']:<5} " + " ".join(values) + f" {row['cells_per_s']:>8.1f}")
     return "\n".join(lines)
 

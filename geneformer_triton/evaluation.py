@@ -43,7 +43,7 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from geneformer_triton.fidelity import embedding_fidelity
+from geneformer_triton.fidelity import FIDELITY_METRICS, embedding_fidelity
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
 #: Chance-level references computed from the labels alone (identical for every method).
 CHANCE_COLUMNS = ("accuracy_majority", "knn_consistency_chance")
 #: Fidelity columns produced by :func:`embedding_fidelity`.
-FIDELITY_COLUMNS = ("cosine_min", "cosine_mean", "max_abs_err", "mean_abs_err")
+FIDELITY_COLUMNS = FIDELITY_METRICS
 
 
 # --------------------------------------------------------------------------------------------

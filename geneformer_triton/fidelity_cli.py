@@ -1,5 +1,6 @@
 """``gftriton fidelity``: exported encoders (ONNX fp32/fp16, TorchScript) vs the fp32 PyTorch reference,
-in process, on real cells (the celltypist sample), at several batch sizes and lengths."""
+in process, on real cells (the celltypist sample), at batch sizes 1 and 8; each variant is judged by
+``geneformer_triton.fidelity.gate_for(precision)``. Exit status 1 when any variant fails its gate."""
 
 from __future__ import annotations
 

@@ -5,7 +5,9 @@
   itself and then in its parent (helical keeps them one level up).
 - helical cache: ``<prefix>/.cache/helical/models/geneformer/<v1|v2|v3>/<model name>/`` where the prefix
   is ``cache_dir`` or the ``CACHE_DIR_HELICAL_PREFIX`` environment variable (helical's own convention).
-- Random weights from a known model name with a fixed seed, for offline use; logged loudly.
+- Random weights from a known model name with a fixed seed, for offline use; logged loudly. They are
+  *test weights* (:func:`init_test_weights`): every parameter gets a non-trivial value, so a backend that
+  drops a bias, wires the wrong LayerNorm or attends padding gives visibly different embeddings.
 """
 
 from __future__ import annotations
@@ -147,8 +149,61 @@ def load_checkpoint(folder: str | Path, name: str | None = None) -> LoadedGenefo
     )
 
 
+#: Scales of the seeded test weights (:func:`init_test_weights`); standard deviations unless noted.
+TEST_WEIGHT_SCALES = {
+    "word_embeddings": 1.0,  # gene identity dominates a token's embedding ...
+    "position_embeddings": 0.3,  # ... rank still matters (reversed gene order changes the embedding)
+    "token_type_embeddings": 0.1,
+    "layer_norm_weight": (0.5, 1.5),  # uniform range
+    "layer_norm_bias": 0.05,
+    "linear_bias": 0.05,
+    "linear_weight_gain": 0.3,  # Linear weights N(0, (gain / sqrt(fan_in))^2): residual stream keeps gene identity
+}
+
+
+def init_test_weights(model: torch.nn.Module, seed: int) -> None:
+    """Give every parameter of ``model`` a seeded, non-trivial value (in place; deterministic from ``seed``).
+
+    Hugging Face's default init (Linear biases 0, LayerNorm weight 1 / bias 0, embeddings N(0, 0.02))
+    makes mean-pooled embeddings of different long cells nearly identical (cosine 0.998-0.9998) and
+    leaves biases and LayerNorm parameters untested. Here (scales in :data:`TEST_WEIGHT_SCALES`):
+    word embeddings N(0, 1) (the pad row too), position embeddings N(0, 0.3^2), token-type embeddings
+    N(0, 0.1^2), LayerNorm weights U(0.5, 1.5) and biases N(0, 0.05^2), Linear weights
+    N(0, 0.3^2 / fan_in) and biases N(0, 0.05^2). Parameters are visited in name order from one
+    ``torch.Generator``; tied parameters (the MLM decoder shares the word embeddings) are set once.
+    Inter-cell figures with these weights: docs/fidelity.md.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    seen: set[int] = set()
+    scales = TEST_WEIGHT_SCALES
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters(remove_duplicate=False)):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            noise = torch.randn(param.shape, generator=generator)
+            leaf = name.rsplit(".", 2)
+            if "LayerNorm" in name and name.endswith("weight"):
+                low, high = scales["layer_norm_weight"]
+                value = low + (high - low) * torch.rand(param.shape, generator=generator)
+            elif "LayerNorm" in name:
+                value = noise * scales["layer_norm_bias"]
+            elif leaf[-2] in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+                value = noise * scales[leaf[-2]]
+            elif name.endswith("bias"):
+                value = noise * scales["linear_bias"]
+            elif param.ndim == 2:
+                value = noise * scales["linear_weight_gain"] / param.shape[1] ** 0.5
+            else:
+                raise ValueError(f"no test-weight rule for parameter {name} {tuple(param.shape)}")
+            param.copy_(value)
+
+
 def random_geneformer(name: str, seed: int = 0, vocabulary: GeneVocabulary | None = None) -> LoadedGeneformer:
-    """Build ``name``'s architecture with random weights (seeded). Logged as a warning: no biology here."""
+    """Build ``name``'s architecture with seeded test weights (:func:`init_test_weights`).
+
+    Deterministic from ``seed`` (same seed, same ``weights_sha256``). Logged as a warning: no biology here.
+    """
     spec = get_model_spec(name)
     config_dict = spec.bert_config_dict()
     if vocabulary is not None:
@@ -161,6 +216,7 @@ def random_geneformer(name: str, seed: int = 0, vocabulary: GeneVocabulary | Non
     )
     torch.manual_seed(seed)
     model = BertForMaskedLM(BertConfig(**config_dict, attn_implementation="sdpa")).eval()
+    init_test_weights(model, seed)
     return LoadedGeneformer(
         model=model,
         name=name,

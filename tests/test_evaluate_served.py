@@ -125,7 +125,8 @@ def test_fidelity_above_thresholds(served):
     assert table.loc["triton_onnx_fp32", "cosine_min"] >= FP32_MIN_COSINE
     assert table.loc["triton_torchscript_fp32", "cosine_min"] >= FP32_MIN_COSINE
     assert table.loc["triton_onnx_fp16", "cosine_min"] >= REDUCED_MIN_COSINE
-    assert table["fidelity_passed"].all()
+    assert table["fidelity_passed"].all() and not table["fidelity_failures"].any()
+    assert (table["nn_identity"] == 1.0).all() and (table["knn_overlap"] >= 0.95).all()
     assert served.metadata["server_tokens_checked"].startswith("0 of")
 
 

@@ -26,7 +26,7 @@ from client.inputs import InputError, read_cells
 from client.outputs import OBSM_KEY, PartialStore, ResumeMismatchError, partial_dir
 from client.triton_client import GeneformerClient, pack_cells
 from geneformer_triton.cli import main
-from geneformer_triton.fidelity import compare_variant, embedding_fidelity
+from geneformer_triton.fidelity import compare_variant
 from geneformer_triton.runtimes import embed_token_cells
 
 from conftest import MODEL_NAME, SHARED
@@ -132,7 +132,7 @@ def test_embed_cli_h5ad_server_tokenization(triton_server, subset_cells, subset_
     embeddings = result.obsm[OBSM_KEY]
     assert embeddings.shape == (len(SUBSET) + 1, 256) and embeddings.dtype == np.float32
     assert np.isnan(embeddings[-1]).all()  # the empty cell cannot be embedded
-    assert embedding_fidelity(embeddings[:-1], subset_reference)["cosine_min"] >= 0.99999
+    assert compare_variant("embed h5ad", "fp32", embeddings[:-1], subset_reference).passed
     assert result.uns["geneformer"]["model"] == "geneformer_embed_onnx"
     assert not partial_dir(out).exists()
 
@@ -149,7 +149,7 @@ def test_embed_cli_csv_client_tokenization_parquet(triton_server, subset_cells, 
     table = pd.read_parquet(out)
     assert table.index.name == "cell_id" and list(table.index) == list(subset_cells.obs_names[:3])
     assert table.shape == (3, 256)
-    assert embedding_fidelity(table.to_numpy(), subset_reference[:3])["cosine_min"] >= 0.99999
+    assert compare_variant("embed csv", "fp32", table.to_numpy(), subset_reference[:3]).passed
 
 
 def test_embed_cli_client_dictionaries_must_match_the_server(triton_server, subset_cells, tmp_path, caplog):
@@ -247,7 +247,7 @@ def test_embed_resumes_after_server_crash(triton_server, exported_repository, su
     assert f"({len(SUBSET) - already} embedded now" in embedded_now[0]
     result = ad.read_h5ad(out)
     assert result.n_obs == len(SUBSET) and list(result.obs_names) == list(subset_cells.obs_names)
-    assert embedding_fidelity(result.obsm[OBSM_KEY], subset_reference)["cosine_min"] >= 0.99999
+    assert compare_variant("embed resumed", "fp32", result.obsm[OBSM_KEY], subset_reference).passed
     assert not partial_dir(out).exists()
 
 
