@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -41,11 +42,18 @@ class TritonServerPlugin(WorkerPlugin):
                  start_timeout_s: float) -> None:
         self.repository = Path(repository).resolve()
         self.model_config_name = model_config_name
-        self.models = list(models) if models else "*"
+        self.models = "*" if not models or models == "*" else list(models)
         self.start_timeout_s = float(start_timeout_s)
         self.server = None
         self.work_dir: Optional[Path] = None
         self._watchdog: Optional[subprocess.Popen] = None
+        self._ready = threading.Event()
+
+    def __getstate__(self) -> dict:  # sent to the workers: settings only, no process or lock
+        return {k: v for k, v in self.__dict__.items() if k in ("repository", "model_config_name", "models", "start_timeout_s")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["repository"], state["model_config_name"], state["models"], state["start_timeout_s"])
 
     def _start(self) -> None:
         from geneformer_triton.server import LocalTritonServer
@@ -64,6 +72,7 @@ class TritonServerPlugin(WorkerPlugin):
             [sys.executable, "-m", "client.triton_watchdog", "--parent", str(os.getpid()), "--group", str(server.pid),
              "--shm-prefix", server.shm_prefix, "--remove", str(self.work_dir)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+        self._ready.set()
         LOGGER.info("worker %s: tritonserver pid %s at grpc %s / http %s", os.getpid(), server.pid,
                     server.grpc_url, server.http_url)
 
@@ -71,6 +80,7 @@ class TritonServerPlugin(WorkerPlugin):
         await asyncio.get_running_loop().run_in_executor(None, self._start)
 
     def _stop(self) -> None:
+        self._ready.clear()
         if self.server is not None:
             self.server.stop()
             self.server = None
@@ -89,6 +99,8 @@ class TritonServerPlugin(WorkerPlugin):
         await asyncio.get_running_loop().run_in_executor(None, self._stop)
 
     def target(self, protocol: str) -> ServerTarget:
+        """This worker's server (waits up to the start timeout while it is still starting)."""
+        self._ready.wait(self.start_timeout_s)
         if self.server is None or not self.server.is_alive():
             raise ClusterError(f"this worker's tritonserver is not running (log: {getattr(self.server, 'log_path', None)})")
         return ServerTarget(self.server.grpc_url if protocol == "grpc" else self.server.http_url, protocol)
