@@ -313,3 +313,43 @@ def test_options_are_checked(tmp_path):
         ClusterOptions(cluster="local:zero", repository=tmp_path)
     with pytest.raises(ClusterError, match="--cluster"):
         ClusterOptions()
+
+
+def test_watchdog_stops_the_group_only_when_the_parent_dies(tmp_path):
+    """client.triton_watchdog on stand-in processes: killing the 'worker' does not stop a 'server' group
+    in its own session (sleep; the leak the watchdog exists for); with the watchdog it is stopped."""
+    import subprocess
+    import sys
+
+    def spawn_pair() -> tuple[subprocess.Popen, subprocess.Popen]:
+        worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        server = subprocess.Popen(["sleep", "120"], start_new_session=True)
+        return worker, server
+
+    # control: without a watchdog the group survives the worker's SIGKILL
+    worker, server = spawn_pair()
+    worker.kill()
+    worker.wait()
+    time.sleep(1.0)
+    assert server.poll() is None
+    server.kill()
+    server.wait()
+
+    worker, server = spawn_pair()
+    folder = tmp_path / "work"
+    folder.mkdir()
+    watchdog = subprocess.Popen([sys.executable, "-m", "client.triton_watchdog", "--parent", str(worker.pid),
+                                 "--group", str(server.pid), "--interval", "0.1", "--grace", "2",
+                                 "--remove", str(folder)])
+    try:
+        time.sleep(1.0)
+        assert server.poll() is None and watchdog.poll() is None  # nothing happens while the worker lives
+        worker.kill()
+        worker.wait()
+        assert watchdog.wait(20) == 0
+        assert server.wait(5) is not None and not folder.exists()
+    finally:
+        for process in (worker, server, watchdog):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
