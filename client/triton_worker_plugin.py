@@ -65,7 +65,7 @@ class TritonServerPlugin(WorkerPlugin):
             server.start(self.start_timeout_s)
         except Exception:
             server.stop()
-            shutil.rmtree(self.work_dir, ignore_errors=True)
+            shutil.rmtree(self.work_dir / "backends", ignore_errors=True)  # the log stays for reading
             raise
         self.server = server
         self._watchdog = subprocess.Popen(

@@ -353,3 +353,14 @@ def test_watchdog_stops_the_group_only_when_the_parent_dies(tmp_path):
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def test_a_server_that_does_not_get_ready_is_a_clear_error(tmp_path):
+    """The plugin's health check: a worker whose server cannot load the model fails the cluster start
+    with Triton's reason (negative control for the READY check the other tests rely on)."""
+    empty = tmp_path / "empty_repository"
+    empty.mkdir()
+    options = ClusterOptions(cluster="local:1", repository=empty, models=("geneformer_isp",), server_start_timeout_s=60)
+    with pytest.raises(ClusterError, match="could not start its tritonserver.*geneformer_isp"):
+        with open_cluster(options):
+            pass
