@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+from client.dask_engine import add_cluster_arguments, cluster_requested
 from client.triton_client import GeneformerClient, RetryPolicy, ServerUnavailableError
 
 LOGGER = logging.getLogger(__name__)
@@ -91,6 +92,10 @@ def _tokenizer_settings(args: argparse.Namespace, client: GeneformerClient, read
 
 
 def run_embed(args: argparse.Namespace) -> int:
+    if cluster_requested(args):  # Dask scale-out (client/dask_jobs.py)
+        from client.dask_jobs import run_embed_on_cluster
+
+        return run_embed_on_cluster(args)
     from client.embed_job import EmbedRun
     from client.inputs import load_symbol_map, read_cells
     from client.outputs import PartialStore, output_format, write_embeddings
@@ -210,6 +215,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     embed.add_argument("--gene-column", help="var column with Ensembl ids (default 'ensembl_id' if present)")
     embed.add_argument("--restart", action="store_true", help="discard partial results of an earlier run")
     embed.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_cluster_arguments(embed, repository=False)
     embed.set_defaults(func=run_embed, batch_size=32)
 
     check = subparsers.add_parser(

@@ -17,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 
+from client.dask_engine import add_cluster_arguments, cluster_requested
 from client.isp import (
     EMBED_MODEL_FOR,
     ISP_MODEL,
@@ -111,6 +112,11 @@ def _report(store: ResultStore, args) -> None:
 
 def run_isp_command(args: argparse.Namespace) -> int:
     from client.triton_client import GeneformerClient, RetryPolicy, ServerUnavailableError
+
+    if not args.summary_only and cluster_requested(args):  # Dask scale-out (client/dask_jobs.py)
+        from client.dask_jobs import run_isp_on_cluster
+
+        return run_isp_on_cluster(args)
 
     name_to_id: dict = {}
     dictionaries = args.dictionaries or _repository_dictionaries(args.repository)
@@ -317,6 +323,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     out.add_argument("--summary-csv", help="default: <output>_summary.csv")
     out.add_argument("--plot", help="default: <output>_top_shifts.png")
     out.add_argument("--no-progress", action="store_true")
+    add_cluster_arguments(parser)
     parser.set_defaults(func=run_isp_command)
 
 

@@ -1,0 +1,298 @@
+"""The adapter between the Dask engine and the single-server jobs: ``gftriton isp`` / ``embed`` on a cluster.
+
+This is the ONE place that knows the single-server job code (``client.isp.run_isp`` + ``ResultStore``,
+``client.embed_job.EmbedRun`` + ``PartialStore``, the option handling of ``client.isp_cli`` /
+``client.cli``): when that code changes, re-point the functions here. A shard task runs the
+unchanged job on its cells against one Triton server, into a temporary store on the worker, and
+returns the finished results; the client process writes them as the shard's pieces
+(:class:`client.shards.ShardStore`) and, when every shard is done, assembles the output in cell order
+with the same writers as a single-server run:
+
+* ISP: the rows (and rejected cells) of each shard are appended, shard by shard, to the output's
+  ``ResultStore``; cells already there (an earlier run) are neither recomputed nor appended again.
+* embed: the shards' embeddings are stacked in cell order and written by ``write_embeddings``.
+
+Limits (clear errors): ``--goal-cells`` / ``--start-cells`` need ``--servers`` (the state is embedded
+through the first one; with servers started by the workers give ``--goal-embedding`` .npy instead);
+``embed --client-tokenize`` is single-server only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from client.dask_engine import (
+    ClusterError,
+    ClusterOptions,
+    ServerTarget,
+    open_cluster,
+    run_shards,
+    server_targets,
+    with_failover,
+)
+from client.shards import Shard, ShardStore, fingerprint, plan_shards
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How a task talks to its server: protocol (for servers the workers start), per-request
+    ``timeout_s`` (seconds), ``retries`` while unreachable, ``wait_s`` for readiness, ``concurrency``."""
+
+    servers: tuple[ServerTarget, ...]
+    protocol: str
+    concurrency: int
+    timeout_s: float
+    retries: int
+    wait_s: float
+
+    def client(self, target: ServerTarget):
+        from client.triton_client import GeneformerClient, RetryPolicy
+
+        return GeneformerClient(target.url, target.protocol, concurrency=self.concurrency, timeout_s=self.timeout_s,
+                                retry=RetryPolicy(attempts=max(1, self.retries)))
+
+
+def _run_on_a_server(connection: Connection, shard: Shard, model: str, job) -> Any:
+    """``job(client)`` against the shard's server (failing over to the next given one)."""
+
+    def call(target: ServerTarget):
+        with connection.client(target) as client:
+            client.wait_ready(connection.wait_s, model)
+            return job(client)
+
+    return with_failover(server_targets(connection.servers, connection.protocol, shard.index), call)
+
+
+# ============================================================================= ISP
+
+
+@dataclass(frozen=True)
+class IspShardJob:
+    """What every ISP shard task needs besides its cells (sent to each worker once)."""
+
+    spec: Any  # client.isp.IspSpec
+    gene_ids: np.ndarray
+    symbols: dict
+    connection: Connection
+    flush_every: int
+
+
+def isp_shard_task(job: IspShardJob, shard: Shard, cells: tuple) -> dict[str, pd.DataFrame]:
+    """Dask task: perturb the shard's cells (``cells`` = CSR counts, totals, cell ids) with
+    ``client.isp.run_isp``; returns ``{"rows": ..., "errors": ...}`` frames."""
+    from client.isp import CellTable, ResultStore, run_isp
+
+    counts, n_counts, cell_ids = cells
+    table = CellTable(counts, job.gene_ids, n_counts, list(cell_ids), job.symbols)
+
+    def perturb(client) -> dict[str, pd.DataFrame]:
+        with tempfile.TemporaryDirectory(prefix="gftriton-isp-shard-") as tmp, \
+                ResultStore(Path(tmp) / "shard.parquet", job.spec.fingerprint()) as store:
+            run_isp(client, table, job.spec, store, job.connection.concurrency, job.flush_every, 30.0)
+            return {"rows": store.read(), "errors": store.read_errors()}
+
+    return _run_on_a_server(job.connection, shard, job.spec.model, perturb)
+
+
+def _isp_spec(args: argparse.Namespace, cells, name_to_id: dict, options: ClusterOptions):
+    """The run's IspSpec from the options (the same fields as ``isp_cli.run_isp_command`` builds)."""
+    from client.isp import IspRunError, IspSpec
+    from client.isp_cli import _gene_list, _state
+
+    wants_state = any(getattr(args, f"{w}_cells") for w in ("goal", "start"))
+    if wants_state and not options.servers:
+        raise IspRunError("--goal-cells/--start-cells with --cluster: give --servers (the state is embedded "
+                          "through the first one) or an embedding file (--goal-embedding / --start-embedding .npy)")
+    state_client = None
+    if wants_state:
+        connection = _connection(args, options)
+        state_client = connection.client(options.servers[0])
+        state_client.wait_ready(args.wait)
+    try:
+        return IspSpec(
+            perturbation=args.perturbation,
+            targets=_gene_list(args.targets, cells, name_to_id),
+            target_mode=args.target_mode,
+            anchor_genes=_gene_list(args.anchor, cells, name_to_id) or (),
+            rank_shift=args.rank_shift,
+            gene_shift=args.gene_shift,
+            goal_embedding=_state(args, state_client, cells, "goal"),
+            start_embedding=_state(args, state_client, cells, "start"),
+            encoder_model=args.encoder,
+            model=args.model,
+            strict_targets=args.strict_targets,
+        )
+    finally:
+        if state_client is not None:
+            state_client.close()
+
+
+def _connection(args: argparse.Namespace, options: ClusterOptions) -> Connection:
+    return Connection(options.servers, options.protocol, args.concurrency, args.timeout, args.retries,
+                      getattr(args, "wait", 60.0))
+
+
+def _rows_in_cell_order(rows: pd.DataFrame, order: dict[str, int]) -> pd.DataFrame:
+    if rows.empty:
+        return rows
+    key = rows["cell_id"].astype(str).map(order)
+    sort = ["_cell", "target_index"] if "target_index" in rows else ["_cell"]
+    return rows.assign(_cell=key.to_numpy()).sort_values(sort, kind="stable").drop(columns="_cell").reset_index(drop=True)
+
+
+def run_isp_on_cluster(args: argparse.Namespace, client: Any = None) -> int:
+    """``gftriton isp`` with ``--cluster`` / ``--servers``; ``client``: an open ``distributed.Client``
+    to use instead of opening the cluster of the options (tests, notebooks)."""
+    from client.isp import IspRunError, ResultStore, load_cells
+    from client.isp_cli import _report
+
+    options = ClusterOptions.from_args(args)
+    name_to_id: dict = {}
+    if args.dictionaries:
+        from geneformer_triton.dictionaries import load_vocabulary
+
+        name_to_id = load_vocabulary(args.dictionaries).gene_name_to_id or {}
+    cells = load_cells(args.h5ad, args.n_cells, args.gene_column, name_to_id or None, args.counts_layer)
+    spec = _isp_spec(args, cells, name_to_id, options)
+    shards = plan_shards(len(cells), options.shard_size)
+    plan = {"job": "isp", "spec": spec.fingerprint(), "n_cells": len(cells), "shard_size": options.shard_size,
+            "cells": fingerprint(cells.cell_ids, cells.counts.indptr, cells.counts.indices, cells.counts.data,
+                                 cells.n_counts)}
+    order = {c: i for i, c in enumerate(cells.cell_ids)}
+    with ResultStore(args.output, spec.fingerprint(), overwrite=args.overwrite) as final:
+        if args.retry_errors:
+            final.forget_errors()
+        shard_store = ShardStore(args.output)
+        resumed = shard_store.open(plan, restart=args.overwrite or args.retry_errors)
+        finished = final.finished()
+        todo = {s: [r for r in s.rows if cells.cell_ids[r] not in finished] for s in shards}
+        pending = [s for s in shards if todo[s] and not shard_store.is_done(s)]
+        LOGGER.info("%d cells in %d shards of %d: %d shards to run, %d already stored, %d cells already in %s",
+                    len(cells), len(shards), options.shard_size, len(pending), resumed, len(finished), final.path)
+
+        def payload(shard: Shard) -> tuple:
+            rows = todo[shard]
+            return cells.counts[rows], cells.n_counts[rows], [cells.cell_ids[r] for r in rows]
+
+        job = IspShardJob(spec, cells.gene_ids, cells.symbols, _connection(args, options), args.flush_every)
+        started = time.perf_counter()
+        failed = _run(client, options, pending, isp_shard_task, job, payload,
+                      lambda shard, result: shard_store.write(shard, result), not args.no_progress, "isp")
+        seconds = time.perf_counter() - started
+        for shard in shards:  # assemble in cell order; skip cells the output already holds
+            if not shard_store.is_done(shard):
+                continue
+            pieces = shard_store.read(shard)
+            rows, errors = (p[~p["cell_id"].astype(str).isin(finished)] for p in (pieces["rows"], pieces["errors"]))
+            final.append(_rows_in_cell_order(rows, order), errors)
+            finished |= set(rows["cell_id"].astype(str)) | set(errors["cell_id"].astype(str))
+        if failed:
+            raise IspRunError(f"{len(failed)} shard(s) failed ({failed[0][0].name}: {failed[0][1]}); finished shards "
+                              f"are saved in {shard_store.folder} and {final.path}: rerun the command to resume")
+        shard_store.remove()
+        n_rows = len(final.read())
+        LOGGER.info("%d shards ran in %.1f s on the cluster; %s holds %d rows", len(pending), seconds, final.path, n_rows)
+        _report(final, args)
+    return 0
+
+
+def _run(client: Any, options: ClusterOptions, pending: list[Shard], task, job, payload, on_result,
+         progress: bool, desc: str) -> list:
+    if not pending:
+        return []
+    if client is not None:
+        return run_shards(client, pending, task, job, payload, on_result, options, progress, desc)
+    with open_cluster(options) as opened:
+        return run_shards(opened, pending, task, job, payload, on_result, options, progress, desc)
+
+
+# ============================================================================= embed
+
+
+@dataclass(frozen=True)
+class EmbedShardJob:
+    """What every embed shard task needs besides its cells."""
+
+    model: str
+    gene_ids: list
+    vocabulary: Any  # GeneVocabulary or None
+    batch_size: int
+    connection: Connection
+
+
+def embed_shard_task(job: EmbedShardJob, shard: Shard, cells: tuple) -> dict[str, np.ndarray]:
+    """Dask task: embed the shard's cells with ``client.embed_job.EmbedRun`` (server-side
+    tokenization); returns ``{"embeddings": float32 [n_cells, hidden]}`` (NaN rows: not embeddable)."""
+    from client.embed_job import EmbedRun
+    from client.inputs import CellMatrix
+    from client.outputs import PartialStore
+
+    counts, n_counts, cell_ids = cells
+    matrix = CellMatrix(counts, job.gene_ids, list(cell_ids), n_counts, adata=None, source=shard.name)
+
+    def embed(client) -> dict[str, np.ndarray]:
+        with tempfile.TemporaryDirectory(prefix="gftriton-embed-shard-") as tmp:
+            store = PartialStore(Path(tmp) / "shard.npy")
+            try:
+                EmbedRun(client, matrix, job.model, None, job.batch_size, job.vocabulary).run(store, progress=False)
+                return {"embeddings": store.assemble(matrix.n_cells)}
+            finally:
+                store.close()
+
+    return _run_on_a_server(job.connection, shard, job.model, embed)
+
+
+def run_embed_on_cluster(args: argparse.Namespace, client: Any = None) -> int:
+    """``gftriton embed`` with ``--cluster`` / ``--servers`` (server-side tokenization)."""
+    from client.cli import _dictionary_folders
+    from client.inputs import load_symbol_map, read_cells
+    from client.outputs import output_format, write_embeddings
+    from geneformer_triton.dictionaries import TOKEN_DICTIONARY_FILE, load_vocabulary
+
+    if args.client_tokenize:
+        raise ClusterError("--client-tokenize runs on one server only; drop it (the servers tokenize) or drop --cluster/--servers")
+    output_format(args.output)
+    options = ClusterOptions.from_args(args)
+    folders = _dictionary_folders(args)
+    vocabulary_folder = next((f for f in folders if (f / TOKEN_DICTIONARY_FILE).is_file()), None)
+    vocabulary = load_vocabulary(vocabulary_folder) if vocabulary_folder is not None else None
+    cells = read_cells(args.input, load_symbol_map(*folders), args.max_cells, args.layer, args.gene_column)
+    shards = plan_shards(cells.n_cells, options.shard_size)
+    plan = {"job": "embed", "input": cells.fingerprint(), "model": args.model, "n_cells": cells.n_cells,
+            "shard_size": options.shard_size, "tokenization": "server"}
+    shard_store = ShardStore(args.output)
+    resumed = shard_store.open(plan, restart=args.restart)
+    pending = [s for s in shards if not shard_store.is_done(s)]
+    LOGGER.info("%d cells in %d shards: %d to run, %d already stored in %s", cells.n_cells, len(shards),
+                len(pending), resumed, shard_store.folder)
+
+    def payload(shard: Shard) -> tuple:
+        rows = shard.rows
+        return cells.counts[rows], cells.n_counts[rows], [cells.cell_ids[r] for r in rows]
+
+    batch_size = args.batch_size or 32
+    job = EmbedShardJob(args.model, list(cells.gene_ids), vocabulary, batch_size, _connection(args, options))
+    failed = _run(client, options, pending, embed_shard_task, job, payload,
+                  lambda shard, result: shard_store.write(shard, result), not args.no_progress, args.model)
+    if failed:
+        raise ClusterError(f"{len(failed)} shard(s) failed ({failed[0][0].name}: {failed[0][1]}); finished shards are "
+                           f"saved in {shard_store.folder}: rerun the command to resume")
+    embeddings = np.concatenate([shard_store.read(s)["embeddings"] for s in shards]) if shards else np.zeros((0, 0))
+    info = {"model": args.model, "cluster": options.cluster or "", "servers": ",".join(t.url for t in options.servers),
+            "tokenization": "server", "input": cells.source}
+    write_embeddings(args.output, embeddings, cells.cell_ids, cells.adata, info)
+    shard_store.remove()
+    LOGGER.info("wrote %d x %d embeddings to %s (%d shards run, %d resumed)", embeddings.shape[0],
+                embeddings.shape[1] if embeddings.ndim == 2 else 0, args.output, len(pending), resumed)
+    return 0
