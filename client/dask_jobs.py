@@ -98,7 +98,7 @@ def isp_shard_task(job: IspShardJob, shard: Shard, cells: tuple) -> dict[str, pd
 
     def perturb(client) -> dict[str, pd.DataFrame]:
         with tempfile.TemporaryDirectory(prefix="gftriton-isp-shard-") as tmp, \
-                ResultStore(Path(tmp) / "shard.parquet", job.spec.fingerprint()) as store:
+                ResultStore(Path(tmp) / "shard.parquet", job.spec.fingerprint(), columns=job.spec.columns()) as store:
             run_isp(client, table, job.spec, store, job.connection.concurrency, job.flush_every, 30.0)
             return {"rows": store.read(), "errors": store.read_errors()}
 
@@ -106,36 +106,19 @@ def isp_shard_task(job: IspShardJob, shard: Shard, cells: tuple) -> dict[str, pd
 
 
 def _isp_spec(args: argparse.Namespace, cells, name_to_id: dict, options: ClusterOptions):
-    """The run's IspSpec from the options (the same fields as ``isp_cli.run_isp_command`` builds)."""
-    from client.isp import IspRunError, IspSpec
-    from client.isp_cli import _gene_list, _state
+    """The run's IspSpec (``client.isp_cli.build_spec``); states are embedded through the first given server."""
+    from client.isp import IspRunError
+    from client.isp_cli import _states_option, build_spec
 
-    wants_state = any(getattr(args, f"{w}_cells") for w in ("goal", "start"))
+    wants_state = any(getattr(args, f"{w}_cells") for w in ("goal", "start")) or _states_option(args) is not None
     if wants_state and not options.servers:
-        raise IspRunError("--goal-cells/--start-cells with --cluster: give --servers (the state is embedded "
-                          "through the first one) or an embedding file (--goal-embedding / --start-embedding .npy)")
-    state_client = None
-    if wants_state:
-        connection = _connection(args, options)
-        state_client = connection.client(options.servers[0])
+        raise IspRunError("cell states or --goal-cells/--start-cells with --cluster: give --servers (the states are "
+                          "embedded through the first one) or an embedding file (--goal-embedding / --start-embedding .npy)")
+    if not wants_state:
+        return build_spec(args, None, cells, name_to_id)
+    with _connection(args, options).client(options.servers[0]) as state_client:
         state_client.wait_ready(args.wait)
-    try:
-        return IspSpec(
-            perturbation=args.perturbation,
-            targets=_gene_list(args.targets, cells, name_to_id),
-            target_mode=args.target_mode,
-            anchor_genes=_gene_list(args.anchor, cells, name_to_id) or (),
-            rank_shift=args.rank_shift,
-            gene_shift=args.gene_shift,
-            goal_embedding=_state(args, state_client, cells, "goal"),
-            start_embedding=_state(args, state_client, cells, "start"),
-            encoder_model=args.encoder,
-            model=args.model,
-            strict_targets=args.strict_targets,
-        )
-    finally:
-        if state_client is not None:
-            state_client.close()
+        return build_spec(args, state_client, cells, name_to_id)
 
 
 def _connection(args: argparse.Namespace, options: ClusterOptions) -> Connection:
@@ -154,29 +137,27 @@ def _rows_in_cell_order(rows: pd.DataFrame, order: dict[str, int]) -> pd.DataFra
 def run_isp_on_cluster(args: argparse.Namespace, client: Any = None) -> int:
     """``gftriton isp`` with ``--cluster`` / ``--servers``; ``client``: an open ``distributed.Client``
     to use instead of opening the cluster of the options (tests, notebooks)."""
-    from client.isp import IspRunError, ResultStore, load_cells
-    from client.isp_cli import _report
+    from client.isp import IspRunError, ResultStore
+    from client.isp_cli import _report, gene_name_map, load_isp_cells, selected_rows
 
     options = ClusterOptions.from_args(args)
-    name_to_id: dict = {}
-    if args.dictionaries:
-        from geneformer_triton.dictionaries import load_vocabulary
-
-        name_to_id = load_vocabulary(args.dictionaries).gene_name_to_id or {}
-    cells = load_cells(args.h5ad, args.n_cells, args.gene_column, name_to_id or None, args.counts_layer)
+    name_to_id = gene_name_map(args)
+    cells = load_isp_cells(args, name_to_id)
+    selected = selected_rows(args, cells)
     spec = _isp_spec(args, cells, name_to_id, options)
-    shards = plan_shards(len(cells), options.shard_size)
-    plan = {"job": "isp", "spec": spec.fingerprint(), "n_cells": len(cells), "shard_size": options.shard_size,
+    shards = plan_shards(len(selected), options.shard_size)  # shard rows index ``selected``
+    plan = {"job": "isp", "spec": spec.fingerprint(), "n_cells": len(cells), "selected": fingerprint(np.asarray(selected)),
+            "shard_size": options.shard_size,
             "cells": fingerprint(cells.cell_ids, cells.counts.indptr, cells.counts.indices, cells.counts.data,
                                  cells.n_counts)}
     order = {c: i for i, c in enumerate(cells.cell_ids)}
-    with ResultStore(args.output, spec.fingerprint(), overwrite=args.overwrite) as final:
+    with ResultStore(args.output, spec.fingerprint(), overwrite=args.overwrite, columns=spec.columns()) as final:
         if args.retry_errors:
             final.forget_errors()
         shard_store = ShardStore(args.output)
         resumed = shard_store.open(plan, restart=args.overwrite or args.retry_errors)
         finished = final.finished()
-        todo = {s: [r for r in s.rows if cells.cell_ids[r] not in finished] for s in shards}
+        todo = {s: [selected[r] for r in s.rows if cells.cell_ids[selected[r]] not in finished] for s in shards}
         pending = [s for s in shards if todo[s] and not shard_store.is_done(s)]
         LOGGER.info("%d cells in %d shards of %d: %d shards to run, %d already stored, %d cells already in %s",
                     len(cells), len(shards), options.shard_size, len(pending), resumed, len(finished), final.path)

@@ -118,56 +118,22 @@ def run_isp_command(args: argparse.Namespace) -> int:
 
         return run_isp_on_cluster(args)
 
-    name_to_id: dict = {}
-    dictionaries = args.dictionaries or _repository_dictionaries(args.repository)
-    if dictionaries:
-        from geneformer_triton.dictionaries import load_vocabulary
-
-        name_to_id = load_vocabulary(dictionaries).gene_name_to_id or {}
+    name_to_id = gene_name_map(args)
     if args.summary_only:
         store = ResultStore(args.output, _stored_fingerprint(args.output))
         with store:
             _report(store, args)
         return 0
 
-    cells = load_cells(args.h5ad, args.n_cells, args.gene_column, name_to_id or None, args.counts_layer,
-                       args.allow_non_integer)
-    LOGGER.info("%d cells, %d genes with Ensembl ids", len(cells), int((cells.gene_ids != "").sum()))
-    states = _states_option(args)
-    filters = list(args.cells or [])
-    if states is not None:  # upstream perturbs only start-state cells
-        filters.append(f"{states['state_key']}={states['start_state']}")
-    rows = select_cells(cells, filters, args.max_cells, _index_range(args.cell_index_range))
+    cells = load_isp_cells(args, name_to_id)
+    rows = selected_rows(args, cells)
     retry = RetryPolicy(attempts=args.retries)
     with GeneformerClient(args.url, args.protocol, concurrency=args.concurrency, timeout_s=args.timeout, retry=retry) as client:
         try:
             client.wait_ready(args.wait, args.model)
         except ServerUnavailableError as error:
             raise IspRunError(f"{error}; start one with `gftriton serve`") from error
-        semantics = "ours" if (args.semantics == "ours" or args.one_at_a_time) else "upstream"
-        targets = _gene_list(args.targets, cells, name_to_id)
-        spec = IspSpec(
-            perturbation=args.perturbation,
-            targets=targets,
-            target_mode=args.target_mode or ("each" if args.one_at_a_time or targets is None else "set"),
-            anchor_genes=_gene_list(args.anchor, cells, name_to_id) or (),
-            rank_shift=args.rank_shift,
-            gene_shift=args.gene_shift,
-            goal_embedding=_state(args, client, cells, "goal"),
-            start_embedding=_state(args, client, cells, "start"),
-            encoder_model=args.encoder,
-            model=args.model,
-            strict_targets=args.strict_targets,
-            semantics=semantics,
-            emb_layer=args.emb_layer,
-            emb_mode=args.emb_mode,
-        )
-        if states is not None:
-            spec = _with_states(spec, client, cells, states, args.concurrency)
-        if args.rank_by == "goal" and spec.goal_embedding is None:
-            raise IspRunError("--rank-by goal needs a goal state (--goal-cells or --goal-embedding)")
-        if args.rank_by == "gene" and not spec.gene_shift:
-            raise IspRunError("--rank-by gene needs --gene-shift")
+        spec = build_spec(args, client, cells, name_to_id)
         with ResultStore(args.output, spec.fingerprint(), overwrite=args.overwrite, columns=spec.columns()) as store:
             if args.retry_errors:
                 store.forget_errors()
@@ -187,6 +153,67 @@ def run_isp_command(args: argparse.Namespace) -> int:
                 raise IspRunError(f"no cell produced a result ({len(errors)} skipped or rejected): {why}")
             _report(store, args)
     return 0
+
+
+def gene_name_map(args: argparse.Namespace) -> dict:
+    """Gene symbol -> Ensembl id from ``--dictionaries`` or the local repository's tokenizer files."""
+    dictionaries = args.dictionaries or _repository_dictionaries(args.repository)
+    if not dictionaries:
+        return {}
+    from geneformer_triton.dictionaries import load_vocabulary
+
+    return load_vocabulary(dictionaries).gene_name_to_id or {}
+
+
+def load_isp_cells(args: argparse.Namespace, name_to_id: dict) -> CellTable:
+    """The input cells of an ``isp`` run (h5ad or the celltypist sample) as the options read them."""
+    cells = load_cells(args.h5ad, args.n_cells, args.gene_column, name_to_id or None, args.counts_layer,
+                       args.allow_non_integer)
+    LOGGER.info("%d cells, %d genes with Ensembl ids", len(cells), int((cells.gene_ids != "").sum()))
+    return cells
+
+
+def selected_rows(args: argparse.Namespace, cells: CellTable) -> list[int]:
+    """Rows to perturb: ``--cells`` filters (plus the start state with cell states), ``--max-cells``,
+    ``--cell-index-range`` (:func:`client.isp.select_cells`)."""
+    states = _states_option(args)
+    filters = list(args.cells or [])
+    if states is not None:  # upstream perturbs only start-state cells
+        filters.append(f"{states['state_key']}={states['start_state']}")
+    return select_cells(cells, filters, args.max_cells, _index_range(args.cell_index_range))
+
+
+def build_spec(args: argparse.Namespace, client, cells: CellTable, name_to_id: dict) -> IspSpec:
+    """The run's :class:`IspSpec` from the options; ``client`` embeds reference cells for states
+    (``None`` where no state needs embedding)."""
+    semantics = "ours" if (args.semantics == "ours" or args.one_at_a_time) else "upstream"
+    targets = _gene_list(args.targets, cells, name_to_id)
+    spec = IspSpec(
+        perturbation=args.perturbation,
+        targets=targets,
+        target_mode=args.target_mode or ("each" if args.one_at_a_time or targets is None else "set"),
+        anchor_genes=_gene_list(args.anchor, cells, name_to_id) or (),
+        rank_shift=args.rank_shift,
+        gene_shift=args.gene_shift,
+        goal_embedding=_state(args, client, cells, "goal"),
+        start_embedding=_state(args, client, cells, "start"),
+        encoder_model=args.encoder,
+        model=args.model,
+        strict_targets=args.strict_targets,
+        semantics=semantics,
+        emb_layer=args.emb_layer,
+        emb_mode=args.emb_mode,
+    )
+    states = _states_option(args)
+    if states is not None:
+        if client is None:
+            raise IspRunError("cell states need a server to embed the state cells: give --servers with --cluster")
+        spec = _with_states(spec, client, cells, states, args.concurrency)
+    if args.rank_by == "goal" and spec.goal_embedding is None:
+        raise IspRunError("--rank-by goal needs a goal state (--goal-cells or --goal-embedding)")
+    if args.rank_by == "gene" and not spec.gene_shift:
+        raise IspRunError("--rank-by gene needs --gene-shift")
+    return spec
 
 
 def _repository_dictionaries(repository: Optional[str]) -> Optional[str]:
@@ -268,7 +295,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--counts-layer", help="layer with raw counts (default X)")
     data.add_argument("--dictionaries", help="Geneformer dictionary folder (symbol -> Ensembl id mapping; default: "
                                              "the tokenizer's in --repository when there)")
-    data.add_argument("--repository", default="model_repository", help="local model repository (for its dictionaries)")
+    data.add_argument("--repository", default="model_repository",
+                      help="local model repository: its dictionaries, and what each --cluster worker's own tritonserver serves")
     data.add_argument("--cells", action="append", metavar="COL=VALUE[,VALUE]",
                       help="only cells whose obs COL is one of the values (upstream filter_data; repeatable)")
     data.add_argument("--max-cells", type=int, help="at most N cells: more are shuffled with seed 42 and cut "
@@ -323,7 +351,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     out.add_argument("--summary-csv", help="default: <output>_summary.csv")
     out.add_argument("--plot", help="default: <output>_top_shifts.png")
     out.add_argument("--no-progress", action="store_true")
-    add_cluster_arguments(parser)
+    add_cluster_arguments(parser, repository=False)
     parser.set_defaults(func=run_isp_command)
 
 

@@ -31,7 +31,7 @@ from client.shards import ShardPlanMismatchError, ShardStore, plan_shards
 N_ISP_CELLS, N_ISP_GENES = 12, 10
 N_EMBED_CELLS = 24
 SHARD = 2
-SERVER_MODELS = "geneformer_isp,geneformer_onnx,geneformer_tokenizer,geneformer_embed_onnx"
+SERVER_MODELS = "geneformer_isp,geneformer_onnx,geneformer_onnx_isp,geneformer_tokenizer,geneformer_embed_onnx"
 
 
 def _pid_gone(pid: int, timeout_s: float) -> bool:
