@@ -284,41 +284,16 @@ def _repository_file(ctx: BuildContext, model: str, filename: str) -> Path:
     return path
 
 
-def quantize_onnx_int8(source: Path, target: Path) -> Path:
-    """int8 dynamic quantization (weights int8, activations quantized per batch) of a fused fp32 ONNX."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    if target.is_file() and target.stat().st_mtime >= source.stat().st_mtime:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp.onnx")
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.WARNING))  # the quantizer logs every tensor at INFO on the root logger
-    try:
-        quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    finally:
-        root.setLevel(level)
-    os.replace(tmp, target)
-    LOGGER.info("int8 dynamic quantization: %s -> %s", source, target)
-    return target
-
-
 def onnx_file(ctx: BuildContext, variant: str) -> Path:
-    """The ONNX file of a variant: fp32 (fused), fp16, int8 (quantized here), portable (unfused)."""
+    """The exported ONNX file of a variant: fp32 (fused), fp16, int8 (dynamic quantization), portable (unfused)."""
     if variant == "fp32":
         return _repository_file(ctx, "geneformer_onnx", "model.onnx")
     if variant == "fp16":
         return _repository_file(ctx, "geneformer_onnx_fp16", "model.onnx")
     if variant == "portable":
         return _repository_file(ctx, "geneformer_onnx", "model.portable.onnx")
-    if variant == "int8":
-        int8_in_repository = ctx.repository / "geneformer_onnx_int8" / "1" / "model.onnx" if ctx.repository else None
-        if int8_in_repository is not None and int8_in_repository.is_file():
-            return int8_in_repository
-        return quantize_onnx_int8(onnx_file(ctx, "fp32"), ctx.work_dir / "onnx_int8" / "model.onnx")
+    if variant == "int8":  # exported: gftriton export --precision int8
+        return _repository_file(ctx, "geneformer_onnx_int8", "model.onnx")
     raise ValueError(f"unknown ONNX variant {variant!r}")
 
 
