@@ -418,7 +418,8 @@ def _markdown(results, inprocess, triton, scaling, targets, fits, plots) -> str:
         triton["rate"] = [range_text(r) for _, r in triton.iterrows()]
         triton["per_cpu"] = [range_text(r, "cells_per_cpu_s") for _, r in triton.iterrows()]
         lines += ["## Through Triton (perf_analyzer, real cells, dynamic batching on): every model, protocol and concurrency", "",
-                  f"Server configs: `--model-config-name={results.get('triton_info', {}).get('model_config_name')}`; "
+                  f"Server configs: `--model-config-name={results.get('triton_info', {}).get('model_config_name')}`; backends: "
+                  + (", ".join(f"{k}: {v}" for k, v in results.get("triton_info", {}).get("backends", {}).items()) or "?") + "; "
                   f"batch size per request {results.get('triton_info', {}).get('batch_size')}; in-process figure: the same "
                   "backend on the same cells, measured just before. Latencies in ms; the server-side split (queue, compute) "
                   "is perf_analyzer's; `enc avg batch` and `enc infer ms/exec` come from Triton's metrics endpoint.", "",

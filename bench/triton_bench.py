@@ -189,6 +189,7 @@ def run_triton(
     started = time.perf_counter()
     with server:
         info["server_start_s"] = time.perf_counter() - started
+        info["backends"] = served_backends(server)
         for model in served:
             cells = full_cells if model.kind == "ensemble" else enc_cells
 
@@ -222,6 +223,19 @@ def run_triton(
             for row in model_rows:
                 _set_efficiency(row, before, after)
     return rows, metric_rows, info
+
+
+def served_backends(server) -> dict[str, str]:
+    """Backend name -> what serves it: ``C++ libtriton_<name>.so`` or ``python stand-in`` (a model.py)."""
+    args = [a for a in getattr(server, "command", None) or [] if str(a).startswith("--backend-directory=")]
+    if not args:
+        return {}
+    found = {}
+    for folder in sorted(p for p in Path(str(args[0]).split("=", 1)[1]).iterdir() if p.is_dir()):
+        library = next(iter(sorted(folder.glob("libtriton_*.so"))), None)
+        found[folder.name] = f"C++ {library.name}" if library is not None else (
+            "python stand-in (model.py)" if (folder / "model.py").is_file() else "?")
+    return found
 
 
 def _arch(ctx: BuildContext):
