@@ -373,7 +373,7 @@ def _markdown(results, inprocess, triton, scaling, targets, fits, plots) -> str:
               f"{_fmt(cells.get('tokens_mean'), 0)}, median {_fmt(cells.get('tokens_median'), 0)}, "
               f"max {cells.get('tokens_max', '')}" + (f", truncated to {cells['max_length']} tokens" if cells.get("max_length") else ""),
               f"- FLOPs: {results.get('flops_formula', '')}",
-              f"- machine load (1-min load average) at start {env.get('loadavg_at_start', ['?'])[0]}: other processes share "
+              f"- machine load (1-min load average) at start {_fmt(env.get('loadavg_at_start', [float('nan')])[0])}: other processes share "
               "these cores, so cells per CPU-second is reported beside cells/s, and every row gives the load before/after",
               f"- timing: every method, baselines included, and every served point is run {results.get('config', {}).get('repeats', '?')} "
               "times (after a warm-up); figures are medians with (min-max); cells per CPU-second counts the CPU time of "
