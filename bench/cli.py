@@ -7,7 +7,7 @@
     python -m bench.cli --mode quick --out /tmp/bench
 
 Results: ``bench/results/<date>-<host>[-mode]/`` (``--out``): see ``bench.report``. The exported model
-repository (unless ``--repository``), the int8 ONNX file and the serving repository live in
+repository (unless ``--repository``: every variant of ``export.formats``) and the serving repository live in
 ``--work-dir`` (default: ``$GFTRITON_DATA_DIR/bench_work/<model>-<weights hash>``, reused across runs).
 """
 
@@ -46,27 +46,29 @@ class ModeConfig:
     batch_cells: int = 16
     min_length: int = 0  # only cells with at least this many tokens (GPU: 512-2,048-token cells)
     device: str = "cpu"
-    export_formats: tuple[str, ...] = ("onnx", "onnx_fp16", "torchscript")
+    export_formats: tuple[str, ...] = ("onnx", "onnx_fp16", "onnx_int8", "torchscript", "torchscript_bf16")
+    headline_model: str = "geneformer_embed_onnx_int8"  # the served path the report leads with (declared here)
+    headline_protocol: str = "grpc"
+    client_protocols: tuple[str, ...] = ("grpc",)  # also measured through the project's client (concurrency 2)
     triton_backends: tuple[str, ...] = ("auto",)  # real C++ backends when built (--triton-backends real,stand-in)
 
 
 MODES = {
     "quick": ModeConfig(
         n_cells=8, max_length=512,
-        methods=["baseline_eager_fp32_b10", "baseline_sdpa_autocast_b24", "torch_fp32_sorted", "torch_fp32_bucketed",
-                 "torchscript_fp32_b1", "onnx_fp32_b1", "onnx_int8_b1"],
-        repeats=1, triton_models=["geneformer_onnx", "geneformer_embed_onnx"], protocols=["grpc", "http"],
+        methods=["baseline_eager_fp32_b10", "torch_fp32_sorted", "torchscript_fp32_b1", "onnx_fp32_b1", "onnx_int8_b1"],
+        repeats=3, triton_models=["geneformer_onnx_int8", "geneformer_embed_onnx_int8"], protocols=["grpc", "http"],
         concurrencies=[2], triton_cells=8, triton_passes=1,
         scaling_methods=["onnx_fp32_b1"], cells_sweep=[4, 8], length_sweep=[128, 256, 512], length_cells=4,
-        batch_sweep=[1, 4], batch_cells=8, export_formats=("onnx", "torchscript"),
+        batch_sweep=[1, 4], batch_cells=8, export_formats=("onnx", "onnx_int8", "torchscript"),
     ),
     "full": ModeConfig(
-        n_cells=60, max_length=None, methods=None, repeats=2,
-        triton_models=["geneformer_onnx", "geneformer_onnx_int8", "geneformer_torchscript", "geneformer_onnx_fp16",
-                       "geneformer_embed_onnx", "geneformer_embed_onnx_int8", "geneformer_embed_torchscript",
-                       "geneformer_embed_onnx_fp16"],
+        n_cells=60, max_length=None, methods=None, repeats=3,
+        triton_models=["geneformer_embed_onnx_int8", "geneformer_onnx_int8", "geneformer_embed_onnx", "geneformer_onnx",
+                       "geneformer_torchscript", "geneformer_torchscript_bf16", "geneformer_embed_torchscript_bf16",
+                       "geneformer_onnx_fp16"],
         protocols=["grpc", "http"], concurrencies=[1, 2, 4, 8], http_concurrencies=[1, 4], triton_cells=24,
-        triton_passes=1, triton_min_s=12.0,
+        triton_passes=1, triton_min_s=6.0,
         scaling_methods=["onnx_int8_b1", "torch_fp32_sorted"], cells_sweep=[100, 300, 1000],
         length_sweep=[128, 256, 512, 1024, 2048], length_cells=16, batch_sweep=[1, 2, 4, 8, 16, 32], batch_cells=24,
     ),
@@ -78,7 +80,8 @@ MODES = {
         triton_min_s=5.0,
         scaling_methods=["torch_bf16_packed", "torch_bf16_sorted"], cells_sweep=[100, 1000, 10000],
         length_sweep=[256, 512, 1024, 2048], length_cells=1024, batch_sweep=[8, 32, 128, 512], batch_cells=2048,
-        min_length=512, device="cuda", export_formats=("torchscript",),
+        min_length=512, device="cuda", export_formats=("torchscript", "torchscript_bf16"),
+        headline_model="geneformer_embed_torchscript_bf16",
     ),
 }
 
@@ -96,12 +99,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(random_weights=True)  # cost and fidelity do not depend on the weights' values
     parser.add_argument("--mode", choices=sorted(MODES), default="quick", help="quick (CI), full (CPU figures), gpu")
     parser.add_argument("--out", type=Path, help="results folder (default bench/results/<date>-<host>[-mode])")
-    parser.add_argument("--work-dir", type=Path, help="exports, int8 model, serving repository (reused across runs)")
+    parser.add_argument("--work-dir", type=Path, help="exports and serving repository (reused across runs)")
     parser.add_argument("--repository", type=Path, help="an exported model repository to use (weights must match the model)")
     parser.add_argument("--cells", type=int, help="number of real cells (default: the mode's)")
     parser.add_argument("--max-length", type=int, help="truncate cells to this many tokens")
     parser.add_argument("--methods", help="comma list of in-process methods (default: the mode's)")
-    parser.add_argument("--repeats", type=int, help="timed runs per method (median reported)")
+    parser.add_argument("--repeats", type=int, help="timed runs per method and per served point (median with min-max reported; default: the mode's)")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads in process (0: runtime default)")
     parser.add_argument("--triton-models", help="comma list of served models (default: the mode's)")
     parser.add_argument("--concurrency", help="comma list of perf_analyzer concurrencies (default: the mode's)")
@@ -112,6 +115,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-triton", action="store_true")
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--skip-helical", action="store_true", help="leave out helical's own get_embeddings")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="check and print the mode's plan (methods, served models, exports) without running: "
+                             "bench/gpu.sh --dry-run uses it on a CPU machine")
     parser.add_argument("--perf-input-only", action="store_true",
                         help="only write bench/data/perf_input.json (real cells) for docker-compose's sdk service")
 
@@ -177,6 +183,34 @@ def prepare_repository(args: argparse.Namespace, loaded, work_dir: Path, formats
     return repository
 
 
+def mode_plan(mode: str) -> dict:
+    """What ``mode`` runs, resolved against the catalogues (ValueError naming what is unknown)."""
+    from bench.methods import cpu_methods, gpu_methods, select
+    from bench.triton_bench import GPU_METHODS, SERVED
+    from export.formats import ENCODER_FORMATS
+
+    cfg = MODES[mode]
+    catalogue = cpu_methods() if cfg.device == "cpu" else gpu_methods()
+    specs = select(catalogue, cfg.methods)
+    select(catalogue, cfg.scaling_methods)
+    unknown = [m for m in cfg.triton_models if m not in SERVED]
+    unknown += [f for f in cfg.export_formats if f not in ENCODER_FORMATS]
+    if unknown:
+        raise ValueError(f"mode {mode}: unknown served models or export formats {unknown}")
+    served = {m: (GPU_METHODS.get(m, SERVED[m].method) if cfg.device == "cuda" else SERVED[m].method) for m in cfg.triton_models}
+    names = {s.name for s in catalogue}
+    missing = sorted({method for method in served.values() if method not in names})
+    if missing:
+        raise ValueError(f"mode {mode}: served models compare with methods not in the catalogue: {missing}")
+    exported = {ENCODER_FORMATS[f].model for f in cfg.export_formats}
+    needed = {c for m in cfg.triton_models for c in SERVED[m].composing if c != "geneformer_tokenizer"}
+    if needed - exported:
+        raise ValueError(f"mode {mode}: served models need exports not in export_formats: {sorted(needed - exported)}")
+    return {"mode": mode, "device": cfg.device, "methods": [s.name for s in specs], "scaling": cfg.scaling_methods,
+            "served": served, "exports": list(cfg.export_formats), "headline": cfg.headline_model,
+            "repeats": cfg.repeats}
+
+
 def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -184,11 +218,14 @@ def _terminate(signum, frame) -> None:
 def run(args: argparse.Namespace) -> int:
     from bench import report
     from bench.cells import Architecture, real_cells, sample_cells
-    from bench.methods import BuildContext, cpu_methods, gpu_methods, helical_python, onnx_file, select
+    from bench.methods import BuildContext, cpu_methods, gpu_methods, helical_python, select
     from bench.scaling import resample
 
     started = time.perf_counter()
     cfg = MODES[args.mode]
+    if args.plan_only:
+        print(json.dumps(mode_plan(args.mode), indent=1))
+        return 0
     loaded = load_model(args)
     vocabulary = loaded.vocabulary
     input_size = loaded.input_size
@@ -258,17 +295,11 @@ def run(args: argparse.Namespace) -> int:
                     "no helical venv: set GFTRITON_HELICAL_PYTHON" if helical_python() is None else "cells are truncated")
         specs = [s for s in specs if s.backend != "helical"]
 
-    # the serving repository: the source's configs and weights plus bench-made variants
-    from bench.triton_bench import export_torchscript_bf16, prepare_serving_repository
+    # the serving repository: the source's configs with its exported weights linked
+    from bench.triton_bench import prepare_serving_repository
 
-    int8 = torchscript_bf16 = None
     triton_models = _csv(args.triton_models) or cfg.triton_models
-    wants = {s.name for s in specs} | set(cfg.scaling_methods)
-    if cfg.device == "cpu" and (any("int8" in n and "onnx" in n for n in wants) or any("int8" in m for m in triton_models)):
-        int8 = onnx_file(ctx, "int8")
-    if cfg.device == "cuda":
-        torchscript_bf16 = export_torchscript_bf16(loaded, work_dir / "torchscript_bf16" / "model.pt")
-    serving = prepare_serving_repository(repository, work_dir / "repository", int8, torchscript_bf16)
+    serving = prepare_serving_repository(repository, work_dir / "repository")
     ctx.repository = serving
     results["repository"] = {"source": str(repository), "serving": str(serving)}
 
@@ -315,6 +346,7 @@ def _stages(args, cfg, ctx, catalogue, specs, cells, full, pool, arch, out_dir, 
             passes=cfg.triton_passes, batch_size=cfg.triton_batch,
             model_config_name="gpu" if cfg.device == "cuda" else "cpu", min_seconds=cfg.triton_min_s,
             write_compose_input=args.mode == "full", rows=results["triton"], metric_rows=results["triton_metrics"],
+            repeats=args.repeats or cfg.repeats, client_protocols=tuple(cfg.client_protocols),
             backends=tuple(_csv(args.triton_backends) or cfg.triton_backends))
         results.update(triton=rows, triton_metrics=metric_rows, triton_info=info)
         save()

@@ -10,6 +10,12 @@
 #                                 # dictionaries, tritonserver + python backend + 3.12 stub + its libraries
 #                                 # and perf_analyzer (triton.tar.xz), numpy<2 for the stubs (cp312 wheel)
 #   bash bench/gpu.sh             # ON THE GPU HOST, repository root; carry .gpu_bundle with the tree
+#   bash bench/gpu.sh --dry-run   # anywhere (CPU): check the GPU mode's plan resolves (methods, the
+#                                 # exported variants fp32/bf16 TorchScript, served models, packed path)
+#
+# Covered: the exported precision variants (gftriton export: torchscript fp32 and torchscript_bf16 with
+# their ensembles, served on the GPU) and the padding-free packed path in process (torch_bf16_packed:
+# flash-attention varlen); padding-free serving through Triton is not built yet (bench/README.md).
 #
 # The GPU host has python3 with torch (CUDA), transformers, pandas, scipy, onnx, psutil, matplotlib but no
 # network, no anndata, no tritonserver and numpy 2 (Triton 2.51's python backend returns empty tensors
@@ -20,6 +26,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=.gpu_bundle
 PY=${PYTHON:-python3}
+
+if [ "${1:-}" = "--dry-run" ]; then
+  shift
+  PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "${VPY:-$PY}" -m bench.cli --mode gpu --plan-only "$@"
+  exit $?
+fi
 
 if [ "${1:-}" = "--prepare" ]; then
   shift

@@ -22,6 +22,7 @@ import psutil
 from bench.cells import Architecture, CellSet
 from bench.methods import BASELINE, HELICAL, HELICAL_STYLE, REFERENCE, BuildContext, MethodSpec, build_method, plan_batches, run_helical
 from bench.sampler import ResourceSampler, cpu_times
+from bench.stats import summarize
 from geneformer_triton.fidelity import embedding_fidelity, min_cosine_threshold
 
 LOGGER = logging.getLogger(__name__)
@@ -29,11 +30,12 @@ LOGGER = logging.getLogger(__name__)
 INPROCESS_COLUMNS = [
     "method", "label", "family", "backend", "precision", "device", "batching", "batch_size", "token_budget",
     "n_cells", "tokens", "padded_tokens", "padding_waste", "batches", "repeats", "setup_s", "warmup_s", "wall_s",
-    "wall_s_median", "wall_s_max", "cells_per_s", "tokens_per_s", "useful_gflop_per_cell", "executed_gflop_per_cell",
+    "wall_s_min", "wall_s_max", "cells_per_s", "cells_per_s_min", "cells_per_s_max", "cells_per_cpu_s",
+    "cells_per_cpu_s_min", "cells_per_cpu_s_max", "loadavg_before", "loadavg_after", "tokens_per_s", "useful_gflop_per_cell", "executed_gflop_per_cell",
     "useful_tflop_per_s", "executed_tflop_per_s", "cpu_s", "cpu_s_per_cell", "cpu_pct_mean", "cpu_pct_max",
     "rss_before_mb", "rss_peak_mb", "rss_delta_mb", "system_cpu_pct_mean", "loadavg_1m", "gpu_util_mean",
     "gpu_mem_peak_mb", "torch_cuda_peak_mb", "cosine_min", "cosine_mean", "max_abs_err", "fidelity_threshold",
-    "fidelity_pass", "ratio_vs_baseline", "cpu_ratio_vs_baseline", "ratio_vs_helical_style", "ratio_vs_helical", "error",
+    "fidelity_pass", "ratio_vs_baseline", "cpu_ratio_vs_baseline", "ratio_vs_helical_style", "ratio_vs_helical", "cpu_ratio_vs_helical", "error",
 ]
 
 
@@ -83,18 +85,20 @@ def measure_method(
     repeats: int = 1,
     reference: np.ndarray | None = None,
 ) -> tuple[dict, np.ndarray | None]:
-    """Build, warm up and time one method; returns (row, embeddings)."""
+    """Build, warm up and time one method ``repeats`` times (baselines alike); returns (row, embeddings).
+
+    The row gives the median over repeats with min-max (``bench.stats.summarize``), CPU seconds of this
+    process (of helical's process for helical), and the 1-minute load before and after."""
     cells = cellset.tokens
     lengths = cellset.lengths
     row = _empty_row(spec, ctx.device, len(cells))
-    if spec.family != "encoder":
-        repeats = 1  # the baselines are slow; their one run is long enough to average out noise
     row["repeats"] = repeats
+    row["loadavg_before"] = os.getloadavg()[0]
     proc = psutil.Process()
     embeddings = None
     try:
         if spec.backend == "helical":
-            embeddings = _measure_helical(spec, ctx, cellset, arch, row)
+            embeddings = _measure_helical(spec, ctx, cellset, arch, row, repeats)
         else:
             method = build_method(spec, ctx, cellset.max_length)
             row["setup_s"] = method.setup_s
@@ -124,18 +128,18 @@ def measure_method(
                 row["batches"] = method.last_batches
             finally:
                 method.close()
-            # the fastest repeat: the one least disturbed by other processes on a shared machine
-            fastest = int(np.argmin(walls))
-            row.update(wall_s=walls[fastest], wall_s_median=float(np.median(walls)), wall_s_max=max(walls),
-                       cpu_s=cpus[fastest], rss_before_mb=rss_before, torch_cuda_peak_mb=_cuda_peak_mb(ctx.device))
-            best = summaries[fastest]
-            row.update({k: v for k, v in best.as_dict().items() if k in INPROCESS_COLUMNS})
+            # median over repeats (min-max kept): the same rule for every method, baselines included
+            median_run = int(np.argsort(walls)[len(walls) // 2])
+            row.update({k: v for k, v in summaries[median_run].as_dict().items() if k in INPROCESS_COLUMNS})
+            row.update(summarize(len(cells), walls, cpus))
+            row.update(rss_before_mb=rss_before, torch_cuda_peak_mb=_cuda_peak_mb(ctx.device))
             row["rss_peak_mb"] = max(s.rss_peak_mb for s in summaries)
             row["rss_delta_mb"] = row["rss_peak_mb"] - rss_before
             useful, executed = _flops(arch, spec, lengths, padded)
             row["useful_gflop_per_cell"] = useful / len(cells) / 1e9
             row["executed_gflop_per_cell"] = executed / len(cells) / 1e9
         _finish_row(row, lengths)
+        row["loadavg_after"] = os.getloadavg()[0]
         if embeddings is not None and reference is not None:
             stats = embedding_fidelity(embeddings, reference)
             threshold = min_cosine_threshold("fp32" if spec.precision == "fp32" else spec.precision)
@@ -158,32 +162,30 @@ def _finish_row(row: dict, lengths: np.ndarray) -> None:
         row["padded_tokens"] = tokens
     row["padding_waste"] = 1.0 - tokens / row["padded_tokens"] if row["padded_tokens"] else float("nan")
     n = row["n_cells"]
-    row["cells_per_s"] = n / wall
     row["tokens_per_s"] = tokens / wall
     row["useful_tflop_per_s"] = row["useful_gflop_per_cell"] * n / wall / 1e3
     row["executed_tflop_per_s"] = row["executed_gflop_per_cell"] * n / wall / 1e3
-    row["cpu_s_per_cell"] = row["cpu_s"] / n if row["cpu_s"] == row["cpu_s"] else float("nan")
 
 
-def _measure_helical(spec: MethodSpec, ctx: BuildContext, cellset: CellSet, arch: Architecture, row: dict) -> np.ndarray:
+def _measure_helical(spec: MethodSpec, ctx: BuildContext, cellset: CellSet, arch: Architecture, row: dict,
+                     repeats: int) -> np.ndarray:
     if cellset.max_length is not None:
         raise ValueError("helical tokenizes to the model's input size: it runs on untruncated cells only")
-    result = run_helical(ctx, cellset, spec.batch_size, sampler_factory=lambda pids: ResourceSampler(pids))
+    result = run_helical(ctx, cellset, spec.batch_size, repeats=repeats, sampler_factory=lambda pids: ResourceSampler(pids))
     lengths = np.asarray(result["lengths"])
     if not np.array_equal(lengths, cellset.lengths):
         LOGGER.warning("helical's token counts differ from ours for %d cells", int((lengths != cellset.lengths).sum()))
     summary = result["summary"]
     if summary is not None:
         row.update({k: v for k, v in summary.as_dict().items() if k in INPROCESS_COLUMNS})
-    wall = result["embed_s"]
     padded = np.empty(len(lengths), dtype=np.int64)
     for index, length in plan_batches(lengths, spec):
         padded[index] = length
     useful, executed = _flops(arch, spec, lengths, padded)
-    row.update(setup_s=result["load_s"] + result["tokenize_s"], warmup_s=0.0, wall_s=wall, wall_s_median=wall, wall_s_max=wall,
+    row.update(setup_s=result["load_s"] + result["tokenize_s"], warmup_s=0.0,
                padded_tokens=int(padded.sum()), batches=-(-len(lengths) // spec.batch_size),
-               useful_gflop_per_cell=useful / len(lengths) / 1e9, executed_gflop_per_cell=executed / len(lengths) / 1e9,
-               cpu_s=(summary.cpu_pct_mean / 100.0 * wall) if summary is not None else float("nan"))
+               useful_gflop_per_cell=useful / len(lengths) / 1e9, executed_gflop_per_cell=executed / len(lengths) / 1e9)
+    row.update(summarize(len(lengths), result["embed_s"], result["cpu_s"]))
     return np.asarray(result["embeddings"], dtype=np.float32)
 
 
@@ -197,11 +199,12 @@ def add_ratios(rows: list[dict]) -> None:
         base_rate = base["cells_per_s"] if base is not None and not base["error"] else float("nan")
         for row in rows:
             row[column] = row["cells_per_s"] / base_rate if base_rate == base_rate and base_rate > 0 else float("nan")
-    base = by_name.get(BASELINE)
-    base_cpu = base["cpu_s_per_cell"] if base is not None and not base["error"] else float("nan")
-    for row in rows:
-        cpu = row.get("cpu_s_per_cell", float("nan"))
-        row["cpu_ratio_vs_baseline"] = base_cpu / cpu if base_cpu == base_cpu and cpu == cpu and cpu > 0 else float("nan")
+    for column, name in (("cpu_ratio_vs_baseline", BASELINE), ("cpu_ratio_vs_helical", HELICAL)):
+        base = by_name.get(name)
+        base_cpu = base["cpu_s_per_cell"] if base is not None and not base["error"] else float("nan")
+        for row in rows:
+            cpu = row.get("cpu_s_per_cell", float("nan"))
+            row[column] = base_cpu / cpu if base_cpu == base_cpu and cpu == cpu and cpu > 0 else float("nan")
 
 
 def run_inprocess(

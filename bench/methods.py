@@ -284,41 +284,16 @@ def _repository_file(ctx: BuildContext, model: str, filename: str) -> Path:
     return path
 
 
-def quantize_onnx_int8(source: Path, target: Path) -> Path:
-    """int8 dynamic quantization (weights int8, activations quantized per batch) of a fused fp32 ONNX."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    if target.is_file() and target.stat().st_mtime >= source.stat().st_mtime:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp.onnx")
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.WARNING))  # the quantizer logs every tensor at INFO on the root logger
-    try:
-        quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    finally:
-        root.setLevel(level)
-    os.replace(tmp, target)
-    LOGGER.info("int8 dynamic quantization: %s -> %s", source, target)
-    return target
-
-
 def onnx_file(ctx: BuildContext, variant: str) -> Path:
-    """The ONNX file of a variant: fp32 (fused), fp16, int8 (quantized here), portable (unfused)."""
+    """The exported ONNX file of a variant: fp32 (fused), fp16, int8 (dynamic quantization), portable (unfused)."""
     if variant == "fp32":
         return _repository_file(ctx, "geneformer_onnx", "model.onnx")
     if variant == "fp16":
         return _repository_file(ctx, "geneformer_onnx_fp16", "model.onnx")
     if variant == "portable":
         return _repository_file(ctx, "geneformer_onnx", "model.portable.onnx")
-    if variant == "int8":
-        int8_in_repository = ctx.repository / "geneformer_onnx_int8" / "1" / "model.onnx" if ctx.repository else None
-        if int8_in_repository is not None and int8_in_repository.is_file():
-            return int8_in_repository
-        return quantize_onnx_int8(onnx_file(ctx, "fp32"), ctx.work_dir / "onnx_int8" / "model.onnx")
+    if variant == "int8":  # exported: gftriton export --precision int8
+        return _repository_file(ctx, "geneformer_onnx_int8", "model.onnx")
     raise ValueError(f"unknown ONNX variant {variant!r}")
 
 
@@ -405,31 +380,35 @@ def cpu_methods() -> list[MethodSpec]:
                    "baseline", "transformers", "fp32", "input", 10, options={"attention": "eager"}),
         MethodSpec(HELICAL_STYLE, "BertForMaskedLM SDPA, autocast('cuda') (no-op on CPU), batch 24, input order (helical 3.1 path)",
                    "baseline", "transformers", "fp32", "input", 24, options={"attention": "sdpa", "autocast_cuda": True}),
-        MethodSpec(HELICAL, "helical 3.1.4 Geneformer.get_embeddings, batch 24 (own venv)",
-                   "helical", "helical", "fp32", "input", 24),
+        MethodSpec(HELICAL, "helical 3.1.4 Geneformer.get_embeddings, batch 10 (own venv; the seed baseline)",
+                   "helical", "helical", "fp32", "input", 10),
         MethodSpec(REFERENCE, "encoder PyTorch SDPA fp32, length-sorted batches of 8 (fp32 reference)",
                    "encoder", "pytorch", "fp32", "sorted", 8),
         MethodSpec("torch_fp32_bucketed", "encoder PyTorch SDPA fp32, token-budget buckets (8k tokens)",
                    "encoder", "pytorch", "fp32", "bucketed", 64, token_budget=8192),
         MethodSpec("torch_fp32_b1", "encoder PyTorch SDPA fp32, one cell per call (no padding)",
                    "encoder", "pytorch", "fp32", "sorted", 1),
-        MethodSpec("torch_bf16_sorted", "encoder PyTorch SDPA bf16, sorted batches of 8 (no bf16 units on this CPU: emulated)",
+        MethodSpec("torch_bf16_sorted", "encoder PyTorch SDPA bf16, sorted batches of 8 (oneDNN AVX512-BF16 matmuls)",
                    "encoder", "pytorch", "bf16", "sorted", 8),
-        MethodSpec("torch_fp16_sorted", "encoder PyTorch SDPA fp16, sorted batches of 8 (no fp16 units on this CPU: emulated)",
+        MethodSpec("torch_bf16_b1", "encoder PyTorch SDPA bf16, one cell per call (oneDNN AVX512-BF16 matmuls)",
+                   "encoder", "pytorch", "bf16", "sorted", 1),
+        MethodSpec("torch_fp16_sorted", "encoder PyTorch SDPA fp16, sorted batches of 8 (no AVX512-FP16 on this CPU: converted)",
                    "encoder", "pytorch", "fp16", "sorted", 8),
         MethodSpec("torch_int8_b1", "encoder PyTorch, int8 dynamic quantization of the Linear layers (fbgemm), one cell per call",
                    "encoder", "pytorch", "int8", "sorted", 1),
         MethodSpec("torchscript_fp32_b1", "TorchScript model.pt (SDPA attention), fp32, one cell per call",
                    "encoder", "torchscript", "fp32", "sorted", 1),
+        MethodSpec("torchscript_bf16_b1", "TorchScript bf16 model.pt (gftriton export --precision bf16), one cell per call",
+                   "encoder", "torchscript", "bf16", "sorted", 1, options={"model": "geneformer_torchscript_bf16"}),
         MethodSpec("onnx_portable_fp32_b1", "ONNX Runtime, plain export (unfused attention), fp32, one cell per call",
                    onnx, ort, "fp32", "sorted", 1, options={"variant": "portable"}),
         MethodSpec("onnx_fp32_sorted", "ONNX Runtime fused graph (Attention, SkipLayerNorm) fp32, sorted batches of 8",
                    onnx, ort, "fp32", "sorted", 8, options={"variant": "fp32"}),
         MethodSpec("onnx_fp32_b1", "ONNX Runtime fused graph fp32, one cell per call (no padding)",
                    onnx, ort, "fp32", "sorted", 1, options={"variant": "fp32"}),
-        MethodSpec("onnx_fp16_b1", "ONNX Runtime fused graph fp16 (no fp16 units on this CPU), one cell per call",
+        MethodSpec("onnx_fp16_b1", "ONNX Runtime fused graph fp16 (no AVX512-FP16 on this CPU), one cell per call",
                    onnx, ort, "fp16", "sorted", 1, options={"variant": "fp16"}),
-        MethodSpec("onnx_int8_b1", "ONNX Runtime fused graph, int8 dynamic quantization (QAttention, DynamicQuantizeMatMul), one cell per call",
+        MethodSpec("onnx_int8_b1", "ONNX Runtime fused graph, int8 dynamic quantization (gftriton export --precision int8; VNNI), one cell per call",
                    onnx, ort, "int8", "sorted", 1, options={"variant": "int8"}),
     ]
 
@@ -499,11 +478,13 @@ def write_helical_cache(prefix: Path, loaded) -> Path:
     return checkpoint
 
 
-def run_helical(ctx: BuildContext, cellset, batch_size: int = 24, timeout_s: float = 3600.0, sampler_factory=None) -> dict:
-    """helical's get_embeddings on ``cellset``'s cells (raw counts) in its own venv.
+def run_helical(ctx: BuildContext, cellset, batch_size: int = 10, timeout_s: float = 3600.0, sampler_factory=None,
+                repeats: int = 1) -> dict:
+    """helical's get_embeddings on ``cellset``'s cells (raw counts) in its own venv, ``repeats`` times.
 
-    Returns ``{"embeddings", "embed_s", "tokenize_s", "load_s", "lengths", "summary"}`` where summary
-    is the resource sampler's view of the helical process while it embedded.
+    Returns ``{"embeddings", "embed_s", "cpu_s", "tokenize_s", "load_s", "lengths", "summary"}``: per
+    repeat wall and CPU seconds (lists); summary is the resource sampler's view of the helical process
+    while it embedded.
     """
     python = helical_python()
     if python is None:
@@ -525,7 +506,7 @@ def run_helical(ctx: BuildContext, cellset, batch_size: int = 24, timeout_s: flo
         env["CACHE_DIR_HELICAL_PREFIX"] = str(tmp_path / "prefix")
         device = "cuda" if ctx.device.startswith("cuda") else "cpu"
         cmd = [str(python), str(script), "--model", ctx.loaded.name, "--h5ad", str(h5ad), "--out", str(out),
-               "--batch-size", str(batch_size), "--device", device]
+               "--batch-size", str(batch_size), "--device", device, "--repeats", str(repeats)]
         if ctx.threads:
             cmd += ["--threads", str(ctx.threads)]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -556,5 +537,6 @@ def run_helical(ctx: BuildContext, cellset, batch_size: int = 24, timeout_s: flo
         data = np.load(out)
         result = {k: data[k] for k in data.files}
     result["summary"] = sampler.summary if sampler is not None else None
-    return {"embeddings": result["embeddings"], "embed_s": float(result["embed_s"]), "tokenize_s": float(result["tokenize_s"]),
+    return {"embeddings": result["embeddings"], "embed_s": [float(x) for x in np.atleast_1d(result["embed_s"])],
+            "cpu_s": [float(x) for x in np.atleast_1d(result["cpu_s"])], "tokenize_s": float(result["tokenize_s"]),
             "load_s": float(result["load_s"]), "lengths": result["lengths"], "summary": result["summary"]}

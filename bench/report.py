@@ -24,14 +24,15 @@ import numpy as np
 import pandas as pd
 
 from bench.inprocess import INPROCESS_COLUMNS
-from bench.methods import BASELINE, REFERENCE
+from bench.methods import BASELINE, HELICAL as SEED, REFERENCE
+from bench.stats import range_text
 from bench.scaling import SCALING_COLUMNS, fit_cells_cost, fit_length_cost
 from bench.triton_bench import TRITON_COLUMNS
 
 LOGGER = logging.getLogger(__name__)
 
-CPU_RATIO_TARGET = 10.0
-TRITON_EFFICIENCY_TARGET = 0.8
+SERVED_RATIO_TARGET = 20.0  # best served path over the seed baseline, cells/s
+TRITON_EFFICIENCY_TARGET = 0.9  # served over the same backend in process, every concurrency >= 2
 GPU_CELLS_PER_S_TARGET = 10_000.0
 
 
@@ -112,54 +113,92 @@ def write_table(rows: list[dict], columns: list[str], out_dir: Path, stem: str) 
 
 
 # ----------------------------------------------------------------------------------------------- targets
+def _ok(frame: pd.DataFrame | None) -> pd.DataFrame:
+    if frame is None or not len(frame):
+        return pd.DataFrame()
+    return frame[frame["error"].fillna("") == ""]
+
+
+def seed_row(inprocess: pd.DataFrame) -> pd.Series | None:
+    """The seed baseline (helical 3.1.4 get_embeddings, batch 10, in its venv) when it was measured."""
+    ok = _ok(inprocess)
+    if not len(ok) or SEED not in set(ok["method"]):
+        return None
+    return ok[ok["method"] == SEED].iloc[0]
+
+
+def add_served_ratios(triton: pd.DataFrame | None, inprocess: pd.DataFrame) -> None:
+    """``ratio_vs_seed`` (cells/s over the seed's) and ``cpu_ratio_vs_seed`` (the seed's CPU s per cell
+    over the tritonserver tree's) for every served row; ``gate_pass``: the in-process run of the same
+    backend and file held its fidelity threshold."""
+    if triton is None or not len(triton):
+        return
+    seed = seed_row(inprocess)
+    rate = float(seed["cells_per_s"]) if seed is not None else float("nan")
+    cpu = float(seed["cpu_s_per_cell"]) if seed is not None else float("nan")
+    triton["ratio_vs_seed"] = triton["cells_per_s"] / rate
+    triton["cpu_ratio_vs_seed"] = cpu / triton["server_cpu_s_per_cell"]
+    gates = dict(zip(inprocess["method"], inprocess["fidelity_pass"])) if len(inprocess) else {}
+    triton["gate_pass"] = [bool(gates.get(m, False)) for m in triton["inprocess_method"]]
+
+
 def evaluate_targets(inprocess: pd.DataFrame, triton: pd.DataFrame | None, mode: str) -> list[dict]:
+    """The issue's targets, each stated with every figure it rests on (no selection after the fact:
+    "best" means the highest median over every served row, and the efficiency target must hold at every
+    concurrency >= 2)."""
     targets = []
-    ok = inprocess[(inprocess["error"].fillna("") == "")] if len(inprocess) else inprocess
-    encoders = ok[(ok["family"] == "encoder") & (ok["fidelity_pass"] == True)] if len(ok) else ok  # noqa: E712
-    if len(encoders) and BASELINE in set(ok["method"]):
-        best = encoders.sort_values("cells_per_s", ascending=False).iloc[0]
-        base = ok[ok["method"] == BASELINE].iloc[0]
-        if mode == "gpu":
-            targets.append({
-                "target": f"GPU: >= {GPU_CELLS_PER_S_TARGET:,.0f} cells/s end to end (host tokens in, host embeddings out)",
-                "value": f"{best['method']}: {best['cells_per_s']:,.0f} cells/s (min cos {best['cosine_min']:.6f})",
-                "passed": bool(best["cells_per_s"] >= GPU_CELLS_PER_S_TARGET),
-            })
+    ok = _ok(inprocess)
+    served = _ok(triton)
+    seed = seed_row(inprocess)
+    if mode == "gpu" and len(served):
+        best = served.sort_values("cells_per_s", ascending=False).iloc[0]
         targets.append({
-            "target": f"best encoder path >= {CPU_RATIO_TARGET:.0f}x the original baseline (cells/s, same run), fidelity held",
-            "value": (f"{best['method']}: {best['cells_per_s']:.2f} vs {base['cells_per_s']:.2f} cells/s = "
-                      f"{best['cells_per_s'] / base['cells_per_s']:.2f}x (CPU seconds per cell: "
-                      f"{best.get('cpu_ratio_vs_baseline', float('nan')):.2f}x); min cos {best['cosine_min']:.6f} "
-                      f"(threshold {best['fidelity_threshold']})"),
-            "passed": bool(best["cells_per_s"] / base["cells_per_s"] >= CPU_RATIO_TARGET),
+            "target": f"GPU: >= {GPU_CELLS_PER_S_TARGET:,.0f} cells/s through Triton",
+            "value": f"{best['model']} {best['protocol']} c{int(best['concurrency'])}: {range_text(best, digits=0)} cells/s",
+            "passed": bool(best["cells_per_s"] >= GPU_CELLS_PER_S_TARGET),
         })
-        fp32 = encoders[encoders["precision"] == "fp32"].sort_values("cells_per_s", ascending=False)
-        if len(fp32):
-            top = fp32.iloc[0]
+    if len(served):
+        held = served[served["gate_pass"] == True]  # noqa: E712
+        if seed is None:
+            targets.append({"target": f"best served path >= {SERVED_RATIO_TARGET:.0f}x the seed baseline ({SEED}, batch 10)",
+                            "value": "seed baseline not measured in this run (helical venv missing or cells truncated)",
+                            "passed": False})
+        elif len(held):
+            best = held.sort_values("cells_per_s", ascending=False).iloc[0]
             targets.append({
-                "target": "best fp32 encoder path vs the original baseline (fidelity >= 0.99999)",
-                "value": (f"{top['method']}: {top['cells_per_s']:.2f} cells/s = {top['cells_per_s'] / base['cells_per_s']:.2f}x "
-                          f"(CPU seconds per cell: {top.get('cpu_ratio_vs_baseline', float('nan')):.2f}x), min cos {top['cosine_min']:.7f}"),
-                "passed": bool(top["cells_per_s"] / base["cells_per_s"] >= CPU_RATIO_TARGET),
+                "target": f"best served path >= {SERVED_RATIO_TARGET:.0f}x the seed baseline ({SEED}, batch 10), gates held",
+                "value": (f"{best['model']} {best['protocol']} c{int(best['concurrency'])}: {range_text(best)} vs "
+                          f"{range_text(seed)} cells/s = {best['ratio_vs_seed']:.2f}x (per CPU-second "
+                          f"{best['cpu_ratio_vs_seed']:.2f}x)"),
+                "passed": bool(best["ratio_vs_seed"] >= SERVED_RATIO_TARGET),
             })
     names = set(ok["method"]) if len(ok) else set()
-    for onnx, torch_name in (("onnx_fp32_sorted", REFERENCE), ("onnx_fp32_b1", "torch_fp32_b1"), ("onnx_int8_b1", "torch_int8_b1")):
+    for onnx, torch_name in (("onnx_fp32_b1", "torch_fp32_b1"), ("onnx_fp32_b1", "torchscript_fp32_b1"),
+                             ("onnx_fp32_sorted", REFERENCE), ("onnx_int8_b1", "torch_int8_b1"),
+                             ("onnx_int8_b1", "torchscript_bf16_b1")):
         if onnx in names and torch_name in names:
-            a = ok[ok["method"] == onnx].iloc[0]["cells_per_s"]
-            b = ok[ok["method"] == torch_name].iloc[0]["cells_per_s"]
-            targets.append({"target": f"ONNX path not slower than PyTorch ({onnx} vs {torch_name})",
-                            "value": f"{a:.2f} vs {b:.2f} cells/s ({a / b:.2f}x)", "passed": bool(a >= b)})
-    if triton is not None and len(triton):
-        good = triton[(triton["error"].fillna("") == "") & (triton["protocol"] == "grpc") & (triton["concurrency"] >= 2)]
-        for model, group in good.groupby("model", sort=False):
-            best = group.sort_values("efficiency", ascending=False).iloc[0]
+            a = ok[ok["method"] == onnx].iloc[0]
+            b = ok[ok["method"] == torch_name].iloc[0]
+            targets.append({"target": f"ONNX path not slower than PyTorch ({onnx} vs {torch_name}, in process)",
+                            "value": f"{range_text(a)} vs {range_text(b)} cells/s ({a['cells_per_s'] / b['cells_per_s']:.2f}x)",
+                            "passed": bool(a["cells_per_s"] >= b["cells_per_s"])})
+    if len(served):
+        for protocol in ("grpc",):
+            pair = served[served["protocol"] == protocol]
+            for c in sorted(pair["concurrency"].unique()):
+                at = pair[pair["concurrency"] == c].set_index("model")["cells_per_s"]
+                if "geneformer_onnx" in at and "geneformer_torchscript" in at:
+                    targets.append({"target": f"ONNX not slower than PyTorch served ({protocol} c{int(c)}: geneformer_onnx vs geneformer_torchscript)",
+                                    "value": f"{at['geneformer_onnx']:.2f} vs {at['geneformer_torchscript']:.2f} cells/s",
+                                    "passed": bool(at["geneformer_onnx"] >= at["geneformer_torchscript"])})
+        high = served[served["concurrency"] >= 2]
+        for model, group in high.groupby("model", sort=False):
+            values = ", ".join(f"{r.protocol} c{int(r.concurrency)} {r.efficiency:.0%}" for r in group.itertuples())
+            worst = float(group["efficiency"].min())
             targets.append({
-                "target": f"Triton gRPC (concurrency >= 2) >= {TRITON_EFFICIENCY_TARGET:.0%} of in-process, {model}",
-                "value": (f"{best['cells_per_s']:.2f} vs {best['inprocess_cells_per_s']:.2f} cells/s in-process "
-                          f"({best['inprocess_method']}) = {best['efficiency']:.0%} at concurrency {int(best['concurrency'])}"
-                          + (f"; CPU time per cell {best['cpu_efficiency']:.0%} of in-process"
-                             if best.get("cpu_efficiency", float("nan")) == best.get("cpu_efficiency", float("nan")) else "")),
-                "passed": bool(best["efficiency"] >= TRITON_EFFICIENCY_TARGET),
+                "target": f"served >= {TRITON_EFFICIENCY_TARGET:.0%} of the same backend in process at every concurrency >= 2: {model}",
+                "value": f"{values} (vs {group['inprocess_method'].iloc[0]})",
+                "passed": bool(worst >= TRITON_EFFICIENCY_TARGET),
             })
     return targets
 
@@ -177,7 +216,7 @@ def _plots(out_dir: Path, inprocess: pd.DataFrame, triton: pd.DataFrame | None, 
         colors = ok["family"].map({"baseline": "#999999", "helical": "#c07020", "encoder": "#2060b0"}).fillna("#2060b0")
         for column, name, xlabel, line in (
             ("cells_per_s", "throughput_by_method.png", "cells / s", None),
-            ("ratio_vs_baseline", "speedup_over_baseline.png", "x original baseline (cells/s ratio, same run)", CPU_RATIO_TARGET),
+            ("ratio_vs_helical", "speedup_over_baseline.png", "x seed baseline (helical get_embeddings b10; cells/s, same run)", SERVED_RATIO_TARGET),
         ):
             fig, ax = plt.subplots(figsize=(9, 0.42 * len(ok) + 1.4))
             ax.barh(ok["method"], ok[column], color=colors)
@@ -302,6 +341,9 @@ def write_results(out_dir: Path, results: dict) -> dict[str, Path]:
         pd.DataFrame(results["triton_metrics"]).to_csv(out_dir / "triton_metrics.csv", index=False)
     scaling = write_table(results["scaling"], SCALING_COLUMNS, out_dir, "scaling") if results.get("scaling") else None
     mode = results.get("mode", "?")
+    add_served_ratios(triton, inprocess)
+    if triton is not None:
+        triton.to_csv(out_dir / "triton.csv", index=False)
     targets = evaluate_targets(inprocess, triton, mode) if len(inprocess) else []
     fits = {}
     if scaling is not None:
@@ -331,23 +373,34 @@ def _markdown(results, inprocess, triton, scaling, targets, fits, plots) -> str:
               f"{_fmt(cells.get('tokens_mean'), 0)}, median {_fmt(cells.get('tokens_median'), 0)}, "
               f"max {cells.get('tokens_max', '')}" + (f", truncated to {cells['max_length']} tokens" if cells.get("max_length") else ""),
               f"- FLOPs: {results.get('flops_formula', '')}",
-              f"- machine load (1-min load average) at start {env.get('loadavg_at_start', ['?'])[0]}: other processes share "
-              "these cores, so cells per CPU-second is reported beside cells/s", ""]
+              f"- machine load (1-min load average) at start {_fmt(env.get('loadavg_at_start', [float('nan')])[0])}: other processes share "
+              "these cores, so cells per CPU-second is reported beside cells/s, and every row gives the load before/after",
+              f"- timing: every method, baselines included, and every served point is run {results.get('config', {}).get('repeats', '?')} "
+              "times (after a warm-up); figures are medians with (min-max); cells per CPU-second counts the CPU time of "
+              "the process tree doing the work (this process; helical's venv process; the tritonserver tree with its "
+              "backend stubs, psutil)", ""]
+    lines += _headline(results, inprocess, triton)
     if targets:
         lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {t['target']} | {t['value']} | {'yes' if t['passed'] else 'NO'} |" for t in targets]
         lines.append("")
     if len(inprocess):
+        shown = inprocess.copy()
+        shown["rate"] = [range_text(r) for _, r in shown.iterrows()]
+        shown["per_cpu"] = [range_text(r, "cells_per_cpu_s") for _, r in shown.iterrows()]
         lines += ["## In-process (same cells, same run)", "",
-                  _md_table(inprocess, [("method", "method", 0), ("precision", "prec", 0), ("batching", "batching", 0),
-                                        ("batch_size", "batch", 0), ("cells_per_s", "cells/s", 2), ("tokens_per_s", "tokens/s", 0),
-                                        ("ratio_vs_baseline", "x baseline", 2), ("cpu_ratio_vs_baseline", "x baseline (CPU s)", 2),
-                                        ("ratio_vs_helical_style", "x helical path", 2),
-                                        ("useful_tflop_per_s", "useful TFLOP/s", 4), ("executed_gflop_per_cell", "executed GFLOP/cell", 1),
+                  _md_table(shown, [("method", "method", 0), ("precision", "prec", 0), ("batching", "batching", 0),
+                                        ("batch_size", "batch", 0), ("rate", "cells/s median (min-max)", 0),
+                                        ("per_cpu", "cells per CPU-s", 0), ("tokens_per_s", "tokens/s", 0),
+                                        ("ratio_vs_helical", "x seed", 2), ("cpu_ratio_vs_helical", "x seed (CPU s)", 2),
+                                        ("ratio_vs_baseline", "x HF loop", 2), ("cpu_ratio_vs_baseline", "x HF loop (CPU s)", 2),
+                                        ("useful_gflop_per_cell", "useful GFLOP/cell", 1), ("executed_gflop_per_cell", "executed GFLOP/cell", 1),
+                                        ("useful_tflop_per_s", "useful TFLOP/s", 4),
                                         ("padding_waste", "padding", 3), ("cpu_s_per_cell", "CPU s/cell", 3),
                                         ("cpu_pct_mean", "CPU %", 0), ("rss_peak_mb", "peak RSS MB", 0),
                                         ("gpu_util_mean", "GPU %", 0), ("torch_cuda_peak_mb", "GPU MB", 0),
-                                        ("cosine_min", "min cos", 7), ("cosine_mean", "mean cos", 7), ("fidelity_pass", "fidelity ok", 0)]),
+                                        ("cosine_min", "min cos", 7), ("cosine_mean", "mean cos", 7), ("fidelity_pass", "fidelity ok", 0),
+                                        ("loadavg_before", "load before", 2), ("loadavg_after", "load after", 2)]),
                   ""]
         labels = inprocess[["method", "label"]]
         lines += ["Methods:", ""] + [f"- `{r.method}`: {r.label}" for r in labels.itertuples()] + [""]
@@ -355,23 +408,32 @@ def _markdown(results, inprocess, triton, scaling, targets, fits, plots) -> str:
         if len(errors):
             lines += ["Not measured:", ""] + [f"- `{r.method}`: {r.error}" for r in errors.itertuples()] + [""]
         lines += ["Useful FLOPs count the encoder at the cells' true lengths; executed FLOPs add padding and the "
-                  "LM head (baselines). Ratios: a method's cells/s over the baseline's cells/s in this run. Fidelity: "
+                  "LM head (baselines). Ratios: a method's median cells/s over the seed baseline's (`helical_get_embeddings`, "
+                  "helical 3.1.4 batch 10) or the Geneformer-style `BertForMaskedLM` fp32 loop's (`baseline_eager_fp32_b10`) "
+                  "in this run; `(CPU s)`: their CPU seconds per cell over the method's. Fidelity: "
                   "cosine of cell embeddings against the fp32 PyTorch encoder (`torch_fp32_sorted`); thresholds "
                   "0.99999 (fp32), 0.999 (bf16/fp16/int8).", ""]
     if triton is not None and len(triton):
-        lines += ["## Through Triton (perf_analyzer, real cells, dynamic batching on)", "",
-                  f"Server configs: `--model-config-name={results.get('triton_info', {}).get('model_config_name')}`; "
+        triton = triton.copy()
+        triton["rate"] = [range_text(r) for _, r in triton.iterrows()]
+        triton["per_cpu"] = [range_text(r, "cells_per_cpu_s") for _, r in triton.iterrows()]
+        lines += ["## Through Triton (perf_analyzer, real cells, dynamic batching on): every model, protocol and concurrency", "",
+                  f"Server configs: `--model-config-name={results.get('triton_info', {}).get('model_config_name')}`; backends: "
+                  + (", ".join(f"{k}: {v}" for k, v in results.get("triton_info", {}).get("backends", {}).items()) or "?") + "; "
                   f"batch size per request {results.get('triton_info', {}).get('batch_size')}; in-process figure: the same "
                   "backend on the same cells, measured just before. Latencies in ms; the server-side split (queue, compute) "
                   "is perf_analyzer's; `enc avg batch` and `enc infer ms/exec` come from Triton's metrics endpoint.", "",
                   _md_table(triton, [("model", "model", 0), ("protocol", "proto", 0), ("concurrency", "conc", 0),
-                                     ("cells_per_s", "cells/s", 2), ("inprocess_cells_per_s", "in-process", 2),
+                                     ("rate", "cells/s median (min-max)", 0), ("per_cpu", "cells per server CPU-s", 0),
+                                     ("ratio_vs_seed", "x seed", 2), ("cpu_ratio_vs_seed", "x seed (CPU s)", 2),
+                                     ("inprocess_cells_per_s", "in-process", 2),
                                      ("efficiency", "efficiency", 2), ("cpu_efficiency", "CPU-time eff.", 2), ("p50_ms", "p50", 0), ("p90_ms", "p90", 0),
                                      ("p95_ms", "p95", 0), ("p99_ms", "p99", 0), ("server_queue_ms", "queue", 1),
                                      ("server_compute_infer_ms", "compute", 1), ("network_ms", "network", 1),
                                      ("enc_avg_batch", "enc avg batch", 2), ("enc_compute_infer_ms_per_exec", "enc infer ms/exec", 1),
                                      ("tok_compute_infer_ms", "tokenizer ms", 1), ("server_cpu_pct_mean", "server CPU %", 0),
-                                     ("server_rss_peak_mb", "server RSS MB", 0), ("error", "error", 0)]), ""]
+                                     ("server_rss_peak_mb", "server RSS MB", 0), ("loadavg_before", "load before", 2),
+                                     ("loadavg_after", "load after", 2), ("error", "error", 0)]), ""]
     if scaling is not None and len(scaling):
         lines += ["## Scaling", "", _md_table(scaling, [("sweep", "sweep", 0), ("x", "x", 0), ("method", "method", 0),
                                                         ("n_cells", "cells", 0), ("tokens_mean", "tokens/cell", 0),
@@ -405,6 +467,32 @@ def _markdown(results, inprocess, triton, scaling, targets, fits, plots) -> str:
     lines += ["Files: `inprocess.csv|json`, `triton.csv|json`, `triton_metrics.csv`, `scaling.csv|json`, `summary.json`, "
               "`perf_analyzer/` (perf_analyzer's CSVs and logs), `perf_inputs/` (its input JSON, real cells).", ""]
     return "\n".join(lines)
+
+
+def _headline(results: dict, inprocess: pd.DataFrame, triton: pd.DataFrame | None) -> list[str]:
+    """The served path declared in the mode's config (``headline_model``), at every concurrency of its
+    protocol, against the seed baseline: the figure the README quotes."""
+    config = results.get("config", {})
+    model, protocol = config.get("headline_model"), config.get("headline_protocol", "grpc")
+    seed = seed_row(inprocess) if len(inprocess) else None
+    lines = ["## Headline: the served path", ""]
+    if triton is None or not len(triton) or model not in set(triton["model"]):
+        return lines + [f"`{model}` was not served in this run.", ""]
+    rows = triton[(triton["model"] == model) & triton["protocol"].isin([protocol, f"{protocol}+client"])]
+    seed_text = (f"{range_text(seed)} cells/s, {range_text(seed, 'cells_per_cpu_s', 3)} cells per CPU-second"
+                 if seed is not None else "not measured in this run")
+    lines += [f"`{model}` ({protocol}, raw counts in, cell embeddings out, through a real tritonserver; declared "
+              f"in the mode's config before the run, not picked from the results). Seed baseline "
+              f"(`{SEED}`, helical 3.1.4 get_embeddings, batch 10, its own venv): {seed_text}.", "",
+              "| measured by | concurrency | cells/s median (min-max) | cells per server CPU-s | x seed (cells/s) | x seed (CPU s) | "
+              "efficiency vs in-process | load before/after |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows.itertuples():
+        row = r._asdict()
+        who = "project client (GeneformerClient)" if r.protocol.endswith("+client") else "perf_analyzer"
+        lines.append(f"| {who} | {int(r.concurrency)} | {range_text(row)} | {range_text(row, 'cells_per_cpu_s', 3)} | "
+                     f"{_fmt(row.get('ratio_vs_seed'))} | {_fmt(row.get('cpu_ratio_vs_seed'))} | {_fmt(row.get('efficiency'))} | "
+                     f"{_fmt(row.get('loadavg_before'))} / {_fmt(row.get('loadavg_after'))} |")
+    return lines + [""]
 
 
 def load_tables(out_dir: Path) -> dict:

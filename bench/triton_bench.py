@@ -9,8 +9,13 @@ and after each run: the per-model deltas give the server-side breakdown (queue, 
 output, average dynamic batch) for the served model and each model an ensemble composes.
 
 The bench serves its own repository (``<work>/repository``): the configs of the source repository with
-the weights linked, plus bench-made variants (int8 ONNX on CPU, bf16 TorchScript on GPU), so the
+the weights linked (every variant of ``export.formats``, exported by ``gftriton export``), so the
 source repository is never modified.
+
+Every (model, protocol, concurrency) point is measured ``repeats`` times (separate perf_analyzer runs of
+the same request count): the row gives the median cells/s with min-max, and cells per CPU-second of the
+tritonserver process tree (server + backend stubs, psutil CPU times before/after each run), with the
+1-minute load before and after.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from bench import perf, triton_metrics
 from bench.cells import CellSet, raw_count_inputs
 from bench.inprocess import measure_method
 from bench.methods import BuildContext, MethodSpec
-from bench.sampler import ResourceSampler
+from bench.sampler import ResourceSampler, cpu_times
+from bench.stats import range_text, summarize_rates
 
 LOGGER = logging.getLogger(__name__)
 
@@ -43,20 +49,29 @@ class ServedModel:
     composing: tuple[str, ...]  # models whose metrics make the server-side breakdown
 
 
-SERVED = {m.name: m for m in (
-    ServedModel("geneformer_onnx", "encoder", "onnx", "onnx_fp32_b1", ("geneformer_onnx",)),
-    ServedModel("geneformer_onnx_fp16", "encoder", "onnx", "onnx_fp16_b1", ("geneformer_onnx_fp16",)),
-    ServedModel("geneformer_onnx_int8", "encoder", "onnx", "onnx_int8_b1", ("geneformer_onnx_int8",)),
-    ServedModel("geneformer_torchscript", "encoder", "torchscript", "torchscript_fp32_b1", ("geneformer_torchscript",)),
-    ServedModel("geneformer_torchscript_bf16", "encoder", "torchscript", "torchscript_bf16_gpu", ("geneformer_torchscript_bf16",)),
-    ServedModel("geneformer_embed_onnx", "ensemble", "ensemble", "onnx_fp32_b1", ("geneformer_tokenizer", "geneformer_onnx")),
-    ServedModel("geneformer_embed_onnx_fp16", "ensemble", "ensemble", "onnx_fp16_b1", ("geneformer_tokenizer", "geneformer_onnx_fp16")),
-    ServedModel("geneformer_embed_onnx_int8", "ensemble", "ensemble", "onnx_int8_b1", ("geneformer_tokenizer", "geneformer_onnx_int8")),
-    ServedModel("geneformer_embed_torchscript", "ensemble", "ensemble", "torchscript_fp32_b1", ("geneformer_tokenizer", "geneformer_torchscript")),
-    ServedModel("geneformer_embed_torchscript_bf16", "ensemble", "ensemble", "torchscript_bf16_gpu", ("geneformer_tokenizer", "geneformer_torchscript_bf16")),
-)}
+def _served_models() -> dict[str, ServedModel]:
+    """Each exported variant (``export.formats``: the one registry of served variants) as its encoder and
+    its ensemble, compared with the in-process method of the same backend and precision."""
+    from export.formats import ENCODER_FORMATS, TOKENIZER_MODEL
+
+    served = {}
+    for fmt in ENCODER_FORMATS.values():
+        if fmt.emb_layer is not None:  # fixed-layer encoders serve ISP only (no ensemble, not an embedding path)
+            continue
+        method = INPROCESS_METHOD[fmt.name]
+        served[fmt.model] = ServedModel(fmt.model, "encoder", fmt.kind, method, (fmt.model,))
+        served[fmt.ensemble] = ServedModel(fmt.ensemble, "ensemble", "ensemble", method, (TOKENIZER_MODEL, fmt.model))
+    return served
+
+
+# export format -> in-process method of the same backend on the same cells (one cell per call, as served)
+INPROCESS_METHOD = {"onnx": "onnx_fp32_b1", "onnx_fp16": "onnx_fp16_b1", "onnx_int8": "onnx_int8_b1",
+                    "torchscript": "torchscript_fp32_b1", "torchscript_bf16": "torchscript_bf16_b1"}
+SERVED = _served_models()
 # on a GPU host the same served models compare with the GPU methods
-GPU_METHODS = {"geneformer_torchscript": "torchscript_fp32_gpu", "geneformer_embed_torchscript": "torchscript_fp32_gpu"}
+GPU_METHODS = {"geneformer_torchscript": "torchscript_fp32_gpu", "geneformer_embed_torchscript": "torchscript_fp32_gpu",
+               "geneformer_torchscript_bf16": "torchscript_bf16_gpu", "geneformer_embed_torchscript_bf16": "torchscript_bf16_gpu"}
+
 
 def select_throughput(row: dict) -> None:
     """``cells_per_s`` = Little's law (concurrency x batch / mean client latency: exact for perf_analyzer's
@@ -73,7 +88,8 @@ def select_throughput(row: dict) -> None:
 
 TRITON_COLUMNS = [
     "model", "kind", "backend", "protocol", "concurrency", "batch_size", "request_count", "n_cells", "tokens_mean",
-    "cells_per_s", "throughput_source", "cells_per_s_perf_analyzer", "cells_per_s_littles_law", "inprocess_method",
+    "repeats", "cells_per_s", "cells_per_s_min", "cells_per_s_max", "cells_per_cpu_s", "cells_per_cpu_s_min",
+    "cells_per_cpu_s_max", "loadavg_before", "loadavg_after", "throughput_source", "cells_per_s_perf_analyzer", "cells_per_s_littles_law", "inprocess_method",
     "inprocess_cells_per_s", "inprocess_before", "inprocess_after", "efficiency", "inprocess_cpu_s_per_cell",
     "server_cpu_s_per_cell", "cpu_efficiency", "avg_latency_ms", "p50_ms", "p90_ms",
     "p95_ms", "p99_ms", "client_send_ms", "network_ms", "server_queue_ms", "server_compute_input_ms",
@@ -85,13 +101,8 @@ TRITON_COLUMNS = [
 
 
 # ----------------------------------------------------------------------------------------------- repository
-def _variant_config(text: str, source: str, target: str) -> str:
-    return text.replace(f'"{source}"', f'"{target}"')
-
-
-def prepare_serving_repository(source: Path, dest: Path, int8_onnx: Path | None = None,
-                               torchscript_bf16: Path | None = None) -> Path:
-    """``dest``: configs copied from ``source``, weights symlinked, plus the bench-made variants."""
+def prepare_serving_repository(source: Path, dest: Path) -> Path:
+    """``dest``: configs copied from ``source``, weights symlinked (the source repository is never modified)."""
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
@@ -106,54 +117,7 @@ def prepare_serving_repository(source: Path, dest: Path, int8_onnx: Path | None 
             for item in version.iterdir():
                 if item.name != "__pycache__":
                     (target / version.name / item.name).symlink_to(item.resolve())
-    variants = []
-    if int8_onnx is not None:
-        variants.append(("geneformer_onnx", "geneformer_onnx_int8", "geneformer_embed_onnx", "geneformer_embed_onnx_int8",
-                         int8_onnx, "model.onnx", False))
-    if torchscript_bf16 is not None:  # GPU serving: the cell embedding only (no [B, L, H] tensor back)
-        variants.append(("geneformer_torchscript", "geneformer_torchscript_bf16", "geneformer_embed_torchscript",
-                         "geneformer_embed_torchscript_bf16", torchscript_bf16, "model.pt", True))
-    for base, name, ensemble, ensemble_name, weights, filename, cell_only in variants:
-        for src_model, dst_model in ((base, name), (ensemble, ensemble_name)):
-            src, dst = dest / src_model, dest / dst_model
-            if not src.is_dir():
-                continue
-            dst.mkdir()
-            for config in [src / "config.pbtxt", *sorted((src / "configs").glob("*.pbtxt"))]:
-                out = dst / config.relative_to(src)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                text = _variant_config(config.read_text(), src_model, dst_model)
-                if src_model == ensemble:  # the ensemble's encoder step
-                    text = _variant_config(text, base, name)
-                elif cell_only:
-                    text = _drop_token_embeddings(text)
-                out.write_text(text)
-            (dst / "1").mkdir()
-        (dest / name / "1" / filename).symlink_to(Path(weights).resolve())
     return dest
-
-
-def _drop_token_embeddings(text: str) -> str:
-    """A config declaring only the cell embedding output (the backends then return only that one)."""
-    import re
-
-    text = re.sub(r',\s*\{\s*name:\s*"token_embeddings(__1)?"[^}]*\}', "", text)
-    return re.sub(r'\{\s*name:\s*"token_embeddings(__1)?"[^}]*\},\s*', "", text)
-
-
-def export_torchscript_bf16(loaded, path: Path, emb_layer: int = -1) -> Path:
-    """A bf16 TorchScript encoder (SDPA attention; int64 inputs, fp32 outputs) for GPU serving."""
-    import copy
-
-    import torch
-
-    from export.torchscript_export import export_torchscript
-
-    encoder = copy.deepcopy(loaded.encoder(emb_layer=emb_layer, attention="sdpa")).to(torch.bfloat16).eval()
-    written = export_torchscript(encoder, path.parent)
-    if written != path:
-        os.replace(written, path)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------- runs
@@ -193,13 +157,15 @@ def run_triton(
     http_concurrencies: list[int] | None = None,
     rows: list[dict] | None = None,
     metric_rows: list[dict] | None = None,
+    repeats: int = 1,
+    client_protocols: tuple[str, ...] = (),
+    client_concurrency: int = 2,
     backends: tuple[str, ...] = ("auto",),
 ) -> tuple[list[dict], list[dict], dict]:
-    """Serve ``models`` from ``ctx.repository`` and measure them; returns (rows, metric rows, info).
-
-    ``backends``: one server per entry, one after the other on the same cells and inputs (``real``: Triton's
-    C++ onnxruntime/pytorch backends, ``stand-in``: the Python stand-ins, ``auto``: real when built); each
-    row's ``backend`` says which served it."""
+    """Serve ``models`` from ``ctx.repository`` and measure them, each point ``repeats`` times; returns
+    (rows, metric rows, info). ``backends``: one server per entry, one after the other on the same cells and
+    inputs (``real``: Triton's C++ onnxruntime/pytorch backends, ``stand-in``: the Python stand-ins, ``auto``:
+    real when built); each row's ``backend`` says which served it."""
     from geneformer_triton.server import LocalTritonServer
 
     served = [SERVED[m] for m in models]
@@ -215,65 +181,71 @@ def run_triton(
     metric_rows = [] if metric_rows is None else metric_rows
     info = {"models": needed, "protocols": protocols, "concurrencies": concurrencies,
             "http_concurrencies": http_concurrencies or concurrencies, "batch_size": batch_size,
-            "perf_analyzer": str(binary), "model_config_name": model_config_name, "backends": {}}
+            "perf_analyzer": str(binary), "model_config_name": model_config_name, "repeats": repeats}
     # $GFTRITON_SERVER_PYTHONPATH goes first on the server's (python stubs') PYTHONPATH only: a GPU host
     # whose Python has numpy 2 gives the stubs numpy<2 there (Triton 2.51's python backend needs it)
     server_env = {}
     if os.environ.get("GFTRITON_SERVER_PYTHONPATH"):
         server_env["PYTHONPATH"] = os.pathsep.join(
             p for p in (os.environ["GFTRITON_SERVER_PYTHONPATH"], os.environ.get("PYTHONPATH", "")) if p)
+    info["backends"] = {}
     for requested in backends:
         suffix = f"-{requested}" if len(backends) > 1 else ""
-        _serve_and_measure(LocalTritonServer(
-            ctx.repository, models=needed, model_config_name=model_config_name,
-            work_dir=ctx.work_dir / f"server{suffix}", log_path=out_dir / f"tritonserver{suffix}.log",
-            allow_gpu_metrics=ctx.device.startswith("cuda"), env=server_env, backends=requested),
-            served, ctx, method_specs, enc_cells, full_cells, binary, env, inputs, csv_dir, protocols, concurrencies,
-            http_concurrencies, passes, batch_size, timeout_s, min_seconds, rows, metric_rows, info)
+        server = LocalTritonServer(ctx.repository, models=needed, model_config_name=model_config_name,
+                                   work_dir=ctx.work_dir / f"server{suffix}", log_path=out_dir / f"tritonserver{suffix}.log",
+                                   allow_gpu_metrics=ctx.device.startswith("cuda"), env=server_env, backends=requested)
+        started = time.perf_counter()
+        with server:
+            info["server_start_s"] = time.perf_counter() - started
+            info["backends"][server.backend_choice.kind] = served_backends(server)
+            for model in served:
+                cells = full_cells if model.kind == "ensemble" else enc_cells
+
+                def inprocess_now() -> tuple[float, float]:
+                    if model.method not in method_specs:
+                        return float("nan"), float("nan")
+                    LOGGER.info("in-process %s on the same %d cells (for %s)", model.method, len(cells), model.name)
+                    row, _ = measure_method(method_specs[model.method], ctx, cells, _arch(ctx), repeats)
+                    return (float("nan"), float("nan")) if row["error"] else (row["cells_per_s"], row["cpu_s_per_cell"])
+
+                # the same backend in process right before and right after this model's runs (the mean is the
+                # reference: drift in what else runs on the machine then affects both sides alike)
+                before = inprocess_now()
+                # every run sends each cell the same number of times; at least ~min_seconds of work, since
+                # perf_analyzer measures its window in whole seconds
+                rounds = passes
+                if min_seconds and before[0] == before[0] and before[0] > 0:
+                    rounds = max(passes, int(np.ceil(min_seconds * before[0] / len(cells))))
+                request_count = max(len(cells) * rounds // batch_size, 1)
+                model_rows = []
+                for protocol in protocols:
+                    url = server.grpc_url if protocol == "grpc" else server.http_url
+                    for concurrency in (http_concurrencies or concurrencies) if protocol == "http" else concurrencies:
+                        model_rows.append(_one_run(model, server, binary, env, url, protocol, concurrency, batch_size,
+                                                   max(request_count, concurrency * 2), inputs[(model.signature, batch_size)],
+                                                   csv_dir, cells, before[0], timeout_s, metric_rows, repeats))
+                for protocol in client_protocols:
+                    model_rows.append(_client_run(model, server, protocol, client_concurrency, cells, ctx.pad_id, repeats))
+                for row in model_rows:
+                    row["backend"] = server.backend_choice.kind
+                rows.extend(model_rows)
+                after = inprocess_now()
+                for row in model_rows:
+                    _set_efficiency(row, before, after)
     return rows, metric_rows, info
 
 
-def _serve_and_measure(server, served: list[ServedModel], ctx: BuildContext, method_specs: dict[str, MethodSpec],
-                       enc_cells: CellSet, full_cells: CellSet, binary: Path, env: dict, inputs: dict, csv_dir: Path,
-                       protocols: list[str], concurrencies: list[int], http_concurrencies: list[int] | None,
-                       passes: int, batch_size: int, timeout_s: float, min_seconds: float, rows: list[dict],
-                       metric_rows: list[dict], info: dict) -> None:
-    """Start ``server``, then for each served model: in-process rate, perf_analyzer runs, in-process rate."""
-    started = time.perf_counter()
-    with server:
-        backend = server.backend_choice.kind
-        info["backends"][backend] = {"server_start_s": time.perf_counter() - started,
-                                     "reason": server.backend_choice.reason, "log": str(server.log_path)}
-        for model in served:
-            cells = full_cells if model.kind == "ensemble" else enc_cells
-
-            def inprocess_now() -> tuple[float, float]:
-                if model.method not in method_specs:
-                    return float("nan"), float("nan")
-                LOGGER.info("in-process %s on the same %d cells (for %s)", model.method, len(cells), model.name)
-                row, _ = measure_method(method_specs[model.method], ctx, cells, _arch(ctx))
-                return (float("nan"), float("nan")) if row["error"] else (row["cells_per_s"], row["cpu_s_per_cell"])
-
-            # the same backend in process right before and right after this model's runs (the mean is the
-            # reference: drift in what else runs on the machine then affects both sides alike)
-            before = inprocess_now()
-            # every run sends each cell the same number of times; at least ~min_seconds of work, since
-            # perf_analyzer measures its window in whole seconds
-            rounds = passes
-            if min_seconds and before[0] == before[0] and before[0] > 0:
-                rounds = max(passes, int(np.ceil(min_seconds * before[0] / len(cells))))
-            request_count = max(len(cells) * rounds // batch_size, 1)
-            model_rows = []
-            for protocol in protocols:
-                url = server.grpc_url if protocol == "grpc" else server.http_url
-                for concurrency in (http_concurrencies or concurrencies) if protocol == "http" else concurrencies:
-                    model_rows.append(_one_run(model, backend, server, binary, env, url, protocol, concurrency, batch_size,
-                                               max(request_count, concurrency * 2), inputs[(model.signature, batch_size)],
-                                               csv_dir, cells, before[0], timeout_s, metric_rows))
-            rows.extend(model_rows)
-            after = inprocess_now()
-            for row in model_rows:
-                _set_efficiency(row, before, after)
+def served_backends(server) -> dict[str, str]:
+    """Backend name -> what serves it: ``C++ libtriton_<name>.so`` or ``python stand-in`` (a model.py)."""
+    args = [a for a in getattr(server, "command", None) or [] if str(a).startswith("--backend-directory=")]
+    if not args:
+        return {}
+    found = {}
+    for folder in sorted(p for p in Path(str(args[0]).split("=", 1)[1]).iterdir() if p.is_dir()):
+        library = next(iter(sorted(folder.glob("libtriton_*.so"))), None)
+        found[folder.name] = f"C++ {library.name}" if library is not None else (
+            "python stand-in (model.py)" if (folder / "model.py").is_file() else "?")
+    return found
 
 
 def _arch(ctx: BuildContext):
@@ -282,51 +254,66 @@ def _arch(ctx: BuildContext):
     return Architecture.from_config(ctx.loaded.config)
 
 
-def _one_run(model: ServedModel, backend: str, server, binary: Path, env: dict, url: str, protocol: str, concurrency: int,
+def _one_run(model: ServedModel, server, binary: Path, env: dict, url: str, protocol: str, concurrency: int,
              batch_size: int, request_count: int, input_data: Path, csv_dir: Path, cells: CellSet, inprocess: float,
-             timeout_s: float, metric_rows: list[dict]) -> dict:
+             timeout_s: float, metric_rows: list[dict], repeats: int = 1) -> dict:
+    """``repeats`` perf_analyzer runs of ``request_count`` requests at one point; the row: median cells/s
+    (min-max), tritonserver-tree CPU seconds per cell, latencies and breakdown of the median run."""
     row = {c: float("nan") for c in TRITON_COLUMNS}
-    row.update(model=model.name, kind=model.kind, backend=backend, protocol=protocol, concurrency=concurrency, batch_size=batch_size,
+    row.update(model=model.name, kind=model.kind, protocol=protocol, concurrency=concurrency, batch_size=batch_size,
                request_count=request_count, n_cells=len(cells), tokens_mean=float(cells.lengths.mean()),
                inprocess_method=model.method, inprocess_cells_per_s=inprocess, error="")
-    stem = f"{model.name}_{backend}_{protocol}_c{concurrency}_b{batch_size}"
-    csv_path = csv_dir / f"{stem}.csv"
-    command = perf.perf_analyzer_command(binary, model.name, url, protocol, input_data, concurrency, request_count,
-                                         csv_path, batch_size)
-    LOGGER.info("perf_analyzer %s %s concurrency %d batch %d: %d requests", model.name, protocol, concurrency,
-                batch_size, request_count)
+    stem = f"{model.name}_{protocol}_c{concurrency}_b{batch_size}"
+    LOGGER.info("perf_analyzer %s %s concurrency %d batch %d: %d requests x %d repeats", model.name, protocol,
+                concurrency, batch_size, request_count, repeats)
     try:
-        before = triton_metrics.scrape(server.metrics_url)
+        row["loadavg_before"] = os.getloadavg()[0]
+        metrics_before = triton_metrics.scrape(server.metrics_url)
+        runs = []
         pa_sampler = ResourceSampler(pids=[], include_children=False, gpu=False)
         started = time.perf_counter()
         with ResourceSampler(pids=[server.pid]) as server_sampler, pa_sampler:
-            code, tail = perf.run_perf_analyzer(command, env, timeout_s, csv_dir / f"{stem}.log", on_start=pa_sampler.watch)
+            for repeat in range(repeats):
+                csv_path = csv_dir / f"{stem}_r{repeat}.csv"
+                command = perf.perf_analyzer_command(binary, model.name, url, protocol, input_data, concurrency,
+                                                     request_count, csv_path, batch_size)
+                cpu0 = cpu_times(server.pid)
+                code, tail = perf.run_perf_analyzer(command, env, timeout_s, csv_dir / f"{stem}_r{repeat}.log",
+                                                    on_start=pa_sampler.watch)
+                server_cpu = cpu_times(server.pid) - cpu0
+                if code != 0 or not csv_path.is_file():
+                    raise RuntimeError(f"perf_analyzer exit {code}: {tail[-600:]}")
+                run = {"csv": csv_path, **perf.parse_csv(csv_path)}
+                run["cells_per_s_perf_analyzer"] = run["infer_per_s"]
+                run["cells_per_s_littles_law"] = concurrency * batch_size / (run.get("avg_latency_us", float("nan")) / 1e6)
+                select_throughput(run)
+                run["server_cpu_s_per_cell"] = server_cpu / (request_count * batch_size)
+                runs.append(run)
         row["wall_s"] = time.perf_counter() - started
-        after = triton_metrics.scrape(server.metrics_url)
-        if code != 0 or not csv_path.is_file():
-            raise RuntimeError(f"perf_analyzer exit {code}: {tail[-600:]}")
-        parsed = perf.parse_csv(csv_path)
-        row["cells_per_s_perf_analyzer"] = parsed["infer_per_s"]
+        row["loadavg_after"] = os.getloadavg()[0]
+        metrics_after = triton_metrics.scrape(server.metrics_url)
+        row.update(summarize_rates([r["cells_per_s"] for r in runs], [r["server_cpu_s_per_cell"] for r in runs]))
+        row["server_cpu_s_per_cell"] = row.pop("cpu_s_per_cell")
+        median = sorted(runs, key=lambda r: r["cells_per_s"])[len(runs) // 2]
+        row["throughput_source"] = median["throughput_source"]
+        for name in ("cells_per_s_perf_analyzer", "cells_per_s_littles_law"):
+            row[name] = median[name]
         for name in ("p50", "p90", "p95", "p99"):
-            row[f"{name}_ms"] = parsed.get(f"{name}_us", float("nan")) / 1e3
-        row["avg_latency_ms"] = parsed.get("avg_latency_us", float("nan")) / 1e3
-        # Little's law (closed loop, `concurrency` requests always in flight): a check on perf_analyzer's
-        # figure, whose measurement window is counted in whole seconds
-        row["cells_per_s_littles_law"] = concurrency * batch_size / (row["avg_latency_ms"] / 1e3)
-        select_throughput(row)
+            row[f"{name}_ms"] = median.get(f"{name}_us", float("nan")) / 1e3
+        row["avg_latency_ms"] = median.get("avg_latency_us", float("nan")) / 1e3
         for name in ("client_send", "network", "server_queue", "server_compute_input", "server_compute_infer",
                      "server_compute_output", "client_recv"):
-            row[f"{name}_ms"] = parsed.get(f"{name}_us", float("nan")) / 1e3
-        row["csv"] = str(csv_path.relative_to(csv_dir.parent))
-        for name in model.composing:
-            parts = triton_metrics.breakdown(before, after, name)
-            metric_rows.append({"model": model.name, "backend": backend, "composing_model": name, "protocol": protocol,
+            row[f"{name}_ms"] = median.get(f"{name}_us", float("nan")) / 1e3
+        row["csv"] = str(median["csv"].relative_to(csv_dir.parent))
+        for name in model.composing:  # server-side breakdown over all repeats
+            parts = triton_metrics.breakdown(metrics_before, metrics_after, name)
+            metric_rows.append({"model": model.name, "composing_model": name, "protocol": protocol,
                                 "concurrency": concurrency, "batch_size": batch_size, **parts})
             prefix = "tok_" if name == "geneformer_tokenizer" else "enc_"
             for key in ("avg_batch", "queue_ms", "compute_infer_ms", "compute_infer_ms_per_exec"):
                 if f"{prefix}{key}" in row:
                     row[f"{prefix}{key}"] = parts[key]
-        gauges = triton_metrics.gauges(after)
+        gauges = triton_metrics.gauges(metrics_after)
         if gauges["nv_gpu_utilization"] == gauges["nv_gpu_utilization"]:
             row["gpu_util_mean"] = gauges["nv_gpu_utilization"] * 100
         summary = server_sampler.summary
@@ -338,8 +325,50 @@ def _one_run(model: ServedModel, backend: str, server, binary: Path, env: dict, 
     except Exception as error:  # noqa: BLE001 - record and go on
         LOGGER.error("%s %s c%d: %s", model.name, protocol, concurrency, error)
         row["error"] = f"{type(error).__name__}: {error}".replace("\n", " ")[:600]
-    LOGGER.info("  %s %s c%d: %.2f cells/s (in-process before %.2f)", model.name, protocol, concurrency,
-                row["cells_per_s"], inprocess)
+    LOGGER.info("  %s %s c%d: %s cells/s (in-process before %.2f)", model.name, protocol, concurrency,
+                range_text(row), inprocess)
+    return row
+
+
+def _client_run(model: ServedModel, server, protocol: str, concurrency: int, cells: CellSet, pad_id: int,
+                repeats: int) -> dict:
+    """The project's own client (``client.triton_client.GeneformerClient``) embedding every cell, one cell
+    per request, ``concurrency`` requests in flight, ``repeats`` times: protocol ``<protocol>+client``."""
+    from client.triton_client import GeneformerClient, pack_cells
+
+    row = {c: float("nan") for c in TRITON_COLUMNS}
+    row.update(model=model.name, kind=model.kind, protocol=f"{protocol}+client", concurrency=concurrency, batch_size=1,
+               request_count=len(cells), n_cells=len(cells), tokens_mean=float(cells.lengths.mean()),
+               inprocess_method=model.method, throughput_source="client wall clock", error="")
+    try:
+        if model.kind == "ensemble":
+            adata = cells.adata[cells.rows]
+            gene_ids, counts = pack_cells(adata.X, list(adata.var["ensembl_id"]))
+            n_counts = np.asarray(adata.obs["n_counts"], dtype=np.float32)
+        url = server.grpc_url if protocol == "grpc" else server.http_url
+        walls, cpus = [], []
+        row["loadavg_before"] = os.getloadavg()[0]
+        with GeneformerClient(url, protocol, concurrency=concurrency) as client:
+            def embed(n: int = len(cells)) -> np.ndarray:
+                if model.kind == "ensemble":
+                    return client.embed_cells(gene_ids[:n], counts[:n], n_counts[:n], model.name, batch_size=1)
+                return client.embed_tokens(cells.tokens[:n], model.name, batch_size=1, pad_id=pad_id)
+
+            embed(concurrency)  # warm-up
+            for _ in range(repeats):
+                cpu0, wall0 = cpu_times(server.pid), time.perf_counter()
+                embed()
+                walls.append(time.perf_counter() - wall0)
+                cpus.append(cpu_times(server.pid) - cpu0)
+        row["loadavg_after"] = os.getloadavg()[0]
+        rates = [len(cells) / w for w in walls]
+        row.update(summarize_rates(rates, [c / len(cells) for c in cpus]))
+        row["server_cpu_s_per_cell"] = row.pop("cpu_s_per_cell")
+        row["wall_s"] = float(sum(walls))
+    except Exception as error:  # noqa: BLE001 - record and go on
+        LOGGER.error("%s %s client: %s", model.name, protocol, error)
+        row["error"] = f"{type(error).__name__}: {error}".replace("\n", " ")[:600]
+    LOGGER.info("  %s %s+client c%d: %s cells/s", model.name, protocol, concurrency, range_text(row))
     return row
 
 
@@ -349,15 +378,14 @@ def _mean(*values: float) -> float:
 
 
 def _set_efficiency(row: dict, before: tuple[float, float], after: tuple[float, float]) -> None:
-    """efficiency = Triton cells/s over the in-process cells/s (mean of before and after); cpu_efficiency =
-    in-process CPU seconds per cell over the server's (tritonserver + stubs) CPU seconds per cell."""
+    """efficiency = Triton cells/s over the in-process cells/s (mean of the medians before and after);
+    cpu_efficiency = in-process CPU seconds per cell over the server's (tritonserver + stubs) ones."""
     rate = _mean(before[0], after[0])
     row.update(inprocess_cells_per_s=rate, inprocess_before=before[0], inprocess_after=after[0])
     row["efficiency"] = row["cells_per_s"] / rate if rate == rate and rate > 0 else float("nan")
     cpu = _mean(before[1], after[1])
-    server_cpu = row["server_cpu_pct_mean"] / 100.0 / row["cells_per_s"] if row["cells_per_s"] == row["cells_per_s"] and row["cells_per_s"] > 0 else float("nan")
+    server_cpu = row["server_cpu_s_per_cell"]  # measured: CPU times of the tritonserver tree over the runs
     row["inprocess_cpu_s_per_cell"] = cpu
-    row["server_cpu_s_per_cell"] = server_cpu
     row["cpu_efficiency"] = cpu / server_cpu if cpu == cpu and server_cpu == server_cpu and server_cpu > 0 else float("nan")
     LOGGER.info("  %s %s c%d: efficiency %.2f (in-process %.2f -> %.2f), CPU-time efficiency %.2f", row["model"],
                 row["protocol"], row["concurrency"], row["efficiency"], before[0], after[0], row["cpu_efficiency"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from export.formats import DEFAULT_FORMATS, ENCODER_FORMATS
+from export.formats import DEFAULT_FORMATS, ENCODER_FORMATS, PRECISIONS, formats_for
 from geneformer_triton.model_args import add_model_arguments, load_model_from_args
 
 LOGGER = logging.getLogger(__name__)
@@ -16,6 +16,8 @@ def run_export(args: argparse.Namespace) -> int:
 
     loaded = load_model_from_args(args)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if args.precision:
+        formats = formats_for([p.strip() for p in args.precision.split(",") if p.strip()], formats)
     written = export_model_repository(loaded, args.repository, formats, args.emb_layer, args.pooling)
     for name, path in written.items():
         LOGGER.info("%-12s -> %s", name, path)
@@ -35,10 +37,13 @@ def run_export_tensorrt(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("export", help="export encoders (ONNX fp32/fp16, TorchScript) and tokenizer files into a Triton model repository")
+    parser = subparsers.add_parser("export", help="export encoders (ONNX fp32/fp16/int8, TorchScript fp32/bf16) and tokenizer files into a Triton model repository")
     add_model_arguments(parser)
     parser.add_argument("--repository", default="model_repository", help="model repository folder")
     parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS), help=f"comma list of {sorted(ENCODER_FORMATS)}")
+    parser.add_argument("--precision", default="",
+                        help=f"comma list of {list(PRECISIONS)}: export only the formats of these precisions "
+                             f"({', '.join(f'{f.precision}: {f.name}' for f in ENCODER_FORMATS.values())})")
     parser.add_argument("--emb-layer", type=int, default=-1, help="hidden_states index to embed (helical meaning; -1 = last layer)")
     parser.add_argument("--save-checkpoint", metavar="DIR",
                         help="also write the served weights as a Hugging Face BertForMaskedLM folder (config.json + "

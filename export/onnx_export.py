@@ -4,7 +4,9 @@ Two files per export:
 - ``model.onnx``: the graph served by Triton's onnxruntime backend. By default it is passed through
   onnxruntime's transformer optimizer (fused Attention, SkipLayerNormalization: com.microsoft
   contrib ops, which onnxruntime runs on CPU and CUDA); ``fp16`` converts weights and compute to
-  float16 with float32 inputs/outputs kept.
+  float16 with float32 inputs/outputs kept; ``int8`` is onnxruntime's dynamic quantization of the fused
+  fp32 graph (int8 weights, activations quantized per call: QAttention, DynamicQuantizeMatMul; onnxruntime
+  runs them with AVX512-VNNI / AVX2 integer dot products on CPU).
 - ``model.portable.onnx``: the same encoder in standard ONNX ops only, fp32 — the input of the
   TensorRT builder (its parser does not read onnxruntime contrib ops).
 """
@@ -12,6 +14,7 @@ Two files per export:
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -34,7 +37,7 @@ DYNAMIC_AXES = {
 OPSET = 17
 PORTABLE_NAME = "model.portable.onnx"
 
-Precision = Literal["fp32", "fp16"]
+Precision = Literal["fp32", "fp16", "int8"]
 
 
 def _example_inputs(vocab_size: int, length: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +96,30 @@ def optimize_for_onnxruntime(
     return path
 
 
+def quantize_onnx_int8(source: str | Path, target: str | Path) -> Path:
+    """int8 dynamic quantization (weights int8 per tensor, activations quantized per call) of a fused
+    fp32 ONNX graph at ``source`` into ``target``; reused when ``target`` is newer than ``source``."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    source, target = Path(source), Path(target)
+    if target.is_file() and target.stat().st_mtime >= source.stat().st_mtime:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp.onnx")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))  # the quantizer logs every tensor at INFO on the root logger
+    try:
+        quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    finally:
+        root.setLevel(level)
+    os.replace(tmp, target)
+    onnx.checker.check_model(str(target))
+    LOGGER.info("int8 dynamic quantization: %s -> %s", source, target)
+    return target
+
+
 def export_onnx(
     encoder: GeneformerEncoder,
     version_dir: str | Path,
@@ -102,18 +129,26 @@ def export_onnx(
 ) -> Path:
     """Write ``model.onnx`` (+ ``model.portable.onnx``) into a Triton version folder; returns model.onnx.
 
-    ``encoder`` must be fp32 with ``attention="math"``; fp16 is produced by conversion after fusion.
+    ``encoder`` must be fp32 with ``attention="math"``; fp16 is produced by conversion after fusion, int8
+    by dynamic quantization of the fused fp32 graph.
     """
     version_dir = Path(version_dir)
     portable = export_portable_onnx(encoder, version_dir / PORTABLE_NAME, opset)
     target = version_dir / "model.onnx"
     if optimize:
-        optimize_for_onnxruntime(portable, target, encoder.num_heads, encoder.hidden_size, precision)
+        if precision == "int8":
+            fused = version_dir / "model.fp32.onnx"
+            optimize_for_onnxruntime(portable, fused, encoder.num_heads, encoder.hidden_size, "fp32")
+            target.unlink(missing_ok=True)
+            quantize_onnx_int8(fused, target)
+            fused.unlink()
+        else:
+            optimize_for_onnxruntime(portable, target, encoder.num_heads, encoder.hidden_size, precision)
         if precision != "fp32":  # the portable graph (TensorRT's input) is kept for the fp32 model only
             portable.unlink()
         return target
-    if precision == "fp16":
-        raise ValueError("fp16 ONNX export needs optimize=True (conversion runs on the optimized graph)")
+    if precision != "fp32":
+        raise ValueError(f"{precision} ONNX export needs optimize=True (it is made from the optimized graph)")
     target.write_bytes(portable.read_bytes())
     return target
 

@@ -8,6 +8,7 @@ when the model's hidden size, input size or special tokens differ from the defau
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import platform
@@ -28,9 +29,6 @@ from geneformer_triton import __version__
 from geneformer_triton.loading import LoadedGeneformer
 
 LOGGER = logging.getLogger(__name__)
-
-
-
 
 
 def tool_versions() -> dict[str, str]:
@@ -128,6 +126,10 @@ def export_model_repository(
         started = time.perf_counter()
         if fmt.kind == "onnx":
             written[name] = export_onnx(encoder, version_dir, precision=fmt.precision)
+        elif fmt.precision == "bf16":
+            # a private copy: the encoder shares its modules with the loaded model, .to() converts in place
+            bf16 = copy.deepcopy(encoder).to(torch.bfloat16).eval()
+            written[name] = export_torchscript(bf16, version_dir)
         else:
             written[name] = export_torchscript(encoder, version_dir)
         write_manifest(version_dir, loaded, fmt, layer, pooling)

@@ -20,7 +20,7 @@ from geneformer_triton.model_args import add_model_arguments, load_model_from_ar
 
 LOGGER = logging.getLogger(__name__)
 
-DEMO_MODEL = "geneformer_embed_onnx"
+DEMO_MODEL = "geneformer_embed_onnx_int8"  # fastest served path that holds its gate (bench/results/2026-12-01-vm)
 
 
 def _embed_throughput(url: str, protocol: str, adata, model: str, concurrency: int) -> dict:

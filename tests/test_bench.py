@@ -80,7 +80,8 @@ def test_quick_files(quick_results):
     assert list((out / "perf_analyzer").glob("*.csv")), "perf_analyzer's own CSVs are kept"
     assert (out / "perf_inputs" / "onnx_b1.json").is_file() and (out / "perf_inputs" / "ensemble_b1.json").is_file()
     report = (out / "report.md").read_text()
-    for heading in ("## Targets", "## In-process", "## Through Triton", "## Scaling", "![throughput_by_method.png]"):
+    for heading in ("## Headline: the served path", "## Targets", "## In-process", "## Through Triton", "## Scaling",
+                    "![throughput_by_method.png]"):
         assert heading in report
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "quick" and summary["cells"]["n_cells"] == 8 and summary["cells"]["max_length"] == 512
@@ -97,7 +98,11 @@ def test_quick_inprocess_consistent(quick_results):
     for row in table.itertuples():
         assert row.cells_per_s > 0 and row.n_cells == 8
         assert _close(row.ratio_vs_baseline, row.cells_per_s / base)
-        assert _close(row.cells_per_s, row.n_cells / row.wall_s)
+        assert _close(row.cells_per_s, row.n_cells / row.wall_s)  # wall_s: the median repeat
+        assert row.repeats == 3 and row.cells_per_s_min <= row.cells_per_s <= row.cells_per_s_max
+        assert _close(row.cells_per_s_min, row.n_cells / row.wall_s_max)
+        assert row.cells_per_cpu_s_min <= row.cells_per_cpu_s <= row.cells_per_cpu_s_max
+        assert row.loadavg_before >= 0 and row.loadavg_after >= 0
         assert _close(row.tokens_per_s, row.tokens / row.wall_s)
         assert _close(row.useful_tflop_per_s, row.useful_gflop_per_cell * row.n_cells / row.wall_s / 1e3)
         assert row.executed_gflop_per_cell >= row.useful_gflop_per_cell * (1 - 1e-9)
@@ -114,9 +119,14 @@ def test_quick_inprocess_consistent(quick_results):
 
 def test_quick_triton_consistent(quick_results):
     table = pd.read_csv(quick_results / "triton.csv")
-    assert set(zip(table["model"], table["protocol"])) == {
-        ("geneformer_onnx", "grpc"), ("geneformer_onnx", "http"), ("geneformer_embed_onnx", "grpc"), ("geneformer_embed_onnx", "http")}
+    models = ("geneformer_onnx_int8", "geneformer_embed_onnx_int8")
+    assert set(zip(table["model"], table["protocol"])) == {(m, p) for m in models for p in ("grpc", "http", "grpc+client")}
     assert (table["error"].fillna("") == "").all(), table[["model", "error"]]
+    client = table[table["protocol"] == "grpc+client"]
+    for row in client.itertuples():  # the project's client, timed like everything else
+        assert row.repeats == 3 and row.cells_per_s_min <= row.cells_per_s <= row.cells_per_s_max
+        assert row.server_cpu_s_per_cell > 0 and _close(row.efficiency, row.cells_per_s / row.inprocess_cells_per_s)
+    table = table[table["protocol"] != "grpc+client"]
     for row in table.itertuples():
         assert row.cells_per_s > 0 and row.inprocess_cells_per_s > 0
         assert _close(row.efficiency, row.cells_per_s / row.inprocess_cells_per_s)
@@ -124,18 +134,58 @@ def test_quick_triton_consistent(quick_results):
         assert _close(row.cells_per_s, row.concurrency * row.batch_size / (row.avg_latency_ms / 1e3))
         assert 0.5 < row.cells_per_s / row.cells_per_s_perf_analyzer < 10  # whole-second windows in short runs
         assert _close(row.inprocess_cells_per_s, (row.inprocess_before + row.inprocess_after) / 2)
+        assert row.repeats == 3 and row.cells_per_s_min <= row.cells_per_s <= row.cells_per_s_max
+        assert row.server_cpu_s_per_cell > 0 and _close(row.cpu_efficiency, row.inprocess_cpu_s_per_cell / row.server_cpu_s_per_cell)
+        assert row.loadavg_before >= 0 and row.gate_pass  # the served file's in-process run held its gate
         assert row.p50_ms <= row.p90_ms <= row.p95_ms <= row.p99_ms
         assert row.server_compute_infer_ms > 0 and row.enc_avg_batch >= 1
         assert (quick_results / row.csv).is_file()
         header = (quick_results / row.csv).read_text().splitlines()[0]
         assert "Server Queue" in header and "Server Compute Infer" in header
-    ensembles = table[table["model"] == "geneformer_embed_onnx"]
+    ensembles = table[table["model"] == "geneformer_embed_onnx_int8"]
     assert (ensembles["tok_compute_infer_ms"] > 0).all()
     metrics = pd.read_csv(quick_results / "triton_metrics.csv")
-    encoder = metrics[(metrics["model"] == "geneformer_onnx") & (metrics["composing_model"] == "geneformer_onnx")]
+    encoder = metrics[(metrics["model"] == "geneformer_onnx_int8") & (metrics["composing_model"] == "geneformer_onnx_int8")]
     assert len(encoder) == 2 and (encoder["failures"] == 0).all()
-    assert (encoder["requests"] == table[table["model"] == "geneformer_onnx"]["request_count"].to_numpy()).all()
-    assert set(metrics[metrics["model"] == "geneformer_embed_onnx"]["composing_model"]) == {"geneformer_tokenizer", "geneformer_onnx"}
+    served = table[table["model"] == "geneformer_onnx_int8"]
+    assert (encoder["requests"].to_numpy() == (served["request_count"] * served["repeats"]).to_numpy()).all()
+    assert set(metrics[metrics["model"] == "geneformer_embed_onnx_int8"]["composing_model"]) == {
+        "geneformer_tokenizer", "geneformer_onnx_int8"}
+    report = (quick_results / "report.md").read_text()
+    assert "`geneformer_embed_onnx_int8` (grpc" in report  # the declared headline model, not the fastest row
+
+
+def test_targets_use_every_concurrency_and_the_seed():
+    """The efficiency target must hold at every concurrency >= 2 (one dip fails it), and the served ratio is
+    against the seed baseline (helical get_embeddings): a run without it does not meet the target."""
+    from bench.report import add_served_ratios, evaluate_targets
+
+    inprocess = pd.DataFrame([
+        {"method": "helical_get_embeddings", "family": "helical", "cells_per_s": 0.5, "cells_per_s_min": 0.4,
+         "cells_per_s_max": 0.6, "cpu_s_per_cell": 4.0, "fidelity_pass": True, "error": ""},
+        {"method": "onnx_int8_b1", "family": "encoder", "cells_per_s": 11.0, "cells_per_s_min": 10.0,
+         "cells_per_s_max": 12.0, "cpu_s_per_cell": 0.18, "fidelity_pass": True, "error": ""},
+    ])
+    def served(efficiencies, base=inprocess):
+        rows = [{"model": "geneformer_onnx_int8", "protocol": "grpc", "concurrency": c, "cells_per_s": 11.0 * e,
+                 "cells_per_s_min": 10.0 * e, "cells_per_s_max": 12.0 * e, "server_cpu_s_per_cell": 0.2,
+                 "efficiency": e, "inprocess_method": "onnx_int8_b1", "error": ""} for c, e in efficiencies]
+        frame = pd.DataFrame(rows)
+        add_served_ratios(frame, base)
+        return frame
+
+    good = evaluate_targets(inprocess, served([(1, 0.7), (2, 0.95), (4, 0.92)]), "full")
+    by_kind = {t["target"].split(" ")[0] + t["target"].split(" ")[1]: t for t in good}
+    assert by_kind["bestserved"]["passed"] and "20.90x" in by_kind["bestserved"]["value"]  # 10.45 / 0.5
+    assert by_kind["served>="]["passed"]  # concurrency 1 is not part of the target
+    dip = evaluate_targets(inprocess, served([(2, 0.95), (4, 0.6), (8, 0.99)]), "full")
+    assert not [t for t in dip if t["target"].startswith("served >=")][0]["passed"]
+    faster_seed = inprocess.assign(cells_per_s=[0.6, 11.0])
+    slow = evaluate_targets(faster_seed, served([(2, 0.95)], faster_seed), "full")
+    assert not [t for t in slow if t["target"].startswith("best served")][0]["passed"]  # 10.45 / 0.6 < 20
+    without = inprocess[inprocess["method"] != "helical_get_embeddings"]
+    no_seed = evaluate_targets(without, served([(2, 0.95)], without), "full")
+    assert not [t for t in no_seed if t["target"].startswith("best served")][0]["passed"]
 
 
 def test_quick_scaling(quick_results):
@@ -146,3 +196,28 @@ def test_quick_scaling(quick_results):
     assert list(length["x"]) == [128, 256, 512] and np.allclose(length["tokens_mean"], length["x"])
     assert list(table[table["sweep"] == "cells"]["n_cells"]) == [4, 8]
     assert (table["cells_per_s"] > 0).all()
+
+
+@pytest.mark.parametrize("mode", ["quick", "full", "gpu"])
+def test_mode_plans_resolve(mode):
+    """Every mode names methods, served models and exports that exist (the GPU one cannot run here)."""
+    from bench.cli import mode_plan
+
+    plan = mode_plan(mode)
+    assert plan["headline"] in plan["served"] and plan["repeats"] >= 3
+    if mode == "gpu":
+        assert "torch_bf16_packed" in plan["methods"] and "torchscript_bf16" in plan["exports"]
+
+
+def test_gpu_script_dry_run_on_cpu():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "VPY": sys.executable, "PYTHONPATH": str(root)}
+    result = subprocess.run(["bash", str(root / "bench" / "gpu.sh"), "--dry-run"], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["served"]["geneformer_embed_torchscript_bf16"] == "torchscript_bf16_gpu"
