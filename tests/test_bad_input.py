@@ -248,7 +248,8 @@ def test_bad_tokens_to_an_encoder_get_invalid_argument(stand_in_client, encoder,
 def _isp_request(**overrides) -> dict[str, np.ndarray]:
     genes = np.array([b"ENSG00000141510", b"ENSG00000133703", b"ENSG00000111640", b"ENSG00000075624"], dtype=object)
     request = {"gene_ids": genes, "counts": np.array([3, 1, 5, 2], dtype=np.float32),
-               "perturbation": np.array([b"inhibit"], dtype=object), "rank_shift": np.array([1.0], np.float32)}
+               "perturbation": np.array([b"inhibit"], dtype=object), "rank_shift": np.array([1.0], np.float32),
+               "semantics": np.array([b"ours"], dtype=object)}  # inhibit by rank shift is ours (not upstream's)
     request.update(overrides)
     return request
 

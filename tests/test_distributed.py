@@ -168,11 +168,15 @@ def _run_with_a_kill(cluster: Cluster, run, args: argparse.Namespace, output: Pa
 
 def _assert_server_stopped(victim: dict) -> None:
     assert _pid_gone(victim["server_pid"], 30), f"the killed worker's tritonserver (pid {victim['server_pid']}) leaked"
-    assert not list(Path("/dev/shm").glob(victim["shm_prefix"] + "*"))
-    deadline = time.monotonic() + 10
-    while Path(victim["work_dir"]).exists() and time.monotonic() < deadline:
+    # the watchdog removes the server's shared memory and work folder once the server's group is gone
+    def leftovers() -> list:
+        shm = list(Path("/dev/shm").glob(victim["shm_prefix"] + "*"))
+        return shm + ([victim["work_dir"]] if Path(victim["work_dir"]).exists() else [])
+
+    deadline = time.monotonic() + 15
+    while leftovers() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not Path(victim["work_dir"]).exists()
+    assert not leftovers()
 
 
 def _read_isp(folder: Path) -> pd.DataFrame:
