@@ -14,7 +14,8 @@ reports, for ``embeddings`` [N, H] against ``reference`` [N, H]:
 * ``nn_identity``: fraction of cells whose nearest reference embedding (Euclidean) is their own.
 * ``knn_overlap``: mean fraction of each cell's k nearest neighbours (Euclidean, self excluded) among the
   variant's embeddings that are also its k nearest among the reference's; k = min(10, (N-1) // 2), so
-  that the neighbours are a real choice (with k = N-1 every cell's neighbours are all the others).
+  that the neighbours are a real choice (with k = N-1 every cell's neighbours are all the others); NaN (not
+  gated) below :data:`MIN_KNN_K` neighbours (N < 11), where one changed neighbour moves it by >= 0.2.
 
 Metrics that compare cells with each other (centred cosine, ``rel_err``, ``nn_identity``, ``knn_overlap``)
 need at least :data:`MIN_NEIGHBOUR_CELLS` cells; with fewer they are NaN and not gated.
@@ -39,6 +40,8 @@ from scipy.stats import spearmanr
 
 LOGGER = logging.getLogger(__name__)
 
+#: fewest neighbours for which ``knn_overlap`` is computed and gated (N >= 2 * MIN_KNN_K + 1 cells)
+MIN_KNN_K = 5
 KNN_K = 10
 MIN_NEIGHBOUR_CELLS = 4
 ISP_TOP_K = 20
@@ -155,8 +158,10 @@ def neighbour_metrics(embeddings: np.ndarray, reference: np.ndarray, k: int = KN
     cross = _sq_distances(embeddings, reference)
     nn_identity = float(np.mean(cross.argmin(axis=1) == np.arange(n)))
     k = max(1, min(k, (n - 1) // 2))
-    ours, theirs = _knn(_sq_distances(embeddings, embeddings), k), _knn(_sq_distances(reference, reference), k)
-    overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(ours, theirs)])
+    overlap = math.nan
+    if k >= MIN_KNN_K:
+        ours, theirs = _knn(_sq_distances(embeddings, embeddings), k), _knn(_sq_distances(reference, reference), k)
+        overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(ours, theirs)])
     between = np.sqrt(_sq_distances(reference, reference)[np.triu_indices(n, 1)])
     row_err = np.linalg.norm(embeddings - reference, axis=1)
     median = float(np.median(between))

@@ -70,6 +70,19 @@ def test_knn_overlap_counts_shared_neighbours():
     assert embedding_fidelity(scrambled, reference)["knn_overlap"] < 0.5
 
 
+def test_knn_overlap_needs_enough_neighbours_to_be_gated(cells_like):
+    """Below MIN_KNN_K neighbours (N < 11 cells) one changed neighbour moves the overlap by >= 0.2: not gated;
+    from N = 11 on it is computed (and a scrambled variant fails it)."""
+    from geneformer_triton.fidelity import MIN_KNN_K
+
+    small = cells_like[: 2 * MIN_KNN_K]
+    assert math.isnan(embedding_fidelity(small, small)["knn_overlap"])
+    enough = cells_like[: 2 * MIN_KNN_K + 1]
+    assert embedding_fidelity(enough, enough)["knn_overlap"] == 1.0
+    scrambled = enough[np.random.default_rng(3).permutation(len(enough))]
+    assert "knn_overlap" in " ".join(compare_variant("scrambled", "int8", scrambled, enough).failures)
+
+
 def test_few_cells_skip_between_cell_metrics():
     a = np.ones((MIN_NEIGHBOUR_CELLS - 1, 8))
     stats = embedding_fidelity(a, a)

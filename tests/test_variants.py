@@ -58,7 +58,7 @@ def variant_server(variant_repository):
 
 def test_precision_option_selects_formats():
     assert formats_for(["int8"]) == ["onnx_int8"]
-    assert formats_for(["bf16", "fp32"]) == ["onnx", "torchscript", "torchscript_bf16"]
+    assert formats_for(["bf16", "fp32"]) == ["onnx", "onnx_isp", "torchscript", "torchscript_bf16"]
     with pytest.raises(ValueError, match="unknown precisions"):
         formats_for(["int4"])
     with pytest.raises(ValueError, match="no export format"):
