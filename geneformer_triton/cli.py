@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "client.cli",
     "geneformer_triton.evaluate_cli",
     "client.isp_cli",
+    "geneformer_triton.isp_stats_cli",
     "bench.cli",
 )
 
