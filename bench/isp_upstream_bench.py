@@ -165,13 +165,12 @@ class MethodResult:
 # ----------------------------------------------------------------------------- cells, checkpoint
 
 
-def default_dictionaries() -> Path:
-    shared = Path(os.environ.get("GFTRITON_SHARED_DIR", REPO_ROOT.parent / "shared"))
-    return shared / "geneformer" / "v1"
-
-
 def shared_dir() -> Path:
     return Path(os.environ.get("GFTRITON_SHARED_DIR", REPO_ROOT.parent / "shared"))
+
+
+def default_dictionaries() -> Path:
+    return shared_dir() / "geneformer" / "v1"
 
 
 def select_cells(vocabulary, options: BenchOptions) -> list[BenchCell]:
@@ -192,10 +191,11 @@ def select_cells(vocabulary, options: BenchOptions) -> list[BenchCell]:
         return [BenchCell(f"celltypist_{i}_top{options.quick_length}", np.asarray(cells[i][: options.quick_length]),
                           i, len(cells[i])) for i in long_enough]
     lengths = np.array([len(c) for c in cells])
+    source = "cells_file" if options.cells_file else "celltypist"
     chosen = []
     for target in options.lengths:
         i = int(np.argmin(np.abs(lengths - target)))  # first of equally close cells
-        chosen.append(BenchCell(f"celltypist_{i}", np.asarray(cells[i]), i, int(lengths[i])))
+        chosen.append(BenchCell(f"{source}_{i}", np.asarray(cells[i]), i, int(lengths[i])))
     return chosen
 
 

@@ -79,6 +79,36 @@ def _fmt_range(median: float, low: float, high: float, digits: int = 1) -> str:
     return f"{median:,.{digits}f} ({low:,.{digits}f}-{high:,.{digits}f})"
 
 
+def notes(context: "BenchContext") -> list[str]:
+    """How the run was set up, in words (report.md "Notes")."""
+    options = context.options
+    if options.mode == "quick":
+        cells = (f"quick mode: the first {options.quick_cells} celltypist cell(s) cut to their top "
+                 f"{options.quick_length} ranked genes (CI-sized; figures say little about speed)")
+    else:
+        cells = (f"for each target length ({', '.join(map(str, options.lengths))} tokens) the first of the sample's first "
+                 "160 cells whose full (untruncated) length is closest; one ~500-token cell on CPU keeps the whole run "
+                 "(upstream at ~9 perturbations/s: 2 emb modes x 3 repeats of ~55 s) near 12 minutes")
+    return [
+        f"Cells: {cells}.",
+        f"Upstream forward batch: {UPSTREAM_BATCH_NOTE.format(max_len=options.full_batch_max_length, long=options.long_batch)}.",
+        "Timing: upstream = its own `perturb_data` timing in the oracle runner (loading the model and the dataset, every "
+        "forward pass, writing its result pickles; interpreter start-up and imports excluded); in process = our ISP "
+        "job on an already loaded encoder; served = the client's wall time for all cells against a warm server "
+        "(one warm-up request on a 32-gene prefix first). Repeats run in one process per method.",
+        "Served code: Triton's python-backend stubs ignore PYTHONPATH, so the served worker links this checkout's "
+        "`geneformer_triton` into the server's working directory (first on the stubs' `sys.path`); without it an "
+        "editable install of another checkout would serve its code.",
+        "Values: upstream's `(perturbed, \"cell_emb\")` shifts and `(perturbed, affected)` gene cosines from its raw "
+        "pickles vs our `cell_emb_shift` and `gene_cos` on the same keys (cell, perturbed token[, affected token]); "
+        f"`agrees` = identical key sets and max abs diff <= {options.atol:g}.",
+    ]
+
+
+UPSTREAM_BATCH_NOTE = ("100 (its default) when every cell has <= {max_len} tokens, else {long} (batch 100 on "
+                       "2,048-token cells needs ~7 GB per attention map; on 448-574-token cells it peaked at 7.0 GB RSS)")
+
+
 def _markdown(report: dict) -> str:
     rows = report["results"]
     cells = report["cells"]
@@ -129,7 +159,8 @@ def _markdown(report: dict) -> str:
               f"{report['environment']['platform']}, {report['environment']['cpu_count']} CPUs, torch "
               f"{report['environment']['torch']} (ours). Load average before {machine['before'].get('load_average')} "
               f"({machine['before']['utc']}), after {machine['after'].get('load_average')} ({machine['after']['utc']}); "
-              f"whole run {machine['seconds']:.0f} s. {report['note']}"]
+              f"whole run {machine['seconds']:.0f} s. {report['note']}", "", "## Notes", ""]
+    lines += [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
 
 
@@ -190,6 +221,7 @@ def write_report(context: "BenchContext", results: list["MethodResult"], machine
         "target": {"cpu_served_x_upstream": CPU_TARGET, "served_x_upstream": served,
                    "met": bool(served) and all(v >= CPU_TARGET for v in served.values())},
         "profile": profile,
+        "notes": notes(context),
         "note": ("The machine was shared with other jobs during the run (2 cores): absolute figures are noisy; "
                  "compare ratios from one run."),
         "files": {"csv": str(out / CSV_NAME), "json": str(out / JSON_NAME), "report": str(out / REPORT_NAME),
