@@ -164,7 +164,7 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(rows: list[dict], path: Path, subtitle: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,12 +182,13 @@ def _plot(rows: list[dict], path: Path) -> None:
         x = np.arange(len(modes)) + (k - (len(methods) - 1) / 2) * width
         bars = ax.bar(x, med, width, yerr=[med - low, high - med], capsize=4, label=method)
         for bar, r in zip(bars, sel):
-            if r:
-                ax.annotate(f"{r['x_upstream']:.1f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            if r:  # above the error bar
+                ax.annotate(f"{r['x_upstream']:.1f}x", (bar.get_x() + bar.get_width() / 2, r["max_perturbations_per_s"]),
                             textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
+    ax.set_ylim(0, 1.15 * max(r["max_perturbations_per_s"] for r in rows))  # room for the labels
     ax.set_xticks(np.arange(len(modes)), [f"emb_mode={m}" for m in modes])
     ax.set_ylabel("perturbations / s (median, min-max)")
-    ax.set_title("ISP delete all: ours vs upstream InSilicoPerturber")
+    ax.set_title(f"ISP delete all: ours vs upstream InSilicoPerturber\n{subtitle}", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -230,7 +231,8 @@ def write_report(context: "BenchContext", results: list["MethodResult"], machine
     pd.DataFrame(rows).to_csv(out / CSV_NAME, index=False)
     (out / JSON_NAME).write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
     (out / REPORT_NAME).write_text(_markdown(report))
-    _plot(rows, out / PLOT_NAME)
+    lengths = " + ".join(str(c["tokens"]) for c in report["cells"])
+    _plot(rows, out / PLOT_NAME, f"{options.mode} mode, cells of {lengths} tokens, x = vs upstream (median)")
     return report
 
 
