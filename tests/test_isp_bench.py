@@ -1,8 +1,14 @@
-"""The ISP benchmark's two compute paths give the reference's scores (bench/isp_fastpath.py)."""
+"""ISP benchmarks: the fast paths give the reference's scores (bench/isp_fastpath.py), and the benchmark
+against upstream Geneformer itself (bench/isp_upstream_bench.py, quick mode) reports equal numbers and
+rejects unequal ones."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pandas as pd
+import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
@@ -49,3 +55,74 @@ def test_rank_preserving_counts_tokenize_back_to_the_cell(v1_vocabulary, celltyp
     tokenizer = RankValueTokenizer(v1_vocabulary, 2048, False)
     (again,) = tokenizer.tokenize_gene_lists(gene_ids[None], counts[None], np.array([n_counts]))
     assert np.array_equal(again, tokens)
+
+
+# ----------------------------------------------------------------------------- vs upstream itself (quick mode)
+
+
+@pytest.fixture(scope="module")
+def upstream_quick(tmp_path_factory):
+    """``bench.isp_upstream_bench --mode quick``: real upstream InSilicoPerturber, ours in process and served."""
+    from bench.isp_upstream_bench import BenchOptions, prepare, run_benchmark
+
+    root = tmp_path_factory.mktemp("isp_upstream")
+    options = BenchOptions(mode="quick", out=str(root / "out"), work=str(root / "work"))
+    context = prepare(options)
+    return run_benchmark(options, context), context
+
+
+def test_quick_report_structure_and_equal_numbers(upstream_quick):
+    report, context = upstream_quick
+    out = context.out
+    for name in ("isp_upstream.csv", "isp_upstream.json", "report.md", "isp_upstream.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "isp_upstream.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    written = json.loads((out / "isp_upstream.json").read_text())["results"]
+    assert [(r["method"], r["emb_mode"], r["median_perturbations_per_s"]) for r in written] == [
+        (r["method"], r["emb_mode"], r["median_perturbations_per_s"]) for r in report["results"]]
+    table = pd.read_csv(out / "isp_upstream.csv")
+    assert sorted(zip(table["method"], table["emb_mode"])) == sorted(
+        (m, e) for m in ("upstream", "inprocess", "served") for e in ("cell", "cell_and_gene"))
+    assert [c["tokens"] for c in report["cells"]] == [64]
+    expected_perturbations = sum(c["tokens"] for c in report["cells"])  # delete all: one per gene
+    for row in report["results"]:
+        where = f"{row['method']}/{row['emb_mode']}"
+        assert row["repeats"] == 3, where
+        assert row["perturbations"] == expected_perturbations, where
+        assert row["min_perturbations_per_s"] <= row["median_perturbations_per_s"] <= row["max_perturbations_per_s"], where
+        assert row["peak_rss_mib"] > 100, where  # a Python process with torch: sampling really ran
+        assert row["agrees_with_upstream"] is True, (where, report["details"][where].get("agreement_problems"))
+        assert row["max_abs_diff_cell_emb"] < 1e-5, where
+        if row["emb_mode"] == "cell_and_gene":
+            assert row["max_abs_diff_gene_cos"] < 1e-5, where
+            assert row["compared_values"] == expected_perturbations + 64 * 63, where  # + every (perturbed, affected)
+        else:
+            assert np.isnan(row["max_abs_diff_gene_cos"]) and row["compared_values"] == expected_perturbations, where
+        if row["method"] == "upstream":
+            assert row["x_upstream"] == 1.0
+    assert report["details"]["upstream/cell"]["layer_to_quant"] == 5  # emb_layer -1 of 6 layers
+    assert "stand-in" in report["descriptions"]["served/cell"] or "C++" in report["descriptions"]["served/cell"]
+    assert set(report["target"]["served_x_upstream"]) == {"cell", "cell_and_gene"}
+    assert report["profile"]["served"]["encoder_calls"] >= 1
+    text = (out / "report.md").read_text()
+    assert "x upstream" in text and "CPU target: served >= 5x upstream" in text and "Load average before" in text
+
+
+def test_agreement_check_rejects_wrong_numbers(upstream_quick):
+    """Negative controls: our side at the wrong emb_layer (0 = last layer) fails the agreement check, and so
+    do values nudged by 1e-4 or missing one perturbation."""
+    from bench.isp_upstream_bench import agreement, load_upstream_values, worker_run
+    from bench.isp_worker import run_inprocess
+
+    _, context = upstream_quick
+    theirs = load_upstream_values(context, "cell_and_gene")
+    wrong_layer = worker_run(context, "inprocess", ("cell_and_gene",), emb_layer=0)  # the worker's plan, run here
+    (_, values), = run_inprocess(json.loads((wrong_layer.folder / "plan.json").read_text())).values()
+    check = agreement(values, theirs, 1e-5)
+    assert not check.ok and check.max_abs_diff_cell_emb > 1e-5, check
+    right = dict(np.load(context.work / "inprocess" / "cell+cell_and_gene_layer-1" / "values_cell_and_gene.npz"))
+    assert agreement(right, theirs, 1e-5).ok
+    nudged = {**right, "cell_cos": right["cell_cos"] + np.eye(1, right["cell_cos"].size, 7)[0] * 1e-4}
+    assert not agreement(nudged, theirs, 1e-5).ok
+    dropped = {**right, "cell_keys": right["cell_keys"][1:], "cell_cos": right["cell_cos"][1:]}
+    assert any("only upstream's" in p for p in agreement(dropped, theirs, 1e-5).problems)
