@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from client.outputs import fsync_dir
 from client.triton_client import GeneformerClient, InferenceError
 
 LOGGER = logging.getLogger(__name__)
@@ -390,15 +391,6 @@ def state_embedding(client: GeneformerClient, cells: CellTable, rows: Sequence[i
 # ----------------------------------------------------------------------------- result stores
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _empty_frame(columns: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
 
@@ -494,7 +486,7 @@ class ResultStore:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, file)
-        _fsync_dir(file.parent)
+        fsync_dir(file.parent)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -564,7 +556,7 @@ class ResultStore:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, folder / name)
-        _fsync_dir(folder)
+        fsync_dir(folder)
         return folder / name
 
     def _append_csv(self, frame: pd.DataFrame, file: Path, columns: Sequence[str]) -> None:

@@ -216,3 +216,13 @@ def write_embeddings(
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return path
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush ``path``'s directory entry (a rename or a new file in it) to disk; best effort (errors ignored)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

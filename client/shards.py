@@ -13,7 +13,6 @@ in cell order by the job (``client.dask_jobs``) and the folder removed.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -25,6 +24,8 @@ from typing import Any, Iterable, Mapping, Union
 
 import numpy as np
 import pandas as pd
+
+from client.outputs import fsync_dir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -79,15 +80,6 @@ def fingerprint(*parts: Iterable[str] | np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 class ShardStore:
     """Finished shards of one output, in ``<output>.shards/``; see the module docstring."""
 
@@ -134,7 +126,7 @@ class ShardStore:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def write(self, shard: Shard, pieces: Mapping[str, Piece]) -> bool:
         """Store a finished shard: every piece, then its marker. Returns False (and writes nothing)
