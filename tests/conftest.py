@@ -107,3 +107,11 @@ def write_helical_cache(prefix: Path, loaded, version: str = "v1") -> Path:
     for name in ("token_dictionary.json", "gene_median_dictionary.json", "ensembl_mapping_dict.json"):
         shutil.copy(SHARED / "geneformer" / version / name, folder / name)
     return checkpoint
+
+
+def one_model_repository(root: Path, name: str, model_py: str, config: str) -> Path:
+    """A model repository at ``root`` holding one python-backend model ``name`` (``model.py`` + config)."""
+    (root / name / "1").mkdir(parents=True)
+    (root / name / "1" / "model.py").write_text(model_py)
+    (root / name / "config.pbtxt").write_text(config)
+    return root

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from client.triton_client import GeneformerClient, PermissionDeniedError, RetryPolicy
+from conftest import one_model_repository
 from geneformer_triton.security import ApiAccess
 from geneformer_triton.server import LocalTritonServer
 
@@ -68,11 +69,7 @@ def _no_keys_in_environment(monkeypatch):
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("secure_repo")
-    (root / "echo" / "1").mkdir(parents=True)
-    (root / "echo" / "1" / "model.py").write_text(ECHO_MODEL)
-    (root / "echo" / "config.pbtxt").write_text(ECHO_CONFIG)
-    return root
+    return one_model_repository(tmp_path_factory.mktemp("secure_repo"), "echo", ECHO_MODEL, ECHO_CONFIG)
 
 
 @pytest.fixture(scope="module")

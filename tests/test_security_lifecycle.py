@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from client.triton_client import GeneformerClient, RetryPolicy, ServerUnavailableError
+from conftest import one_model_repository
 from geneformer_triton.leftovers import OWNER_FILE, pid_alive
 from geneformer_triton.server import LocalTritonServer, free_port
 
@@ -56,11 +57,7 @@ LATE = 16
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("slow_repo")
-    (root / "slow" / "1").mkdir(parents=True)
-    (root / "slow" / "1" / "model.py").write_text(SLOW_MODEL)
-    (root / "slow" / "config.pbtxt").write_text(SLOW_CONFIG)
-    return root
+    return one_model_repository(tmp_path_factory.mktemp("slow_repo"), "slow", SLOW_MODEL, SLOW_CONFIG)
 
 
 def _pending(server: LocalTritonServer) -> int:
