@@ -66,6 +66,14 @@ def _dictionary_folders(args: argparse.Namespace) -> list[Path]:
     return folders
 
 
+def read_embed_input(args: argparse.Namespace):
+    """The cells of ``gftriton embed`` (``geneformer_triton.cell_inputs``: symbols mapped with the
+    gene_name_id_dict.json of --dictionaries or of the --repository's tokenizer)."""
+    from geneformer_triton.cell_inputs import InputOptions, find_symbol_map, read_cells
+
+    return read_cells(args.input, InputOptions.from_args(args), find_symbol_map(args.dictionaries, args.repository))
+
+
 def _tokenizer_settings(args: argparse.Namespace, client: GeneformerClient, ready: list[str],
                         folders: list[Path], vocabulary) -> tuple[int, bool]:
     """Model input size and special tokens: options, else the served tokenizer's config, else a local
@@ -97,7 +105,6 @@ def run_embed(args: argparse.Namespace) -> int:
 
         return run_embed_on_cluster(args)
     from client.embed_job import EmbedRun
-    from client.inputs import load_symbol_map, read_cells
     from client.outputs import PartialStore, output_format, write_embeddings
     from geneformer_triton.dictionaries import TOKEN_DICTIONARY_FILE, load_vocabulary
     from geneformer_triton.tokenizer import RankValueTokenizer
@@ -108,7 +115,7 @@ def run_embed(args: argparse.Namespace) -> int:
     vocabulary = load_vocabulary(vocabulary_folder) if vocabulary_folder is not None else None
     if args.client_tokenize and vocabulary is None:
         raise ValueError("--client-tokenize needs the token dictionaries: give --dictionaries DIR or --repository DIR")
-    cells = read_cells(args.input, load_symbol_map(*folders), args.max_cells, args.layer, args.gene_column)
+    cells = read_embed_input(args)
 
     model = args.encoder if args.client_tokenize else args.model
     with _client(args) as client:
@@ -194,6 +201,8 @@ def _positive(text: str) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from geneformer_triton.cell_inputs import add_input_arguments
+
     embed = subparsers.add_parser(
         "embed", help="embed cells (.h5ad / CSV raw counts) through a Triton server; resumable",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -211,8 +220,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="--client-tokenize: add <cls>/<eos> (default: from the server / dictionaries)")
     embed.add_argument("--concurrency", type=_positive, default=2, help="requests in flight")
     embed.add_argument("--max-cells", type=_positive, help="embed only the first N cells")
-    embed.add_argument("--layer", help=".h5ad layer with raw counts (default X)")
-    embed.add_argument("--gene-column", help="var column with Ensembl ids (default 'ensembl_id' if present)")
+    add_input_arguments(embed)
     embed.add_argument("--restart", action="store_true", help="discard partial results of an earlier run")
     embed.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_cluster_arguments(embed, repository=False)

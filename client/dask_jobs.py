@@ -216,8 +216,8 @@ def embed_shard_task(job: EmbedShardJob, shard: Shard, cells: tuple) -> dict[str
     """Dask task: embed the shard's cells with ``client.embed_job.EmbedRun`` (server-side
     tokenization); returns ``{"embeddings": float32 [n_cells, hidden]}`` (NaN rows: not embeddable)."""
     from client.embed_job import EmbedRun
-    from client.inputs import CellMatrix
     from client.outputs import PartialStore
+    from geneformer_triton.cell_inputs import CellMatrix
 
     counts, n_counts, cell_ids = cells
     matrix = CellMatrix(counts, job.gene_ids, list(cell_ids), n_counts, adata=None, source=shard.name)
@@ -236,8 +236,7 @@ def embed_shard_task(job: EmbedShardJob, shard: Shard, cells: tuple) -> dict[str
 
 def run_embed_on_cluster(args: argparse.Namespace, client: Any = None) -> int:
     """``gftriton embed`` with ``--cluster`` / ``--servers`` (server-side tokenization)."""
-    from client.cli import _dictionary_folders
-    from client.inputs import load_symbol_map, read_cells
+    from client.cli import _dictionary_folders, read_embed_input
     from client.outputs import output_format, write_embeddings
     from geneformer_triton.dictionaries import TOKEN_DICTIONARY_FILE, load_vocabulary
 
@@ -248,7 +247,7 @@ def run_embed_on_cluster(args: argparse.Namespace, client: Any = None) -> int:
     folders = _dictionary_folders(args)
     vocabulary_folder = next((f for f in folders if (f / TOKEN_DICTIONARY_FILE).is_file()), None)
     vocabulary = load_vocabulary(vocabulary_folder) if vocabulary_folder is not None else None
-    cells = read_cells(args.input, load_symbol_map(*folders), args.max_cells, args.layer, args.gene_column)
+    cells = read_embed_input(args)
     shards = plan_shards(cells.n_cells, options.shard_size)
     plan = {"job": "embed", "input": cells.fingerprint(), "model": args.model, "n_cells": cells.n_cells,
             "shard_size": options.shard_size, "tokenization": "server"}

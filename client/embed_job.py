@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from client.inputs import CellMatrix
+from geneformer_triton.cell_inputs import CellMatrix
 from client.outputs import PartialStore
 from client.triton_client import GeneformerClient, InferenceError, pack_cells
 from geneformer_triton.dictionaries import GeneVocabulary

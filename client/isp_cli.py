@@ -28,7 +28,6 @@ from client.isp import (
     IspSpec,
     ResultStore,
     format_summary,
-    load_cells,
     plot_top_shifts,
     run_isp,
     select_cells,
@@ -166,9 +165,22 @@ def gene_name_map(args: argparse.Namespace) -> dict:
 
 
 def load_isp_cells(args: argparse.Namespace, name_to_id: dict) -> CellTable:
-    """The input cells of an ``isp`` run (h5ad or the celltypist sample) as the options read them."""
-    cells = load_cells(args.h5ad, args.n_cells, args.gene_column, name_to_id or None, args.counts_layer,
-                       args.allow_non_integer)
+    """The input cells of an ``isp`` run (--h5ad, else the celltypist sample), read by the input layer
+    (``geneformer_triton.cell_inputs``: the same gene, total-count and integer rules as ``embed``)."""
+    from geneformer_triton.cell_inputs import InputOptions, SymbolMap, cells_from_anndata, read_cells
+
+    symbols = SymbolMap(name_to_id, "the tokenizer's gene_name_id_dict.json") if name_to_id else None
+    options = InputOptions(layer=args.counts_layer, gene_column=args.gene_column, n_counts_key=args.n_counts_key,
+                           allow_non_integer=args.allow_non_integer, max_cells=args.n_cells)
+    if args.h5ad is None:
+        from geneformer_triton.data.celltypist_sample import load_celltypist_sample
+
+        sample = load_celltypist_sample(n_cells=args.n_cells, symbol_to_ensembl=name_to_id or None)
+        matrix = cells_from_anndata(sample, options, symbols, "celltypist sample")
+    else:
+        matrix = read_cells(args.h5ad, options, symbols)
+    cells = CellTable(matrix.counts, np.array(matrix.gene_ids, dtype=object), matrix.n_counts.astype(np.float64),
+                      matrix.cell_ids, matrix.symbols, matrix.obs.copy())
     LOGGER.info("%d cells, %d genes with Ensembl ids", len(cells), int((cells.gene_ids != "").sum()))
     return cells
 
@@ -292,7 +304,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--h5ad", help="AnnData of raw counts (default: the celltypist sample)")
     data.add_argument("--n-cells", type=int, help="only the first N cells")
     data.add_argument("--gene-column", help="var column with Ensembl ids (default: 'ensembl_id' if present, else var names)")
-    data.add_argument("--counts-layer", help="layer with raw counts (default X)")
+    data.add_argument("--counts-layer", help="raw counts: 'X' (default), 'raw' (.raw.X) or a layer name")
+    data.add_argument("--n-counts-key", default="n_counts", help="obs column with each cell's total counts (default "
+                      "%(default)s; when absent: obs ncounts or total_counts, else the sum of the cell's counts)")
     data.add_argument("--dictionaries", help="Geneformer dictionary folder (symbol -> Ensembl id mapping; default: "
                                              "the tokenizer's in --repository when there)")
     data.add_argument("--repository", default="model_repository",
@@ -305,7 +319,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                                       "(upstream cell_inds_to_perturb, in file order)")
     data.add_argument("--allow-non-integer", action="store_true",
                       help="tokenize non-integer X as counts when raw counts cannot be recovered (log-normalized X "
-                           "with uns['log1p'] and obs n_counts/ncounts is converted back to counts)")
+                           "with uns['log1p'] and obs totals is converted back to counts; geneformer_triton.cell_inputs)")
 
     pert = parser.add_argument_group("perturbation")
     pert.add_argument("--perturbation", choices=PERTURBATIONS, default="delete")

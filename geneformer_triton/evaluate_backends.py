@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from geneformer_triton.cell_inputs import InputOptions, SymbolMap, cells_from_anndata, read_anndata
 from geneformer_triton.dictionaries import GeneVocabulary
 from geneformer_triton.fidelity import gate_for
 from geneformer_triton.tokenizer import UNKNOWN, RankValueTokenizer
@@ -78,81 +79,36 @@ class LabelledCells:
                              self.cell_names[index], self.source, self.label_key, dict(self.notes))
 
 
-def _counts_matrix(adata: Any, layer: str | None) -> tuple[sp.csr_matrix, pd.Index]:
-    """(counts [n_cells, n_genes] CSR float32, gene names) from ``X``, ``raw`` or ``layers[layer]``."""
-    if layer in (None, "", "X"):
-        matrix, names = adata.X, adata.var_names
-    elif layer == "raw":
-        if adata.raw is None:
-            raise ValueError("--layer raw: the file has no .raw")
-        matrix, names = adata.raw.X, adata.raw.var_names
-    else:
-        if layer not in adata.layers:
-            raise ValueError(f"layer {layer!r} not in the file (layers: {sorted(adata.layers)})")
-        matrix, names = adata.layers[layer], adata.var_names
-    matrix = sp.csr_matrix(matrix, dtype=np.float32)
-    return matrix, pd.Index(names.astype(str))
-
-
-def _check_raw_counts(matrix: sp.csr_matrix, where: str) -> None:
-    data = matrix.data
-    if data.size and (data < 0).any():
-        raise ValueError(f"{where} holds negative values: Geneformer needs raw counts (choose the counts with --layer)")
-    if data.size and not np.allclose(data, np.round(data)):
-        LOGGER.warning("%s holds non-integer values (max %.3g): is it log-normalized? Geneformer expects raw counts "
-                       "(choose them with --layer)", where, float(data.max()))
-
-
 def labelled_cells_from_anndata(
     adata: Any,
     label_key: str,
     vocabulary: GeneVocabulary,
     *,
-    layer: str | None = None,
-    gene_column: str | None = None,
-    n_counts_key: str = "n_counts",
+    inputs: InputOptions = InputOptions(),
     source: str = "anndata",
 ) -> LabelledCells:
     """Labelled raw counts of an AnnData, genes mapped to the vocabulary.
 
-    Gene ids come from ``var[gene_column]`` (default: ``var["ensembl_id"]`` when present, else
-    ``var_names``); symbols are mapped to Ensembl ids with the vocabulary's ``gene_name_id_dict``, Ensembl
-    ids pass through. ``n_counts`` comes from ``obs[n_counts_key]`` when present, else from the row sums
-    over all genes (before genes outside the vocabulary are dropped). Cells without a label, with no
-    counts, or expressing no vocabulary gene are dropped (logged).
+    Counts, gene ids and ``n_counts`` are read by the input layer (:mod:`geneformer_triton.cell_inputs`:
+    ``inputs`` says the layer, gene column, totals column and whether non-integer values are allowed;
+    symbols map with the vocabulary's ``gene_name_id_dict``). ``n_counts`` is taken before genes outside
+    the vocabulary are dropped. Cells without a label, with no counts, or expressing no vocabulary gene
+    are dropped (logged).
     """
     if label_key not in adata.obs:
         raise ValueError(f"label column {label_key!r} not in obs (columns: {list(adata.obs.columns)})")
-    matrix, names = _counts_matrix(adata, layer)
-    _check_raw_counts(matrix, f"counts ({layer or 'X'})")
-    if gene_column is None and layer != "raw" and "ensembl_id" in adata.var:
-        gene_column = "ensembl_id"
-    if gene_column is not None:
-        if layer == "raw":
-            raise ValueError("--gene-column is read from var, which does not describe .raw; use raw.var_names")
-        if gene_column not in adata.var:
-            raise ValueError(f"gene column {gene_column!r} not in var (columns: {list(adata.var.columns)})")
-        names = pd.Index(adata.var[gene_column].astype(str))
-    symbols = [str(s) for s in names]
-    looks_ensembl = np.mean([s.upper().startswith("ENSG") for s in symbols]) if symbols else 0.0
-    if looks_ensembl < 0.5 and not vocabulary.gene_name_to_id:
-        raise ValueError("genes are named by symbol but the dictionaries have no gene_name_id_dict.json to map them "
-                         "to Ensembl ids; pass --dictionaries with one or give Ensembl ids (--gene-column)")
-    ensembl = vocabulary.symbols_to_ensembl(symbols)
-    tokens = RankValueTokenizer(vocabulary, 2, False).gene_tokens(ensembl)
-    in_vocabulary = tokens != UNKNOWN
+    symbols = SymbolMap(vocabulary.gene_name_to_id, "the dictionaries' gene_name_id_dict.json") \
+        if vocabulary.gene_name_to_id else None
+    read = cells_from_anndata(adata, inputs, symbols, source)
+    tokens = RankValueTokenizer(vocabulary, 2, False).gene_tokens(read.gene_ids)
+    in_vocabulary = (tokens != UNKNOWN) & np.array([g != "" for g in read.gene_ids])
     if not in_vocabulary.any():
-        raise ValueError(f"none of the {len(symbols)} genes maps to the model's vocabulary (e.g. {symbols[:3]})")
-
-    if n_counts_key in adata.obs:
-        n_counts = adata.obs[n_counts_key].to_numpy(dtype=np.float64)
-        n_counts_source = f"obs[{n_counts_key!r}]"
-    else:
-        n_counts = np.asarray(matrix.sum(axis=1), dtype=np.float64).ravel()
-        n_counts_source = "row sums over all genes"
+        raise ValueError(f"none of the {len(read.gene_ids)} genes maps to the model's vocabulary "
+                         f"(e.g. {list(read.adata.var_names[:3])})")
+    n_counts = read.n_counts.astype(np.float64)
     labels_series = adata.obs[label_key]
     has_label = labels_series.notna().to_numpy() & (labels_series.astype(str).str.strip() != "").to_numpy()
-    genes = matrix[:, np.flatnonzero(in_vocabulary)].tocsr()
+    genes = read.counts[:, np.flatnonzero(in_vocabulary)].tocsr()
     genes.eliminate_zeros()
     expresses = np.diff(genes.indptr) > 0
     keep = has_label & expresses & (n_counts > 0)
@@ -162,21 +118,21 @@ def labelled_cells_from_anndata(
         LOGGER.warning("dropped %d of %d cells: %s", int((~keep).sum()), len(keep), dropped)
     if not keep.any():
         raise ValueError("no cell left to evaluate")
-    gene_ids = [ensembl[i] for i in np.flatnonzero(in_vocabulary)]
+    gene_ids = [read.gene_ids[i] for i in np.flatnonzero(in_vocabulary)]
     notes = {
-        "genes": len(symbols),
+        "genes": len(read.gene_ids),
         "genes_in_vocabulary": int(in_vocabulary.sum()),
-        "n_counts_source": n_counts_source,
+        "n_counts_source": read.notes["n_counts"],
         "cells_dropped": dropped,
     }
     LOGGER.info("%s: %d cells, %d of %d genes in the vocabulary, n_counts from %s", source, int(keep.sum()),
-                notes["genes_in_vocabulary"], len(symbols), n_counts_source)
+                notes["genes_in_vocabulary"], len(read.gene_ids), notes["n_counts_source"])
     return LabelledCells(
         counts=genes[np.flatnonzero(keep)].astype(np.float32),
         gene_ids=gene_ids,
         n_counts=n_counts[keep].astype(np.float32),
         labels=labels_series.astype(str).to_numpy()[keep],
-        cell_names=np.asarray(adata.obs_names.astype(str))[keep],
+        cell_names=np.asarray(read.cell_ids)[keep],
         source=source,
         label_key=label_key,
         notes=notes,
@@ -192,7 +148,7 @@ def load_labelled_cells(
 ) -> LabelledCells:
     """Labelled cells from an ``.h5ad`` file or a bundled dataset (``"pbmc68k"``: scanpy's
     ``pbmc68k_reduced`` with recovered counts, labels ``bulk_labels``). ``kwargs`` go to
-    :func:`labelled_cells_from_anndata`."""
+    :func:`labelled_cells_from_anndata` (``inputs``: :class:`~geneformer_triton.cell_inputs.InputOptions`)."""
     if (path is None) == (dataset is None):
         raise ValueError("give either an .h5ad file or --dataset")
     if dataset is not None:
@@ -203,14 +159,12 @@ def load_labelled_cells(
         adata = load_pbmc68k_counts()
         return labelled_cells_from_anndata(adata, label_key or LABEL_KEY, vocabulary,
                                            source="pbmc68k_reduced (scanpy, counts recovered from raw.X)", **kwargs)
-    import anndata as ad
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
     if not label_key:
         raise ValueError("--label-key is required for an .h5ad file")
-    return labelled_cells_from_anndata(ad.read_h5ad(path), label_key, vocabulary, source=str(path), **kwargs)
+    return labelled_cells_from_anndata(read_anndata(path), label_key, vocabulary, source=str(path), **kwargs)
 
 
 def stratified_subsample(labels: Sequence[str] | np.ndarray, max_cells: int, seed: int = 0,

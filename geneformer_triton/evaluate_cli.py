@@ -10,6 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from geneformer_triton.cell_inputs import InputOptions, add_input_arguments
 from geneformer_triton.evaluate_backends import (
     DEFAULT_BACKENDS,
     FP32_ACCURACY_TOLERANCE,
@@ -36,8 +37,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if vocabulary is None:
         raise ValueError("no gene dictionaries: pass --dictionaries or --repository")
 
+    inputs = InputOptions(layer=args.layer, gene_column=args.gene_column, n_counts_key=args.n_counts_key,
+                          allow_non_integer=args.allow_non_integer)
     cells = load_labelled_cells(vocabulary, path=args.input, dataset=args.dataset, label_key=args.label_key,
-                                layer=args.layer, gene_column=args.gene_column, n_counts_key=args.n_counts_key)
+                                inputs=inputs)
     total = cells.n_cells
     keep = [args.control_label] if args.control_label else []
     cells = cells.subset(stratified_subsample(cells.labels, args.max_cells, args.eval_seed, keep))
@@ -93,11 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       "(pbmc68k: scanpy's pbmc68k_reduced, counts recovered, labels bulk_labels)")
     data.add_argument("--label-key", help="obs column with the labels (default bulk_labels for pbmc68k)")
     data.add_argument("--control-label", help="label of control cells (adds control_separation)")
-    data.add_argument("--layer", help="raw counts: 'X' (default), 'raw' (.raw.X) or a layer name")
-    data.add_argument("--gene-column", help="var column with Ensembl ids or symbols (default var['ensembl_id'] "
-                      "when present, else var_names); symbols map through gene_name_id_dict.json")
-    data.add_argument("--n-counts-key", default="n_counts", help="obs column with total counts (default n_counts; "
-                      "row sums when absent)")
+    add_input_arguments(data)
     data.add_argument("--max-cells", type=int, default=2000, help="stratified subsample size (0 = all cells)")
     data.add_argument("--eval-seed", type=int, default=0, help="seed of the subsample, 80/20 split and KMeans "
                       "(--seed is the random-weights seed)")

@@ -22,9 +22,9 @@ import pytest
 import scipy.sparse as sp
 
 from client.check import discover_models
-from client.inputs import InputError, read_cells
 from client.outputs import OBSM_KEY, PartialStore, ResumeMismatchError, partial_dir
 from client.triton_client import GeneformerClient, pack_cells
+from geneformer_triton.cell_inputs import InputError, read_cells
 from geneformer_triton.cli import main
 from geneformer_triton.fidelity import compare_variant
 from geneformer_triton.runtimes import embed_token_cells
@@ -180,7 +180,7 @@ def test_embed_cli_input_errors(subset_cells, tmp_path, caplog):
     bad.X = bad.X.toarray()
     bad.X[1, :3] = [np.nan, -1, 2]
     bad.write_h5ad(tmp_path / "bad.h5ad")
-    with pytest.raises(InputError, match=r"NaN/negative count values in 1 cells .*raw counts must be finite"):
+    with pytest.raises(InputError, match=r"NaN/negative values in 1 cells, e.g. .*\(row 1\).*raw counts must be finite"):
         read_cells(tmp_path / "bad.h5ad")
 
 

@@ -16,9 +16,9 @@ import zipfile
 from pathlib import Path
 
 import anndata as ad
-import numpy as np
 import pandas as pd
-import scipy.sparse as sp
+
+from geneformer_triton.cell_inputs import InputOptions, SymbolMap, read_cells
 
 LOGGER = logging.getLogger(__name__)
 
@@ -65,21 +65,17 @@ def load_celltypist_sample(
     cache_dir: str | Path | None = None,
 ) -> ad.AnnData:
     """The celltypist sample as AnnData: X float32 CSR raw counts [cells, genes], ``var_names`` symbols,
-    ``var["ensembl_id"]`` (unique; "" where unmapped or a duplicate), ``obs["n_counts"]`` totals.
+    ``var["ensembl_id"]`` (unique; "" where unmapped or a duplicate), ``obs["n_counts"]`` totals; read
+    by the input layer (:func:`geneformer_triton.cell_inputs.read_cells`), as a user's CSV would be.
 
     ``symbol_to_ensembl`` defaults to GENCODE v44; pass Geneformer's ``gene_name_id_dict`` to use it.
     """
     sample_csv, gencode_csv = fetch_celltypist_files(cache_dir)
-    frame = pd.read_csv(sample_csv, index_col=0, nrows=n_cells)
-    adata = ad.AnnData(
-        X=sp.csr_matrix(frame.to_numpy(dtype=np.float32)),
-        obs=pd.DataFrame(index=frame.index.astype(str)),
-        var=pd.DataFrame(index=frame.columns.astype(str)),
-    )
-    mapping = symbol_to_ensembl if symbol_to_ensembl is not None else load_gencode_symbol_map(gencode_csv)
-    ensembl = pd.Series([mapping.get(s, "") for s in adata.var_names], index=adata.var_names)
-    ensembl[ensembl.duplicated() & (ensembl != "")] = ""
-    adata.var["ensembl_id"] = ensembl.to_numpy()
-    adata.obs["n_counts"] = np.asarray(adata.X.sum(axis=1)).ravel()
-    LOGGER.info("celltypist sample: %d cells x %d genes, %d mapped to Ensembl ids", *adata.shape, int((ensembl != "").sum()))
+    if symbol_to_ensembl is not None:
+        symbols = SymbolMap(symbol_to_ensembl, "the given gene_name_id_dict")
+    else:
+        symbols = SymbolMap(load_gencode_symbol_map(gencode_csv), f"GENCODE v44 ({gencode_csv.name})")
+    adata = read_cells(sample_csv, InputOptions(max_cells=n_cells), symbols).to_anndata()
+    LOGGER.info("celltypist sample: %d cells x %d genes, %d mapped to Ensembl ids", *adata.shape,
+                int((adata.var["ensembl_id"] != "").sum()))
     return adata
