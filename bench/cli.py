@@ -20,6 +20,10 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from bench.triton_bench import TritonRunOptions
 
 LOGGER = logging.getLogger("bench")
 
@@ -304,8 +308,9 @@ def run(args: argparse.Namespace) -> int:
     results["repository"] = {"source": str(repository), "serving": str(serving)}
 
     try:
-        _stages(args, cfg, ctx, catalogue, specs, cells, full, pool, arch, out_dir, results, save, triton_models,
-                max_length, input_size)
+        _stages(BenchRun(args=args, cfg=cfg, ctx=ctx, catalogue=catalogue, specs=specs, cells=cells, full=full,
+                         pool=pool, arch=arch, out_dir=out_dir, results=results, save=save, triton_models=triton_models,
+                         max_length=max_length, input_size=input_size))
     except KeyboardInterrupt:
         from bench.inprocess import add_ratios
 
@@ -321,44 +326,90 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stages(args, cfg, ctx, catalogue, specs, cells, full, pool, arch, out_dir, results, save, triton_models,
-            max_length, input_size) -> None:
+@dataclass
+class BenchRun:
+    """One ``gftriton bench`` run as its stages see it: the options (``args``, mode ``cfg``), the build
+    context of the methods, the method catalogue and the selected in-process ``specs``, the cells
+    (``cells`` truncated to ``max_length``, ``full`` untruncated, ``pool`` the whole sample), the model's
+    ``arch`` and ``input_size``, the served ``triton_models``, and where results go (``results``,
+    written by ``save`` into ``out_dir``)."""
+
+    args: argparse.Namespace
+    cfg: ModeConfig
+    ctx: Any
+    catalogue: list
+    specs: list
+    cells: Any
+    full: Any
+    pool: Any
+    arch: Any
+    out_dir: Path
+    results: dict
+    save: Callable[[], None]
+    triton_models: list[str]
+    max_length: int | None
+    input_size: int
+
+    @property
+    def repeats(self) -> int:
+        return self.args.repeats or self.cfg.repeats
+
+
+def _inprocess_stage(run: BenchRun) -> None:
+    from bench.inprocess import run_inprocess
+
+    run.results["inprocess"] = []
+    rows, _ = run_inprocess(run.specs, run.ctx, run.cells, run.arch, run.repeats, on_row=run.results["inprocess"].append)
+    run.results["inprocess"] = rows
+    run.save()
+
+
+def triton_options(args: argparse.Namespace, cfg: ModeConfig) -> "TritonRunOptions":
+    """The Triton stage's options: the command line's, else the mode's."""
+    from bench.triton_bench import TritonRunOptions
+
+    return TritonRunOptions(
+        protocols=_csv(args.protocols) or cfg.protocols, concurrencies=_csv(args.concurrency, int) or cfg.concurrencies,
+        http_concurrencies=_csv(args.concurrency, int) or cfg.http_concurrencies, passes=cfg.triton_passes,
+        batch_size=cfg.triton_batch, model_config_name="gpu" if cfg.device == "cuda" else "cpu",
+        min_seconds=cfg.triton_min_s, write_compose_input=args.mode == "full", repeats=args.repeats or cfg.repeats,
+        client_protocols=tuple(cfg.client_protocols), backends=tuple(_csv(args.triton_backends) or cfg.triton_backends))
+
+
+def _triton_stage(run: BenchRun) -> None:
+    from bench.triton_bench import TritonResults, run_triton
+
+    by_name = {s.name: s for s in run.catalogue}
+    triton_cells = run.cells.select(range(min(run.cfg.triton_cells, len(run.cells))))
+    triton_full = run.full.select(range(min(run.cfg.triton_cells, len(run.full))))
+    run.results.update(triton=[], triton_metrics=[])
+    measured = run_triton(run.triton_models, run.ctx, by_name, (triton_cells, triton_full), run.out_dir,
+                          triton_options(run.args, run.cfg),
+                          TritonResults(rows=run.results["triton"], metric_rows=run.results["triton_metrics"]))
+    run.results.update(triton=measured.rows, triton_metrics=measured.metric_rows, triton_info=measured.info)
+    run.save()
+
+
+def _scaling_stage(run: BenchRun) -> None:
     from bench.methods import select
+    from bench.scaling import run_scaling
 
-    if not args.skip_inprocess:
-        from bench.inprocess import run_inprocess
+    cfg = run.cfg
+    scaling_pool = run.pool.truncate(run.max_length) if run.max_length else run.pool
+    run.results["scaling"] = []
+    run_scaling(run.ctx, scaling_pool, run.arch, select(run.catalogue, cfg.scaling_methods), cfg.cells_sweep,
+                [L for L in cfg.length_sweep if L <= (run.max_length or run.input_size)],
+                cfg.length_cells, cfg.batch_sweep, cfg.batch_cells, rows=run.results["scaling"])
 
-        results["inprocess"] = []
-        rows, _ = run_inprocess(specs, ctx, cells, arch, args.repeats or cfg.repeats, on_row=results["inprocess"].append)
-        results["inprocess"] = rows
-        save()
-    if not args.skip_triton and triton_models:
-        from bench.triton_bench import run_triton
 
-        by_name = {s.name: s for s in catalogue}
-        triton_cells = cells.select(range(min(cfg.triton_cells, len(cells))))
-        triton_full = full.select(range(min(cfg.triton_cells, len(full))))
-        results.update(triton=[], triton_metrics=[])
-        rows, metric_rows, info = run_triton(
-            triton_models, ctx, by_name, triton_cells, triton_full, out_dir,
-            _csv(args.protocols) or cfg.protocols, _csv(args.concurrency, int) or cfg.concurrencies,
-            http_concurrencies=_csv(args.concurrency, int) or cfg.http_concurrencies,
-            passes=cfg.triton_passes, batch_size=cfg.triton_batch,
-            model_config_name="gpu" if cfg.device == "cuda" else "cpu", min_seconds=cfg.triton_min_s,
-            write_compose_input=args.mode == "full", rows=results["triton"], metric_rows=results["triton_metrics"],
-            repeats=args.repeats or cfg.repeats, client_protocols=tuple(cfg.client_protocols),
-            backends=tuple(_csv(args.triton_backends) or cfg.triton_backends))
-        results.update(triton=rows, triton_metrics=metric_rows, triton_info=info)
-        save()
-    if not args.skip_scaling and cfg.scaling_methods:
-        from bench.scaling import run_scaling
-
-        scaling_specs = [s for s in select(catalogue, cfg.scaling_methods)]
-        scaling_pool = pool.truncate(max_length) if max_length else pool
-        results["scaling"] = []
-        run_scaling(ctx, scaling_pool, arch, scaling_specs, cfg.cells_sweep,
-                    [L for L in cfg.length_sweep if L <= (max_length or input_size)],
-                    cfg.length_cells, cfg.batch_sweep, cfg.batch_cells, rows=results["scaling"])
+def _stages(run: BenchRun) -> None:
+    """The stages the options leave in: in process, through Triton, scaling."""
+    if not run.args.skip_inprocess:
+        _inprocess_stage(run)
+    if not run.args.skip_triton and run.triton_models:
+        _triton_stage(run)
+    if not run.args.skip_scaling and run.cfg.scaling_methods:
+        _scaling_stage(run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,8 +25,9 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -139,100 +140,153 @@ def write_inputs(out_dir: Path, enc_cells: CellSet, full_cells: CellSet, batch_s
     return files
 
 
+@dataclass(frozen=True)
+class TritonRunOptions:
+    """How :func:`run_triton` measures: ``protocols`` and the gRPC ``concurrencies`` (HTTP:
+    ``http_concurrencies``, default the same); ``passes``: each cell sent this many times per run, at
+    least ``min_seconds`` of work (perf_analyzer counts its window in whole seconds); ``batch_size``: cells
+    per request; ``model_config_name``: ``cpu`` / ``gpu`` config files; ``timeout_s`` per perf_analyzer
+    run; ``write_compose_input``: also bench/data/perf_input.json; ``repeats`` per point;
+    ``client_protocols``: also measured through the project's client at ``client_concurrency``;
+    ``backends``: one server each (``real``, ``stand-in``, ``auto``)."""
+
+    protocols: Sequence[str] = ("grpc",)
+    concurrencies: Sequence[int] = (1,)
+    http_concurrencies: Sequence[int] | None = None
+    passes: int = 1
+    batch_size: int = 1
+    model_config_name: str | None = "cpu"
+    timeout_s: float = 1800.0
+    write_compose_input: bool = True
+    min_seconds: float = 0.0
+    repeats: int = 1
+    client_protocols: tuple[str, ...] = ()
+    client_concurrency: int = 2
+    backends: tuple[str, ...] = ("auto",)
+
+    def concurrencies_for(self, protocol: str) -> Sequence[int]:
+        return (self.http_concurrencies or self.concurrencies) if protocol == "http" else self.concurrencies
+
+
+@dataclass
+class TritonResults:
+    """What :func:`run_triton` measured, filled as runs finish (a caller keeps them if interrupted):
+    ``rows`` (``TRITON_COLUMNS``), ``metric_rows`` (server-side breakdown per composing model), ``info``."""
+
+    rows: list[dict] = field(default_factory=list)
+    metric_rows: list[dict] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Harness:
+    """Everything one served model's measurements need (one per :func:`run_triton` call)."""
+
+    ctx: BuildContext
+    method_specs: dict[str, MethodSpec]
+    enc_cells: CellSet
+    full_cells: CellSet
+    options: TritonRunOptions
+    inputs: dict[tuple[str, int], Path]
+    binary: Path
+    env: dict
+    csv_dir: Path
+    results: TritonResults
+
+    def inprocess(self, model: ServedModel, cells: CellSet) -> tuple[float, float]:
+        """(cells/s, CPU s per cell) of the model's in-process method on ``cells`` (NaN when it has none)."""
+        if model.method not in self.method_specs:
+            return float("nan"), float("nan")
+        LOGGER.info("in-process %s on the same %d cells (for %s)", model.method, len(cells), model.name)
+        row, _ = measure_method(self.method_specs[model.method], self.ctx, cells, _arch(self.ctx), self.options.repeats)
+        return (float("nan"), float("nan")) if row["error"] else (row["cells_per_s"], row["cpu_s_per_cell"])
+
+    def request_count(self, cells: CellSet, inprocess_rate: float) -> int:
+        """Requests per run: every cell ``passes`` times, at least ~``min_seconds`` of work."""
+        rounds = self.options.passes
+        if self.options.min_seconds and inprocess_rate == inprocess_rate and inprocess_rate > 0:
+            rounds = max(rounds, int(np.ceil(self.options.min_seconds * inprocess_rate / len(cells))))
+        return max(len(cells) * rounds // self.options.batch_size, 1)
+
+    def measure(self, model: ServedModel, server) -> None:
+        """Every point of ``model`` on ``server``, between two in-process measurements of its backend (their
+        mean is the reference: drift in what else runs on the machine then affects both sides alike)."""
+        options = self.options
+        cells = self.full_cells if model.kind == "ensemble" else self.enc_cells
+        before = self.inprocess(model, cells)
+        request_count = self.request_count(cells, before[0])
+        model_rows = []
+        for protocol in options.protocols:
+            url = server.grpc_url if protocol == "grpc" else server.http_url
+            for concurrency in options.concurrencies_for(protocol):
+                model_rows.append(_one_run(model, server, self.binary, self.env, url, protocol, concurrency,
+                                           options.batch_size, max(request_count, concurrency * 2),
+                                           self.inputs[(model.signature, options.batch_size)], self.csv_dir, cells,
+                                           before[0], options.timeout_s, self.results.metric_rows, options.repeats))
+        for protocol in options.client_protocols:
+            model_rows.append(_client_run(model, server, protocol, options.client_concurrency, cells, self.ctx.pad_id,
+                                          options.repeats))
+        for row in model_rows:
+            row["backend"] = server.backend_choice.kind
+        self.results.rows.extend(model_rows)
+        after = self.inprocess(model, cells)
+        for row in model_rows:
+            _set_efficiency(row, before, after)
+
+
+def _server_env() -> dict[str, str]:
+    """$GFTRITON_SERVER_PYTHONPATH first on the server's (python stubs') PYTHONPATH only: a GPU host whose
+    Python has numpy 2 gives the stubs numpy<2 there (Triton 2.51's python backend needs it)."""
+    if not os.environ.get("GFTRITON_SERVER_PYTHONPATH"):
+        return {}
+    return {"PYTHONPATH": os.pathsep.join(
+        p for p in (os.environ["GFTRITON_SERVER_PYTHONPATH"], os.environ.get("PYTHONPATH", "")) if p)}
+
+
 def run_triton(
     models: list[str],
     ctx: BuildContext,
     method_specs: dict[str, MethodSpec],
-    enc_cells: CellSet,
-    full_cells: CellSet,
+    cells: tuple[CellSet, CellSet],
     out_dir: Path,
-    protocols: list[str],
-    concurrencies: list[int],
-    passes: int = 1,
-    batch_size: int = 1,
-    model_config_name: str | None = "cpu",
-    timeout_s: float = 1800.0,
-    write_compose_input: bool = True,
-    min_seconds: float = 0.0,
-    http_concurrencies: list[int] | None = None,
-    rows: list[dict] | None = None,
-    metric_rows: list[dict] | None = None,
-    repeats: int = 1,
-    client_protocols: tuple[str, ...] = (),
-    client_concurrency: int = 2,
-    backends: tuple[str, ...] = ("auto",),
-) -> tuple[list[dict], list[dict], dict]:
-    """Serve ``models`` from ``ctx.repository`` and measure them, each point ``repeats`` times; returns
-    (rows, metric rows, info). ``backends``: one server per entry, one after the other on the same cells and
-    inputs (``real``: Triton's C++ onnxruntime/pytorch backends, ``stand-in``: the Python stand-ins, ``auto``:
-    real when built); each row's ``backend`` says which served it."""
+    options: TritonRunOptions,
+    results: TritonResults | None = None,
+) -> TritonResults:
+    """Serve ``models`` from ``ctx.repository`` and measure them, each point ``options.repeats`` times.
+
+    ``cells``: (the encoders' token cells, the ensembles' raw-count cells). One server per entry of
+    ``options.backends``, one after the other on the same cells and inputs (``real``: Triton's C++
+    onnxruntime/pytorch backends, ``stand-in``: the Python stand-ins, ``auto``: real when built); each
+    row's ``backend`` says which served it. ``results`` is filled as runs finish and returned."""
     from geneformer_triton.server import LocalTritonServer
 
+    enc_cells, full_cells = cells
     served = [SERVED[m] for m in models]
     if ctx.device.startswith("cuda"):
         served = [dataclasses.replace(m, method=GPU_METHODS.get(m.name, m.method)) for m in served]
     needed = sorted({m.name for m in served} | {c for m in served for c in m.composing})
-    signatures = {m.signature for m in served}
-    inputs = write_inputs(out_dir, enc_cells, full_cells, [batch_size], ctx.pad_id, signatures, write_compose_input)
+    inputs = write_inputs(out_dir, enc_cells, full_cells, [options.batch_size], ctx.pad_id,
+                          {m.signature for m in served}, options.write_compose_input)
     binary = perf.find_perf_analyzer()
-    env = perf.perf_analyzer_env(ctx.work_dir / "perf_analyzer_libs")
-    csv_dir = out_dir / "perf_analyzer"
-    rows = [] if rows is None else rows  # filled as runs finish (a caller keeps them if interrupted)
-    metric_rows = [] if metric_rows is None else metric_rows
-    info = {"models": needed, "protocols": protocols, "concurrencies": concurrencies,
-            "http_concurrencies": http_concurrencies or concurrencies, "batch_size": batch_size,
-            "perf_analyzer": str(binary), "model_config_name": model_config_name, "repeats": repeats}
-    # $GFTRITON_SERVER_PYTHONPATH goes first on the server's (python stubs') PYTHONPATH only: a GPU host
-    # whose Python has numpy 2 gives the stubs numpy<2 there (Triton 2.51's python backend needs it)
-    server_env = {}
-    if os.environ.get("GFTRITON_SERVER_PYTHONPATH"):
-        server_env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (os.environ["GFTRITON_SERVER_PYTHONPATH"], os.environ.get("PYTHONPATH", "")) if p)
-    info["backends"] = {}
-    for requested in backends:
-        suffix = f"-{requested}" if len(backends) > 1 else ""
-        server = LocalTritonServer(ctx.repository, models=needed, model_config_name=model_config_name,
+    results = results if results is not None else TritonResults()
+    results.info.update(models=needed, protocols=list(options.protocols), concurrencies=list(options.concurrencies),
+                        http_concurrencies=list(options.http_concurrencies or options.concurrencies),
+                        batch_size=options.batch_size, perf_analyzer=str(binary),
+                        model_config_name=options.model_config_name, repeats=options.repeats, backends={})
+    harness = _Harness(ctx, method_specs, enc_cells, full_cells, options, inputs, binary,
+                       perf.perf_analyzer_env(ctx.work_dir / "perf_analyzer_libs"), out_dir / "perf_analyzer", results)
+    for requested in options.backends:
+        suffix = f"-{requested}" if len(options.backends) > 1 else ""
+        server = LocalTritonServer(ctx.repository, models=needed, model_config_name=options.model_config_name,
                                    work_dir=ctx.work_dir / f"server{suffix}", log_path=out_dir / f"tritonserver{suffix}.log",
-                                   allow_gpu_metrics=ctx.device.startswith("cuda"), env=server_env, backends=requested)
+                                   allow_gpu_metrics=ctx.device.startswith("cuda"), env=_server_env(), backends=requested)
         started = time.perf_counter()
         with server:
-            info["server_start_s"] = time.perf_counter() - started
-            info["backends"][server.backend_choice.kind] = served_backends(server)
+            results.info["server_start_s"] = time.perf_counter() - started
+            results.info["backends"][server.backend_choice.kind] = served_backends(server)
             for model in served:
-                cells = full_cells if model.kind == "ensemble" else enc_cells
-
-                def inprocess_now() -> tuple[float, float]:
-                    if model.method not in method_specs:
-                        return float("nan"), float("nan")
-                    LOGGER.info("in-process %s on the same %d cells (for %s)", model.method, len(cells), model.name)
-                    row, _ = measure_method(method_specs[model.method], ctx, cells, _arch(ctx), repeats)
-                    return (float("nan"), float("nan")) if row["error"] else (row["cells_per_s"], row["cpu_s_per_cell"])
-
-                # the same backend in process right before and right after this model's runs (the mean is the
-                # reference: drift in what else runs on the machine then affects both sides alike)
-                before = inprocess_now()
-                # every run sends each cell the same number of times; at least ~min_seconds of work, since
-                # perf_analyzer measures its window in whole seconds
-                rounds = passes
-                if min_seconds and before[0] == before[0] and before[0] > 0:
-                    rounds = max(passes, int(np.ceil(min_seconds * before[0] / len(cells))))
-                request_count = max(len(cells) * rounds // batch_size, 1)
-                model_rows = []
-                for protocol in protocols:
-                    url = server.grpc_url if protocol == "grpc" else server.http_url
-                    for concurrency in (http_concurrencies or concurrencies) if protocol == "http" else concurrencies:
-                        model_rows.append(_one_run(model, server, binary, env, url, protocol, concurrency, batch_size,
-                                                   max(request_count, concurrency * 2), inputs[(model.signature, batch_size)],
-                                                   csv_dir, cells, before[0], timeout_s, metric_rows, repeats))
-                for protocol in client_protocols:
-                    model_rows.append(_client_run(model, server, protocol, client_concurrency, cells, ctx.pad_id, repeats))
-                for row in model_rows:
-                    row["backend"] = server.backend_choice.kind
-                rows.extend(model_rows)
-                after = inprocess_now()
-                for row in model_rows:
-                    _set_efficiency(row, before, after)
-    return rows, metric_rows, info
+                harness.measure(model, server)
+    return results
 
 
 def served_backends(server) -> dict[str, str]:

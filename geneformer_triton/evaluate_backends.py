@@ -410,109 +410,138 @@ def _append_backend_section(path: Path, table: pd.DataFrame, checks: dict[str, A
         handle.write("\n".join(lines) + "\n")
 
 
-def evaluate_backends(
-    loaded: LoadedGeneformer,
-    cells: LabelledCells,
-    backends: Sequence[str] = DEFAULT_BACKENDS,
-    *,
-    client: Any = None,
-    repository: str | Path | None = None,
-    local: bool = False,
-    vocabulary: GeneVocabulary | None = None,
-    control_label: str | None = None,
-    seed: int = 0,
-    batch_size: int = 32,
-    emb_layer: int | None = None,
-    pooling: str | None = None,
-    out_dir: str | Path | None = None,
-    projection: str = "pca",
-    accuracy_tolerance: float = FP32_ACCURACY_TOLERANCE,
-    save_embeddings: bool = False,
-    metadata: dict[str, Any] | None = None,
-) -> EvaluationResult:
-    """Embed ``cells`` with the fp32 reference and every backend, compare them, write the report.
+@dataclass(frozen=True)
+class EvaluationOptions:
+    """What :func:`evaluate_backends` compares and where the report goes.
 
-    Args:
-        loaded: the reference model (same weights as the served/exported encoders).
-        cells: labelled cells (:func:`load_labelled_cells`), already subsampled.
-        backends: backend names; served ensembles are ``geneformer_embed_<name>``.
-        client: a ``GeneformerClient`` (served mode).
-        repository: model repository: manifests are checked against ``loaded`` (and give
-            ``emb_layer``/``pooling``); in ``local`` mode its encoder files are run in process.
-        vocabulary: dictionaries the server's tokenizer uses (default ``loaded.vocabulary``).
-        emb_layer, pooling: default: the manifests' values, else -1 and ``"mean"``.
-        out_dir: where the report goes (none written when None).
+    ``backends``: backend names (served ensembles are ``geneformer_embed_<name>``); ``repository``: the
+    model repository whose manifests are checked against the reference (and give ``emb_layer`` /
+    ``pooling``), in ``local`` mode the encoder files run in process; ``control_label``: label of control
+    cells (adds ``control_separation``); ``seed``: split / KMeans seed; ``batch_size``: cells per batch;
+    ``emb_layer``, ``pooling``: default the manifests' values, else -1 and ``"mean"``; ``out_dir``: report
+    folder (none written when None); ``projection``: ``pca`` or ``umap``; ``accuracy_tolerance``: largest
+    |accuracy delta| of fp32 backends; ``save_embeddings``: also ``embeddings.npz``; ``metadata``: extra
+    facts for the report.
     """
-    if local and repository is None:
-        raise ValueError("--local needs --repository (the exported encoder files)")
-    if not local and client is None:
-        raise ValueError("served mode needs a client (--url) or use --local with --repository")
-    if control_label is not None and control_label not in set(cells.labels):
-        raise ValueError(f"control label {control_label!r} is not among the labels ({sorted(set(cells.labels))})")
-    vocabulary = vocabulary or loaded.vocabulary
-    if vocabulary is None:
-        raise ValueError("no gene dictionaries: pass --dictionaries or --repository")
-    manifests = read_manifests(repository, backends) if repository is not None else {}
-    known = [m for m in manifests.values() if m]
-    emb_layer = emb_layer if emb_layer is not None else (known[0].get("emb_layer", -1) if known else -1)
-    pooling = pooling or (known[0].get("pooling", "mean") if known else "mean")
-    check_manifests(loaded, manifests, emb_layer, pooling)
-    specs = [backend_spec(name, manifests.get(name)) for name in backends]
-    random_weights = bool(loaded.random_weights or any(m.get("random_weights") for m in known))
 
+    backends: Sequence[str] = DEFAULT_BACKENDS
+    repository: str | Path | None = None
+    local: bool = False
+    control_label: str | None = None
+    seed: int = 0
+    batch_size: int = 32
+    emb_layer: int | None = None
+    pooling: str | None = None
+    out_dir: str | Path | None = None
+    projection: str = "pca"
+    accuracy_tolerance: float = FP32_ACCURACY_TOLERANCE
+    save_embeddings: bool = False
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Plan:
+    """The resolved settings of one evaluation: manifests, encoders and the reference's tokens."""
+
+    manifests: dict[str, dict | None]
+    specs: list[BackendSpec]
+    emb_layer: int
+    pooling: str
+    random_weights: bool
+    packed_ids: np.ndarray
+    packed_counts: np.ndarray
+    tokens: list[np.ndarray]
+
+    @property
+    def weights_checked(self) -> bool:
+        return any(self.manifests.values())
+
+
+def _check_request(options: EvaluationOptions, cells: LabelledCells, client: Any) -> None:
+    if options.local and options.repository is None:
+        raise ValueError("--local needs --repository (the exported encoder files)")
+    if not options.local and client is None:
+        raise ValueError("served mode needs a client (--url) or use --local with --repository")
+    if options.control_label is not None and options.control_label not in set(cells.labels):
+        raise ValueError(f"control label {options.control_label!r} is not among the labels ({sorted(set(cells.labels))})")
+
+
+def _plan(loaded: LoadedGeneformer, cells: LabelledCells, options: EvaluationOptions, vocabulary: GeneVocabulary) -> _Plan:
+    """Manifests checked against the reference, the backends' specs, and the cells tokenized as the server does."""
+    backends = list(options.backends)
+    manifests = read_manifests(options.repository, backends) if options.repository is not None else {}
+    known = [m for m in manifests.values() if m]
+    emb_layer = options.emb_layer if options.emb_layer is not None else (known[0].get("emb_layer", -1) if known else -1)
+    pooling = options.pooling or (known[0].get("pooling", "mean") if known else "mean")
+    check_manifests(loaded, manifests, emb_layer, pooling)
     packed_ids, packed_counts = pack_for_server(cells)
     tokens = tokenize_like_server(packed_ids, packed_counts, cells.n_counts, vocabulary, loaded.input_size,
                                   loaded.special_tokens)
-    lengths = np.array([len(t) for t in tokens])
+    return _Plan(manifests, [backend_spec(name, manifests.get(name)) for name in backends], emb_layer, pooling,
+                 bool(loaded.random_weights or any(m.get("random_weights") for m in known)),
+                 packed_ids, packed_counts, tokens)
+
+
+def _metadata(loaded: LoadedGeneformer, cells: LabelledCells, options: EvaluationOptions, plan: _Plan,
+              client: Any) -> dict[str, Any]:
+    lengths = np.array([len(t) for t in plan.tokens])
     LOGGER.info("%d cells, %d labels, tokens per cell %d-%d (median %d)", cells.n_cells, len(set(cells.labels)),
                 lengths.min(), lengths.max(), int(np.median(lengths)))
-
-    meta: dict[str, Any] = {
+    return {
         "dataset": cells.source,
         "label_key": cells.label_key,
-        "control_label": control_label,
+        "control_label": options.control_label,
         "n_cells": cells.n_cells,
         "n_labels": len(set(cells.labels)),
         "tokens_per_cell": f"{lengths.min()}-{lengths.max()} (median {int(np.median(lengths))})",
         "model": loaded.name,
         "weights": loaded.source,
         "weights_sha256": loaded.weights_sha256[:16],
-        "weights_checked_against_manifests": bool(known),
-        "emb_layer": emb_layer,
-        "pooling": pooling,
-        "mode": "local (exported files in process)" if local else f"served (Triton {client.protocol} at {client.url})",
+        "weights_checked_against_manifests": plan.weights_checked,
+        "emb_layer": plan.emb_layer,
+        "pooling": plan.pooling,
+        "mode": "local (exported files in process)" if options.local else f"served (Triton {client.protocol} at {client.url})",
         **cells.notes,
-        **(metadata or {}),
+        **options.metadata,
     }
 
-    runs: list[EmbeddingRun] = []
-    if not local:
-        ready = set(client.ready_models())
-        missing = [s.ensemble for s in specs if s.ensemble not in ready]
-        if missing:
-            raise ValueError(f"not ready on the server: {missing}; ready models: {sorted(ready)}")
-        if TOKENIZER_MODEL in ready:
-            differ = compare_server_tokens(client, packed_ids, packed_counts, cells.n_counts, tokens)
-            meta["server_tokens_checked"] = f"{differ} of {min(32, len(tokens))} cells differ from the reference's tokens"
-            if differ:
-                LOGGER.error("the server's tokenizer gives other tokens than the reference's dictionaries for %d "
-                             "cells: pass the server's dictionaries (--repository or --dictionaries)", differ)
 
-    reference = embed_reference(loaded, tokens, emb_layer, pooling, batch_size)
-    runs.append(reference)
-    LOGGER.info("%s: %.1f s", reference.method, reference.seconds)
-    for spec in specs:
-        if local:
-            run = embed_local(repository, spec, tokens, batch_size, vocabulary.pad_id)
+def _check_server(client: Any, plan: _Plan, cells: LabelledCells, meta: dict[str, Any]) -> None:
+    """Every ensemble ready; the server's tokenizer gives the reference's tokens (recorded in ``meta``)."""
+    ready = set(client.ready_models())
+    missing = [s.ensemble for s in plan.specs if s.ensemble not in ready]
+    if missing:
+        raise ValueError(f"not ready on the server: {missing}; ready models: {sorted(ready)}")
+    if TOKENIZER_MODEL in ready:
+        differ = compare_server_tokens(client, plan.packed_ids, plan.packed_counts, cells.n_counts, plan.tokens)
+        meta["server_tokens_checked"] = f"{differ} of {min(32, len(plan.tokens))} cells differ from the reference's tokens"
+        if differ:
+            LOGGER.error("the server's tokenizer gives other tokens than the reference's dictionaries for %d "
+                         "cells: pass the server's dictionaries (--repository or --dictionaries)", differ)
+
+
+def _embed_all(loaded: LoadedGeneformer, cells: LabelledCells, options: EvaluationOptions, plan: _Plan,
+               client: Any, pad_id: int) -> list[EmbeddingRun]:
+    """The reference's run, then one per backend (served or, ``local``, in process)."""
+    runs = [embed_reference(loaded, plan.tokens, plan.emb_layer, plan.pooling, options.batch_size)]
+    LOGGER.info("%s: %.1f s", runs[0].method, runs[0].seconds)
+    for spec in plan.specs:
+        if options.local:
+            run = embed_local(options.repository, spec, plan.tokens, options.batch_size, pad_id)
         else:
-            run = embed_served(client, spec, packed_ids, packed_counts, cells.n_counts, batch_size)
+            run = embed_served(client, spec, plan.packed_ids, plan.packed_counts, cells.n_counts, options.batch_size)
         LOGGER.info("%s: %.1f s", run.method, run.seconds)
         runs.append(run)
+    return runs
 
-    from geneformer_triton.evaluation import compare_methods, write_report
 
-    embeddings = {r.method: r.embeddings for r in runs}
-    table = compare_methods(embeddings, cells.labels, REFERENCE, control_label, seed=seed)
+def _comparison(runs: list[EmbeddingRun], cells: LabelledCells, options: EvaluationOptions,
+                plan: _Plan) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """compare_methods' table with each run's backend, timing and fidelity verdict; the pass/fail checks."""
+    from geneformer_triton.evaluation import compare_methods
+
+    table = compare_methods({r.method: r.embeddings for r in runs}, cells.labels, REFERENCE, options.control_label,
+                            seed=options.seed)
     by_method = {r.method: r for r in runs}
     table["backend"] = [by_method[m].backend for m in table.index]
     table["precision"] = [by_method[m].precision for m in table.index]
@@ -522,25 +551,63 @@ def evaluate_backends(
     failures = ["; ".join(gate_for(p).failures(row.to_dict())) for p, (_, row) in zip(table["precision"], table.iterrows())]
     table["fidelity_failures"] = failures
     table["fidelity_passed"] = [not f for f in failures]
-    checks = check_results(table, accuracy_tolerance)
+    checks = check_results(table, options.accuracy_tolerance)
     for method in checks["fidelity_failed"]:
         hint = " (the served model probably has other weights: check its manifest)" \
-            if table.loc[method, "cosine_min"] < 0.99 and not known else ""
+            if table.loc[method, "cosine_min"] < 0.99 and not plan.weights_checked else ""
         LOGGER.error("%s: fidelity gate failed: %s%s", method, table.loc[method, "fidelity_failures"], hint)
+    return table, checks
 
-    paths: dict[str, Path] = {}
-    if out_dir is not None:
-        paths = write_report(table, out_dir, random_weights=random_weights, embeddings=embeddings,
-                             labels=cells.labels, reference=REFERENCE, metadata=meta, projection=projection,
-                             title=f"Embedding quality by backend: {Path(cells.source).name if not cells.source.startswith('pbmc') else 'pbmc68k_reduced'}")
-        _append_backend_section(paths["markdown"], table, checks)
-        payload = json.loads(paths["json"].read_text())
-        payload["checks"] = checks
-        paths["json"].write_text(json.dumps(payload, indent=2) + "\n")
-        if save_embeddings:
-            paths["embeddings"] = Path(out_dir) / "embeddings.npz"
-            np.savez_compressed(paths["embeddings"], cell_names=cells.cell_names, labels=cells.labels, **embeddings)
-    meta["random_weights"] = random_weights
+
+def _write_outputs(table: pd.DataFrame, checks: dict[str, Any], runs: list[EmbeddingRun], cells: LabelledCells,
+                   options: EvaluationOptions, plan: _Plan, meta: dict[str, Any]) -> dict[str, Path]:
+    """The report (evaluation.write_report + the backend section + the checks in the JSON), embeddings.npz."""
+    from geneformer_triton.evaluation import ReportOptions, write_report
+
+    embeddings = {r.method: r.embeddings for r in runs}
+    name = Path(cells.source).name if not cells.source.startswith("pbmc") else "pbmc68k_reduced"
+    paths = write_report(table, options.out_dir, ReportOptions(
+        random_weights=plan.random_weights, embeddings=embeddings, labels=cells.labels, reference=REFERENCE,
+        metadata=meta, projection=options.projection, title=f"Embedding quality by backend: {name}"))
+    _append_backend_section(paths["markdown"], table, checks)
+    payload = json.loads(paths["json"].read_text())
+    payload["checks"] = checks
+    paths["json"].write_text(json.dumps(payload, indent=2) + "\n")
+    if options.save_embeddings:
+        paths["embeddings"] = Path(options.out_dir) / "embeddings.npz"
+        np.savez_compressed(paths["embeddings"], cell_names=cells.cell_names, labels=cells.labels, **embeddings)
+    return paths
+
+
+def evaluate_backends(
+    loaded: LoadedGeneformer,
+    cells: LabelledCells,
+    options: EvaluationOptions = EvaluationOptions(),
+    *,
+    client: Any = None,
+    vocabulary: GeneVocabulary | None = None,
+) -> EvaluationResult:
+    """Embed ``cells`` with the fp32 reference and every backend of ``options``, compare them, write the report.
+
+    Args:
+        loaded: the reference model (same weights as the served/exported encoders).
+        cells: labelled cells (:func:`load_labelled_cells`), already subsampled.
+        options: backends, repository, mode, report (:class:`EvaluationOptions`).
+        client: a ``GeneformerClient`` (served mode).
+        vocabulary: dictionaries the server's tokenizer uses (default ``loaded.vocabulary``).
+    """
+    _check_request(options, cells, client)
+    vocabulary = vocabulary or loaded.vocabulary
+    if vocabulary is None:
+        raise ValueError("no gene dictionaries: pass --dictionaries or --repository")
+    plan = _plan(loaded, cells, options, vocabulary)
+    meta = _metadata(loaded, cells, options, plan, client)
+    if not options.local:
+        _check_server(client, plan, cells, meta)
+    runs = _embed_all(loaded, cells, options, plan, client, vocabulary.pad_id)
+    table, checks = _comparison(runs, cells, options, plan)
+    paths = _write_outputs(table, checks, runs, cells, options, plan, meta) if options.out_dir is not None else {}
+    meta["random_weights"] = plan.random_weights
     meta["checks"] = checks
     return EvaluationResult(table, runs, paths, meta, checks)
 
@@ -566,7 +633,7 @@ def chance_summary(table: pd.DataFrame) -> str:
 
 
 __all__ = [
-    "REFERENCE", "DEFAULT_BACKENDS", "LabelledCells", "load_labelled_cells", "labelled_cells_from_anndata",
+    "REFERENCE", "DEFAULT_BACKENDS", "EvaluationOptions", "LabelledCells", "load_labelled_cells", "labelled_cells_from_anndata",
     "stratified_subsample", "BackendSpec", "backend_spec", "read_manifests", "check_manifests", "EmbeddingRun",
     "embed_reference", "embed_served", "embed_local", "evaluate_backends", "EvaluationResult", "check_results",
     "format_summary", "chance_summary",

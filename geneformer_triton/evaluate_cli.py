@@ -15,6 +15,7 @@ from geneformer_triton.evaluate_backends import (
     DEFAULT_BACKENDS,
     FP32_ACCURACY_TOLERANCE,
     TOKENIZER_MODEL,
+    EvaluationOptions,
     chance_summary,
     evaluate_backends,
     format_summary,
@@ -56,13 +57,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
         client = GeneformerClient(url, args.protocol, concurrency=args.concurrency)
         client.wait_ready(args.timeout)
     try:
-        result = evaluate_backends(
-            loaded, cells, backends, client=client, repository=repository, local=args.local, vocabulary=vocabulary,
-            control_label=args.control_label, seed=args.eval_seed, batch_size=args.batch_size,
-            emb_layer=args.emb_layer, pooling=args.pooling, out_dir=args.out, projection=args.projection,
-            accuracy_tolerance=args.accuracy_tolerance, save_embeddings=args.save_embeddings,
-            metadata={"cells_before_subsample": total, "eval_seed": args.eval_seed},
+        options = EvaluationOptions(
+            backends=backends, repository=repository, local=args.local, control_label=args.control_label,
+            seed=args.eval_seed, batch_size=args.batch_size, emb_layer=args.emb_layer, pooling=args.pooling,
+            out_dir=args.out, projection=args.projection, accuracy_tolerance=args.accuracy_tolerance,
+            save_embeddings=args.save_embeddings, metadata={"cells_before_subsample": total, "eval_seed": args.eval_seed},
         )
+        result = evaluate_backends(loaded, cells, options, client=client, vocabulary=vocabulary)
     finally:
         if client is not None:
             client.close()

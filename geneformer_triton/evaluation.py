@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -495,76 +496,72 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def write_report(
-    df: pd.DataFrame,
-    out_dir: str | Path,
-    *,
-    random_weights: bool,
-    embeddings: Mapping[str, np.ndarray] | None = None,
-    labels: Sequence[str] | np.ndarray | None = None,
-    reference: str | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    projection: str = "pca",
-    title: str = "Embedding quality by backend",
-    prefix: str = "embedding_eval",
-) -> dict[str, Path]:
-    """Write ``<prefix>.csv``, ``<prefix>.json``, ``<prefix>.md`` and (given embeddings and
-    labels) ``<prefix>_<projection>.png`` into ``out_dir``.
+@dataclass(frozen=True)
+class ReportOptions:
+    """What :func:`write_report` writes besides the table.
 
-    Args:
-        df: output of :func:`compare_methods`.
-        random_weights: True when the encoder weights are randomly initialized; the report then
-            says plainly that absolute metrics near chance are expected and only the differences
-            between backends are meaningful.
-        embeddings, labels: for the projection figure (skipped if either is None).
-        reference: reference method (default ``df.attrs["reference"]`` or the first row).
-        metadata: free-form facts recorded in JSON and Markdown (model, dataset, n_cells, ...).
-        projection: ``"pca"`` (default) or ``"umap"``.
-
-    Returns:
-        ``{"csv", "json", "markdown"[, "png"]}`` -> written paths.
+    ``random_weights``: the encoder weights are randomly initialized (the report then says plainly that
+    absolute metrics near chance are expected and only the differences between backends are meaningful);
+    ``embeddings``, ``labels``: for the projection figure (skipped if either is None); ``reference``:
+    reference method (default ``df.attrs["reference"]`` or the first row); ``metadata``: free-form facts
+    recorded in JSON and Markdown (model, dataset, n_cells, ...); ``projection``: ``"pca"`` or ``"umap"``;
+    ``title``; ``prefix``: file names ``<prefix>.*``.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    reference = reference or df.attrs.get("reference") or str(df.index[0])
-    metadata = dict(metadata or {})
-    params = dict(df.attrs.get("params") or DEFAULT_PARAMS)
-    definitions = metric_definitions(params)
-    paths: dict[str, Path] = {}
 
-    paths["csv"] = out / f"{prefix}.csv"
-    df.to_csv(paths["csv"], index_label="method")
+    random_weights: bool
+    embeddings: Mapping[str, np.ndarray] | None = None
+    labels: Sequence[str] | np.ndarray | None = None
+    reference: str | None = None
+    metadata: Mapping[str, Any] | None = None
+    projection: str = "pca"
+    title: str = "Embedding quality by backend"
+    prefix: str = "embedding_eval"
 
-    if embeddings is not None and labels is not None:
-        paths["png"] = plot_projection(
-            embeddings, labels, out / f"{prefix}_{projection}.png", reference, projection, seed=int(params["seed"])
-        )
 
-    payload = {
-        "title": title,
+RANDOM_WEIGHTS_NOTE = [
+    "> **The encoder weights are randomly initialized (no pretrained checkpoint).** The embeddings",
+    "> carry no learned biology, so absolute metrics near chance level are expected and say",
+    "> nothing about Geneformer's quality (any structure above chance comes from which genes a cell",
+    "> expresses passing through random projections). Only the differences between backends",
+    "> (delta and fidelity columns) are meaningful here.",
+    "",
+]
+#: metrics in [0, 1] or [-1, 1] whose largest |delta| each method's summary line names
+BOUNDED_METRICS = ("accuracy", "f1_weighted", "silhouette", "knn_consistency", "ari", "nmi")
+
+
+def _report_payload(df: pd.DataFrame, options: ReportOptions, reference: str, params: Mapping[str, Any]) -> dict:
+    return {
+        "title": options.title,
         "reference": reference,
-        "random_weights": bool(random_weights),
-        "metadata": metadata,
+        "random_weights": bool(options.random_weights),
+        "metadata": dict(options.metadata or {}),
         "metric_params": params,
-        "metric_definitions": definitions,
+        "metric_definitions": metric_definitions(params),
         "methods": {str(m): row.to_dict() for m, row in df.iterrows()},
     }
-    paths["json"] = out / f"{prefix}.json"
-    paths["json"].write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n")
 
-    md: list[str] = [f"# {title}", ""]
-    if random_weights:
-        md += [
-            "> **The encoder weights are randomly initialized (no pretrained checkpoint).** The embeddings",
-            "> carry no learned biology, so absolute metrics near chance level are expected and say",
-            "> nothing about Geneformer's quality (any structure above chance comes from which genes a cell",
-            "> expresses passing through random projections). Only the differences between backends",
-            "> (delta and fidelity columns) are meaningful here.",
-            "",
-        ]
+
+def _worst_deltas(df: pd.DataFrame, reference: str, metric_cols: Sequence[str]) -> list[str]:
+    """One line per non-reference method: its largest |delta| among the bounded metrics, its min cosine."""
+    bounded = [c for c in BOUNDED_METRICS if c in metric_cols]
+    lines = []
+    for m in df.index:
+        if m == reference:
+            continue
+        worst = max(((abs(df.loc[m, f"delta_{c}"]), c) for c in bounded), default=(0.0, "-"))
+        lines.append(f"- `{m}`: largest |Δ| among bounded metrics = {_fmt(worst[0])} ({worst[1]}); "
+                     f"min cosine vs reference = {_fmt(df.loc[m, 'cosine_min'])}.")
+    return lines
+
+
+def _report_markdown(df: pd.DataFrame, options: ReportOptions, reference: str, definitions: Mapping[str, str],
+                     png: Path | None) -> str:
+    md: list[str] = [f"# {options.title}", ""]
+    if options.random_weights:
+        md += RANDOM_WEIGHTS_NOTE
     md += [f"Reference method: `{reference}`."]
-    for k_, v in metadata.items():
-        md.append(f"- {k_}: {v}")
+    md += [f"- {k_}: {v}" for k_, v in (options.metadata or {}).items()]
     md.append("")
     metric_cols = [c for c in METRIC_DIRECTIONS if c in df.columns and not df[c].isna().all()]
     chance = [c for c in CHANCE_COLUMNS if c in df.columns]
@@ -577,20 +574,36 @@ def write_report(
     md += ["## Differences to the reference (method − reference)", "",
            _md_table(df, [f"delta_{c}" for c in metric_cols]), ""]
     md += ["## Fidelity against the reference", "", _md_table(df, list(FIDELITY_COLUMNS)), ""]
-    bounded = [c for c in ("accuracy", "f1_weighted", "silhouette", "knn_consistency", "ari", "nmi")
-               if c in metric_cols]
-    for m in df.index:
-        if m == reference:
-            continue
-        worst = max(((abs(df.loc[m, f"delta_{c}"]), c) for c in bounded), default=(0.0, "-"))
-        md.append(f"- `{m}`: largest |Δ| among bounded metrics = {_fmt(worst[0])} ({worst[1]}); "
-                  f"min cosine vs reference = {_fmt(df.loc[m, 'cosine_min'])}.")
+    md += _worst_deltas(df, reference, metric_cols)
     md += ["", "## Definitions", ""]
     md += [f"- **{k_}**: {v}" for k_, v in definitions.items()]
-    if "png" in paths:
-        md += ["", f"![{projection} projection]({paths['png'].name})"]
+    if png is not None:
+        md += ["", f"![{options.projection} projection]({png.name})"]
+    return "\n".join(md) + "\n"
+
+
+def write_report(df: pd.DataFrame, out_dir: str | Path, options: ReportOptions) -> dict[str, Path]:
+    """Write ``<prefix>.csv``, ``<prefix>.json``, ``<prefix>.md`` and (given embeddings and labels)
+    ``<prefix>_<projection>.png`` into ``out_dir``; ``df`` is the output of :func:`compare_methods`.
+
+    Returns:
+        ``{"csv", "json", "markdown"[, "png"]}`` -> written paths.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    reference = options.reference or df.attrs.get("reference") or str(df.index[0])
+    params = dict(df.attrs.get("params") or DEFAULT_PARAMS)
+    prefix = options.prefix
+    paths: dict[str, Path] = {"csv": out / f"{prefix}.csv"}
+    df.to_csv(paths["csv"], index_label="method")
+    if options.embeddings is not None and options.labels is not None:
+        paths["png"] = plot_projection(options.embeddings, options.labels, out / f"{prefix}_{options.projection}.png",
+                                       reference, options.projection, seed=int(params["seed"]))
+    paths["json"] = out / f"{prefix}.json"
+    payload = _report_payload(df, options, reference, params)
+    paths["json"].write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n")
     paths["markdown"] = out / f"{prefix}.md"
-    paths["markdown"].write_text("\n".join(md) + "\n")
+    paths["markdown"].write_text(_report_markdown(df, options, reference, payload["metric_definitions"], paths.get("png")))
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return paths
 

@@ -17,6 +17,7 @@ import pytest
 
 from geneformer_triton.evaluate_backends import (
     REFERENCE,
+    EvaluationOptions,
     LabelledCells,
     evaluate_backends,
     load_labelled_cells,
@@ -46,9 +47,9 @@ def served(triton_server, exported_repository, loaded_model, v1_vocabulary, pbmc
     cells = pbmc_cells.subset(stratified_subsample(pbmc_cells.labels, N_SERVED, seed=0))
     out = tmp_path_factory.mktemp("evaluate_served")
     with GeneformerClient(triton_server.grpc_url, "grpc") as client:
-        result = evaluate_backends(loaded_model, cells, ["onnx", "onnx_fp16", "torchscript"], client=client,
-                                   repository=exported_repository, vocabulary=v1_vocabulary, out_dir=out,
-                                   save_embeddings=True)
+        options = EvaluationOptions(["onnx", "onnx_fp16", "torchscript"], repository=exported_repository, out_dir=out,
+                                    save_embeddings=True)
+        result = evaluate_backends(loaded_model, cells, options, client=client, vocabulary=v1_vocabulary)
     print("\n" + result.table[["accuracy", "f1_weighted", "silhouette", "knn_consistency", "ari", "nmi",
                                "delta_accuracy", "cosine_min", "embed_seconds"]].to_string())
     return result
@@ -183,8 +184,9 @@ def test_cli_http_with_a_checkpoint_and_a_control_label(triton_server, loaded_mo
 
 def test_local_mode_runs_exported_files_in_process(exported_repository, loaded_model, v1_vocabulary, pbmc_cells, tmp_path):
     cells = pbmc_cells.subset(stratified_subsample(pbmc_cells.labels, N_SMALL, seed=0))
-    result = evaluate_backends(loaded_model, cells, ["onnx", "torchscript"], repository=exported_repository,
-                               local=True, vocabulary=v1_vocabulary, control_label=CONTROL, out_dir=tmp_path)
+    options = EvaluationOptions(["onnx", "torchscript"], repository=exported_repository, local=True,
+                                control_label=CONTROL, out_dir=tmp_path)
+    result = evaluate_backends(loaded_model, cells, options, vocabulary=v1_vocabulary)
     table = result.table
     assert list(table.index) == ["pytorch_fp32", "local_onnx_fp32", "local_torchscript_fp32"]
     assert table["fidelity_passed"].all() and result.passed
@@ -198,7 +200,8 @@ def test_other_weights_than_the_served_ones_are_refused(exported_repository, v1_
     other = random_geneformer(MODEL_NAME, seed=1, vocabulary=v1_vocabulary)
     cells = pbmc_cells.subset(np.arange(20))
     with pytest.raises(ValueError, match="other weights"):
-        evaluate_backends(other, cells, ["onnx"], repository=exported_repository, local=True, vocabulary=v1_vocabulary)
+        evaluate_backends(other, cells, EvaluationOptions(["onnx"], repository=exported_repository, local=True),
+                          vocabulary=v1_vocabulary)
 
 
 def test_bad_inputs_are_reported(v1_vocabulary, pbmc_cells, small_h5ad, exported_repository, loaded_model):
@@ -208,7 +211,7 @@ def test_bad_inputs_are_reported(v1_vocabulary, pbmc_cells, small_h5ad, exported
         load_labelled_cells(v1_vocabulary, path=small_h5ad, dataset="pbmc68k", label_key="cell_type")
     cells = pbmc_cells.subset(np.arange(20))
     with pytest.raises(ValueError, match="control label"):
-        evaluate_backends(loaded_model, cells, ["onnx"], repository=exported_repository, local=True,
-                          control_label="no such cells")
+        evaluate_backends(loaded_model, cells, EvaluationOptions(["onnx"], repository=exported_repository, local=True,
+                                                                 control_label="no such cells"))
     with pytest.raises(ValueError, match="--repository"):
-        evaluate_backends(loaded_model, cells, ["onnx"], local=True)
+        evaluate_backends(loaded_model, cells, EvaluationOptions(["onnx"], local=True))

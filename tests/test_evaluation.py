@@ -354,8 +354,8 @@ def test_write_report(tmp_path, blobs, random_weights):
     x, y = blobs
     embs = {"pytorch_fp32": x, "onnx_fp16": (x + 0.01).astype(np.float32)}
     df = ev.compare_methods(embs, y, reference="pytorch_fp32")  # no control: NaN column
-    paths = ev.write_report(df, tmp_path / "out", random_weights=random_weights, embeddings=embs, labels=y,
-                            metadata={"model": "gf-6L-10M-i2048", "dataset": "blobs"})
+    paths = ev.write_report(df, tmp_path / "out", ev.ReportOptions(
+        random_weights=random_weights, embeddings=embs, labels=y, metadata={"model": "gf-6L-10M-i2048", "dataset": "blobs"}))
     assert set(paths) == {"csv", "json", "markdown", "png"}
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths.values())
 
@@ -388,7 +388,7 @@ def test_write_report(tmp_path, blobs, random_weights):
 def test_report_without_embeddings_skips_png(tmp_path, blobs):
     x, y = blobs
     df = ev.compare_methods({"ref": x}, y, reference="ref")
-    paths = ev.write_report(df, tmp_path, random_weights=False)
+    paths = ev.write_report(df, tmp_path, ev.ReportOptions(random_weights=False))
     assert "png" not in paths and paths["markdown"].is_file()
 
 
