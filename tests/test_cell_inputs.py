@@ -227,3 +227,32 @@ def test_ensembl_id_rule():
     assert ensembl_id("ensmusg00000017167") == "ENSMUSG00000017167"
     for other in ("ENST00000252455", "ENSEMBL", "KLF1", "", None, float("nan"), "ENSG"):
         assert ensembl_id(other) == ""
+
+
+def test_embed_isp_and_evaluate_refuse_and_accept_alike(norman, tmp_path, caplog):
+    """The three commands read one log-normalized file the same way: refused naming the first cell
+    without uns['log1p'] (before any server is asked: --url points nowhere), read with the flag."""
+    from geneformer_triton.cli import main
+
+    unmarked = norman[:N_CELLS].copy()
+    del unmarked.uns["log1p"]
+    unmarked.obs["cell_type"] = ["a", "b"] * (N_CELLS // 2)
+    path = tmp_path / "lognorm.h5ad"
+    unmarked.write_h5ad(path)
+    first = str(unmarked.obs_names[0])
+    commands = {
+        "embed": ["embed", str(path), "-o", str(tmp_path / "e.npy"), "--url", "127.0.0.1:9", "--dictionaries", str(V1),
+                  "--retries", "0"],
+        "isp": ["isp", "--h5ad", str(path), "--output", str(tmp_path / "i.parquet"), "--url", "127.0.0.1:9",
+                "--dictionaries", str(V1), "--retries", "1", "--wait", "0"],
+        "evaluate": ["evaluate", str(path), "--label-key", "cell_type", "--url", "127.0.0.1:9", "--random-weights",
+                     "--dictionaries", str(V1), "--timeout", "0", "--max-cells", "0"],
+    }
+    for name, argv in commands.items():
+        caplog.clear()
+        assert main(argv) == 2, name
+        assert f"non-integer values in {N_CELLS} cells, e.g. '{first}' (row 0)" in caplog.text, name
+        caplog.clear()
+        code = main([*argv, "--allow-non-integer"])
+        assert "non-integer values" in caplog.text and "--allow-non-integer)" in caplog.text, name  # the warning
+        assert code != 0, name  # read, then stopped by the absent server
