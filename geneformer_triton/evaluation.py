@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
