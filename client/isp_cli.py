@@ -318,8 +318,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--cell-index-range", metavar="START:END", help="rows START..END-1 of the selected cells "
                                                                       "(upstream cell_inds_to_perturb, in file order)")
     data.add_argument("--allow-non-integer", action="store_true",
-                      help="tokenize non-integer X as counts when raw counts cannot be recovered (log-normalized X "
-                           "with uns['log1p'] and obs totals is converted back to counts; geneformer_triton.cell_inputs)")
+                      help="tokenize non-integer X as counts when raw counts cannot be recovered (log1p-normalized X "
+                           "with uns['log1p'] is converted back to counts where that is exact; geneformer_triton.cell_inputs)")
 
     pert = parser.add_argument_group("perturbation")
     pert.add_argument("--perturbation", choices=PERTURBATIONS, default="delete")
