@@ -13,9 +13,13 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from client.dask_engine import add_cluster_arguments, cluster_requested
 from client.triton_client import GeneformerClient, RetryPolicy, ServerUnavailableError
+
+if TYPE_CHECKING:
+    from geneformer_triton.cell_inputs import CellMatrix
 
 LOGGER = logging.getLogger(__name__)
 
@@ -66,7 +70,7 @@ def _dictionary_folders(args: argparse.Namespace) -> list[Path]:
     return folders
 
 
-def read_embed_input(args: argparse.Namespace):
+def read_embed_input(args: argparse.Namespace) -> "CellMatrix":
     """The cells of ``gftriton embed`` (``geneformer_triton.cell_inputs``: symbols mapped with the
     gene_name_id_dict.json of --dictionaries or of the --repository's tokenizer)."""
     from geneformer_triton.cell_inputs import InputOptions, find_symbol_map, read_cells
