@@ -16,11 +16,11 @@ from pathlib import Path
 
 from client.dask_engine import add_cluster_arguments, cluster_requested
 from client.triton_client import GeneformerClient, RetryPolicy, ServerUnavailableError
+from geneformer_triton.contract import TOKENIZER_MODEL
 
 LOGGER = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
-TOKENIZER_MODEL = "geneformer_tokenizer"
 EXIT_UNAVAILABLE = 3
 
 

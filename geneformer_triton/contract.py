@@ -180,6 +180,37 @@ ENCODER_OF_ENSEMBLE = {ensemble: encoder for encoder, ensemble in ENSEMBLE_FOR.i
 ISP_DEFAULT_ENCODER = ENCODER_VARIANTS["onnx"].model
 ISP_ENCODERS = tuple(v.model for v in ENCODER_VARIANTS.values() if v.isp)
 
+@dataclass(frozen=True)
+class ServedModel:
+    """A served model that outputs cell embeddings: an ``encoder`` (token ids in) or an ``ensemble`` (raw
+    counts in: the tokenizer, then ``encoder``), with the encoder's compute precision."""
+
+    name: str
+    kind: str  # encoder | ensemble
+    encoder: str  # the encoder model itself, or the ensemble's encoder step
+    precision: str
+
+    @property
+    def composing(self) -> tuple[str, ...]:
+        """The models whose work a request to this one is (the server-side breakdown)."""
+        return (TOKENIZER_MODEL, self.encoder) if self.kind == "ensemble" else (self.encoder,)
+
+    @property
+    def signature(self) -> str:
+        """Which input names a client sends: ``ensemble`` (raw counts) or the encoder backend's kind."""
+        if self.kind == "ensemble":
+            return "ensemble"
+        variant = VARIANT_OF_MODEL.get(self.encoder)
+        return variant.kind if variant else "onnx"
+
+
+#: every embedding model of the contract: each embedding encoder and its ensemble
+EMBEDDING_MODELS: dict[str, ServedModel] = {
+    m.name: m
+    for v in ENCODER_VARIANTS.values() if v.embeds
+    for m in (ServedModel(v.model, "encoder", v.model, v.precision), ServedModel(v.ensemble, "ensemble", v.model, v.precision))
+}
+
 #: every model a full GPU deployment loads (docker-compose.yml, deploy/k8s): tokenizer, encoders, ensembles, ISP
 SERVED_MODELS = (
     TOKENIZER_MODEL,
@@ -211,3 +242,10 @@ def is_encoder_signature(inputs: set[str]) -> bool:
 def cell_embedding_outputs() -> set[str]:
     """Every backend's name of the cell-embedding output."""
     return {b.tensors.cell_embedding for b in BACKENDS.values()}
+
+
+#: client input names by signature (ServedModel.signature): raw counts, or each backend's token tensors
+INPUT_SIGNATURES: dict[str, tuple[str, ...]] = {
+    "ensemble": (GENE_IDS, COUNTS, N_COUNTS),
+    **{kind: b.tensors.inputs for kind, b in BACKENDS.items()},
+}

@@ -13,13 +13,13 @@ from pathlib import Path
 from geneformer_triton.evaluate_backends import (
     DEFAULT_BACKENDS,
     FP32_ACCURACY_TOLERANCE,
-    TOKENIZER_MODEL,
     chance_summary,
     evaluate_backends,
     format_summary,
     load_labelled_cells,
     stratified_subsample,
 )
+from geneformer_triton.contract import TOKENIZER_MODEL
 from geneformer_triton.model_args import add_model_arguments, load_model_from_args
 
 LOGGER = logging.getLogger(__name__)
