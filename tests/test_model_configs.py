@@ -64,14 +64,14 @@ def test_a_changed_spec_fails_the_comparison(tmp_path):
 
 def test_default_shape_is_the_default_model():
     spec = MODEL_SPECS[DEFAULT_MODEL]
-    assert contract.DEFAULT_MODEL == DEFAULT_MODEL
-    assert contract.DEFAULT_SHAPE == contract.ServedShape(spec.hidden_size, spec.input_size, spec.special_tokens)
+    assert DEFAULT_MODEL == "gf-6L-10M-i2048"
+    assert contract.DEFAULT_SHAPE == spec.shape == contract.ServedShape(256, 2048, False)
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_SPECS))
 def test_every_model_size_generates_valid_configs(name):
     spec = MODEL_SPECS[name]
-    shape = contract.ServedShape(spec.hidden_size, spec.input_size, spec.special_tokens)
+    shape = spec.shape
     for generated in gen.repository_configs(shape) + gen.deploy_configs(shape):
         config = parse(generated.text())  # Triton's schema: unknown fields and bad enums are rejected
         assert config.name == generated.path.split("/")[0]
