@@ -81,6 +81,9 @@ def discover_models(client: GeneformerClient, manifests: dict[str, dict] | None 
         platform = config.get("platform", "")
         if not outputs & cell_embedding_outputs():
             continue
+        if name in VARIANT_OF_MODEL and not VARIANT_OF_MODEL[name].embeds:
+            LOGGER.info("skipping %s: a fixed-layer encoder for in-silico perturbation, not an embedding path", name)
+            continue
         if platform == "ensemble" and GENE_IDS in inputs:
             steps = config.get("ensemble_scheduling", {}).get("step", [])
             encoders = [s["model_name"] for s in steps if s["model_name"] != TOKENIZER_MODEL]
