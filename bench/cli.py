@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from bench.triton_bench import TritonRunOptions
 
+from geneformer_triton.contract import TOKENIZER_MODEL
+
 LOGGER = logging.getLogger("bench")
 
 
@@ -151,7 +153,7 @@ def _default_work_dir(loaded) -> Path:
 
 def _repository_matches(repository: Path, loaded, formats) -> list[str]:
     """Formats whose export in ``repository`` is missing or from other weights."""
-    from export.formats import ENCODER_FORMATS, TOKENIZER_MODEL
+    from export.formats import ENCODER_FORMATS
 
     stale = []
     for name in formats:
@@ -190,7 +192,7 @@ def prepare_repository(args: argparse.Namespace, loaded, work_dir: Path, formats
 def mode_plan(mode: str) -> dict:
     """What ``mode`` runs, resolved against the catalogues (ValueError naming what is unknown)."""
     from bench.methods import cpu_methods, gpu_methods, select
-    from bench.triton_bench import GPU_METHODS, SERVED
+    from bench.triton_bench import SERVED, inprocess_method
     from export.formats import ENCODER_FORMATS
 
     cfg = MODES[mode]
@@ -201,13 +203,13 @@ def mode_plan(mode: str) -> dict:
     unknown += [f for f in cfg.export_formats if f not in ENCODER_FORMATS]
     if unknown:
         raise ValueError(f"mode {mode}: unknown served models or export formats {unknown}")
-    served = {m: (GPU_METHODS.get(m, SERVED[m].method) if cfg.device == "cuda" else SERVED[m].method) for m in cfg.triton_models}
+    served = {m: inprocess_method(SERVED[m], cfg.device) for m in cfg.triton_models}
     names = {s.name for s in catalogue}
     missing = sorted({method for method in served.values() if method not in names})
     if missing:
         raise ValueError(f"mode {mode}: served models compare with methods not in the catalogue: {missing}")
     exported = {ENCODER_FORMATS[f].model for f in cfg.export_formats}
-    needed = {c for m in cfg.triton_models for c in SERVED[m].composing if c != "geneformer_tokenizer"}
+    needed = {c for m in cfg.triton_models for c in SERVED[m].composing if c != TOKENIZER_MODEL}
     if needed - exported:
         raise ValueError(f"mode {mode}: served models need exports not in export_formats: {sorted(needed - exported)}")
     return {"mode": mode, "device": cfg.device, "methods": [s.name for s in specs], "scaling": cfg.scaling_methods,

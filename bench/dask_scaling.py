@@ -26,8 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from geneformer_triton.contract import ISP_DEFAULT_ENCODER, ISP_MODEL, TOKENIZER_MODEL
+
 LOGGER = logging.getLogger("bench.dask_scaling")
-MODELS = ("geneformer_isp", "geneformer_onnx", "geneformer_tokenizer")
+MODELS = (ISP_MODEL, ISP_DEFAULT_ENCODER, TOKENIZER_MODEL)
 
 
 def cut_cells(n_cells: int, n_genes: int, dictionaries: Path, path: Path) -> Path:
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="gftriton-dask-bench-") as tmp:
         work = Path(tmp)
-        h5ad = cut_cells(options.cells, options.genes, Path(options.repository) / "geneformer_tokenizer" / "1",
+        h5ad = cut_cells(options.cells, options.genes, Path(options.repository) / TOKENIZER_MODEL / "1",
                          work / "cells.h5ad")
         meta = {"environment": environment(), "loadavg_start": round(os.getloadavg()[0], 2),
                 "workload": f"delete-all on {options.cells} celltypist cells cut to their top {options.genes} genes "

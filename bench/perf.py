@@ -29,15 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
+from geneformer_triton.contract import INPUT_SIGNATURES
+
 LOGGER = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_INPUT = REPO_ROOT / "bench" / "data" / "perf_input.json"
-SIGNATURES = {
-    "onnx": ("input_ids", "attention_mask"),
-    "torchscript": ("input_ids__0", "attention_mask__1"),
-    "ensemble": ("gene_ids", "counts", "n_counts"),
-}
+SIGNATURES = INPUT_SIGNATURES  # signature (onnx | torchscript | tensorrt | ensemble) -> input names
 
 # perf_analyzer CSV header -> our column (times in microseconds, as perf_analyzer writes them)
 CSV_COLUMNS = {

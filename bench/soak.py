@@ -31,13 +31,14 @@ from pathlib import Path
 import numpy as np
 
 from client.triton_client import GeneformerClient, InferenceError, RetryPolicy
+from geneformer_triton.contract import ISP_MODEL, TOKENIZER_MODEL
 from geneformer_triton.dictionaries import load_vocabulary
 
 LOGGER = logging.getLogger("bench.soak")
 
 ENSEMBLES = ("geneformer_embed_onnx", "geneformer_embed_onnx_fp16", "geneformer_embed_torchscript")
-TOKENIZER = "geneformer_tokenizer"
-ISP = "geneformer_isp"
+TOKENIZER = TOKENIZER_MODEL
+ISP = ISP_MODEL
 INVALID = {"http": "400", "grpc": "StatusCode.INVALID_ARGUMENT"}
 TOLERANCE = {"geneformer_embed_onnx_fp16": 2e-3}  # max abs difference; others 1e-5, exact for the tokenizer
 

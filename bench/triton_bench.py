@@ -20,7 +20,6 @@ tritonserver process tree (server + backend stubs, psutil CPU times before/after
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
@@ -37,41 +36,26 @@ from bench.inprocess import measure_method
 from bench.methods import BuildContext, MethodSpec
 from bench.sampler import ResourceSampler, cpu_times
 from bench.stats import range_text, summarize_rates
+from geneformer_triton.contract import EMBEDDING_MODELS, TOKENIZER_MODEL, VARIANT_OF_MODEL, ServedModel
 
 LOGGER = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    name: str
-    kind: str  # encoder | ensemble
-    signature: str  # onnx | torchscript | ensemble (perf_analyzer input names)
-    method: str  # in-process method of the same backend
-    composing: tuple[str, ...]  # models whose metrics make the server-side breakdown
-
-
-def _served_models() -> dict[str, ServedModel]:
-    """Each exported variant (``export.formats``: the one registry of served variants) as its encoder and
-    its ensemble, compared with the in-process method of the same backend and precision."""
-    from export.formats import ENCODER_FORMATS, TOKENIZER_MODEL
-
-    served = {}
-    for fmt in ENCODER_FORMATS.values():
-        if fmt.emb_layer is not None:  # fixed-layer encoders serve ISP only (no ensemble, not an embedding path)
-            continue
-        method = INPROCESS_METHOD[fmt.name]
-        served[fmt.model] = ServedModel(fmt.model, "encoder", fmt.kind, method, (fmt.model,))
-        served[fmt.ensemble] = ServedModel(fmt.ensemble, "ensemble", "ensemble", method, (TOKENIZER_MODEL, fmt.model))
-    return served
 
 
 # export format -> in-process method of the same backend on the same cells (one cell per call, as served)
 INPROCESS_METHOD = {"onnx": "onnx_fp32_b1", "onnx_fp16": "onnx_fp16_b1", "onnx_int8": "onnx_int8_b1",
                     "torchscript": "torchscript_fp32_b1", "torchscript_bf16": "torchscript_bf16_b1"}
-SERVED = _served_models()
+#: the exported embedding models (contract.EMBEDDING_MODELS: each encoder and its ensemble)
+SERVED: dict[str, ServedModel] = {name: m for name, m in EMBEDDING_MODELS.items()
+                                  if VARIANT_OF_MODEL[m.encoder].name in INPROCESS_METHOD}
 # on a GPU host the same served models compare with the GPU methods
 GPU_METHODS = {"geneformer_torchscript": "torchscript_fp32_gpu", "geneformer_embed_torchscript": "torchscript_fp32_gpu",
                "geneformer_torchscript_bf16": "torchscript_bf16_gpu", "geneformer_embed_torchscript_bf16": "torchscript_bf16_gpu"}
+
+
+def inprocess_method(model: ServedModel, device: str = "cpu") -> str:
+    """The in-process method of the same backend and precision that ``model`` is compared with."""
+    cpu = INPROCESS_METHOD[VARIANT_OF_MODEL[model.encoder].name]
+    return GPU_METHODS.get(model.name, cpu) if device.startswith("cuda") else cpu
 
 
 def select_throughput(row: dict) -> None:
@@ -193,12 +177,12 @@ class _Harness:
     csv_dir: Path
     results: TritonResults
 
-    def inprocess(self, model: ServedModel, cells: CellSet) -> tuple[float, float]:
-        """(cells/s, CPU s per cell) of the model's in-process method on ``cells`` (NaN when it has none)."""
-        if model.method not in self.method_specs:
+    def inprocess(self, method: str, model: ServedModel, cells: CellSet) -> tuple[float, float]:
+        """(cells/s, CPU s per cell) of in-process ``method`` on ``cells`` (NaN when it is not built)."""
+        if method not in self.method_specs:
             return float("nan"), float("nan")
-        LOGGER.info("in-process %s on the same %d cells (for %s)", model.method, len(cells), model.name)
-        row, _ = measure_method(self.method_specs[model.method], self.ctx, cells, _arch(self.ctx), self.options.repeats)
+        LOGGER.info("in-process %s on the same %d cells (for %s)", method, len(cells), model.name)
+        row, _ = measure_method(self.method_specs[method], self.ctx, cells, _arch(self.ctx), self.options.repeats)
         return (float("nan"), float("nan")) if row["error"] else (row["cells_per_s"], row["cpu_s_per_cell"])
 
     def request_count(self, cells: CellSet, inprocess_rate: float) -> int:
@@ -213,23 +197,24 @@ class _Harness:
         mean is the reference: drift in what else runs on the machine then affects both sides alike)."""
         options = self.options
         cells = self.full_cells if model.kind == "ensemble" else self.enc_cells
-        before = self.inprocess(model, cells)
+        method = inprocess_method(model, self.ctx.device)
+        before = self.inprocess(method, model, cells)
         request_count = self.request_count(cells, before[0])
         model_rows = []
         for protocol in options.protocols:
             url = server.grpc_url if protocol == "grpc" else server.http_url
             for concurrency in options.concurrencies_for(protocol):
-                model_rows.append(_one_run(model, server, self.binary, self.env, url, protocol, concurrency,
+                model_rows.append(_one_run(model, method, server, self.binary, self.env, url, protocol, concurrency,
                                            options.batch_size, max(request_count, concurrency * 2),
                                            self.inputs[(model.signature, options.batch_size)], self.csv_dir, cells,
                                            before[0], options.timeout_s, self.results.metric_rows, options.repeats))
         for protocol in options.client_protocols:
-            model_rows.append(_client_run(model, server, protocol, options.client_concurrency, cells, self.ctx.pad_id,
+            model_rows.append(_client_run(model, method, server, protocol, options.client_concurrency, cells, self.ctx.pad_id,
                                           options.repeats))
         for row in model_rows:
             row["backend"] = server.backend_choice.kind
         self.results.rows.extend(model_rows)
-        after = self.inprocess(model, cells)
+        after = self.inprocess(method, model, cells)
         for row in model_rows:
             _set_efficiency(row, before, after)
 
@@ -262,8 +247,6 @@ def run_triton(
 
     enc_cells, full_cells = cells
     served = [SERVED[m] for m in models]
-    if ctx.device.startswith("cuda"):
-        served = [dataclasses.replace(m, method=GPU_METHODS.get(m.name, m.method)) for m in served]
     needed = sorted({m.name for m in served} | {c for m in served for c in m.composing})
     inputs = write_inputs(out_dir, enc_cells, full_cells, [options.batch_size], ctx.pad_id,
                           {m.signature for m in served}, options.write_compose_input)
@@ -308,7 +291,7 @@ def _arch(ctx: BuildContext):
     return Architecture.from_config(ctx.loaded.config)
 
 
-def _one_run(model: ServedModel, server, binary: Path, env: dict, url: str, protocol: str, concurrency: int,
+def _one_run(model: ServedModel, method: str, server, binary: Path, env: dict, url: str, protocol: str, concurrency: int,
              batch_size: int, request_count: int, input_data: Path, csv_dir: Path, cells: CellSet, inprocess: float,
              timeout_s: float, metric_rows: list[dict], repeats: int = 1) -> dict:
     """``repeats`` perf_analyzer runs of ``request_count`` requests at one point; the row: median cells/s
@@ -316,7 +299,7 @@ def _one_run(model: ServedModel, server, binary: Path, env: dict, url: str, prot
     row = {c: float("nan") for c in TRITON_COLUMNS}
     row.update(model=model.name, kind=model.kind, protocol=protocol, concurrency=concurrency, batch_size=batch_size,
                request_count=request_count, n_cells=len(cells), tokens_mean=float(cells.lengths.mean()),
-               inprocess_method=model.method, inprocess_cells_per_s=inprocess, error="")
+               inprocess_method=method, inprocess_cells_per_s=inprocess, error="")
     stem = f"{model.name}_{protocol}_c{concurrency}_b{batch_size}"
     LOGGER.info("perf_analyzer %s %s concurrency %d batch %d: %d requests x %d repeats", model.name, protocol,
                 concurrency, batch_size, request_count, repeats)
@@ -363,7 +346,7 @@ def _one_run(model: ServedModel, server, binary: Path, env: dict, url: str, prot
             parts = triton_metrics.breakdown(metrics_before, metrics_after, name)
             metric_rows.append({"model": model.name, "composing_model": name, "protocol": protocol,
                                 "concurrency": concurrency, "batch_size": batch_size, **parts})
-            prefix = "tok_" if name == "geneformer_tokenizer" else "enc_"
+            prefix = "tok_" if name == TOKENIZER_MODEL else "enc_"
             for key in ("avg_batch", "queue_ms", "compute_infer_ms", "compute_infer_ms_per_exec"):
                 if f"{prefix}{key}" in row:
                     row[f"{prefix}{key}"] = parts[key]
@@ -384,7 +367,7 @@ def _one_run(model: ServedModel, server, binary: Path, env: dict, url: str, prot
     return row
 
 
-def _client_run(model: ServedModel, server, protocol: str, concurrency: int, cells: CellSet, pad_id: int,
+def _client_run(model: ServedModel, method: str, server, protocol: str, concurrency: int, cells: CellSet, pad_id: int,
                 repeats: int) -> dict:
     """The project's own client (``client.triton_client.GeneformerClient``) embedding every cell, one cell
     per request, ``concurrency`` requests in flight, ``repeats`` times: protocol ``<protocol>+client``."""
@@ -393,7 +376,7 @@ def _client_run(model: ServedModel, server, protocol: str, concurrency: int, cel
     row = {c: float("nan") for c in TRITON_COLUMNS}
     row.update(model=model.name, kind=model.kind, protocol=f"{protocol}+client", concurrency=concurrency, batch_size=1,
                request_count=len(cells), n_cells=len(cells), tokens_mean=float(cells.lengths.mean()),
-               inprocess_method=model.method, throughput_source="client wall clock", error="")
+               inprocess_method=method, throughput_source="client wall clock", error="")
     try:
         if model.kind == "ensemble":
             adata = cells.adata[cells.rows]

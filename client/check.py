@@ -21,6 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from client.triton_client import GeneformerClient, pack_cells
+from geneformer_triton.contract import (
+    GENE_IDS,
+    TOKENIZER_MODEL,
+    VARIANT_OF_MODEL,
+    ServedModel,
+    cell_embedding_outputs,
+    is_encoder_signature,
+)
 from geneformer_triton.fidelity import FidelityResult, compare_variant
 from geneformer_triton.runtimes import embed_token_cells, torch_encode_fn
 from geneformer_triton.tokenizer import RankValueTokenizer
@@ -30,32 +38,21 @@ if TYPE_CHECKING:
 
 LOGGER = logging.getLogger(__name__)
 
-TOKENIZER_MODEL = "geneformer_tokenizer"
 GROSS_MISMATCH_COSINE = 0.9
-_PRECISION_TAGS = ("fp16", "bf16", "int8", "fp8", "fp32")
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """A served model that outputs cell embeddings: an ``encoder`` (token ids in) or an ``ensemble``."""
-
-    name: str
-    kind: str
-    precision: str
-    encoder: str  # the encoder model itself, or the ensemble's encoder step
 
 
 def _names(tensors: list[dict]) -> set[str]:
     return {t["name"] for t in tensors}
 
 
-def _precision(name: str, platform: str, manifests: dict[str, dict]) -> str:
+def _precision(name: str, manifests: dict[str, dict]) -> str:
+    """The encoder's precision: its manifest's, else the contract's, else fp32 (the strictest gate)."""
     if name in manifests and manifests[name].get("precision"):
         return str(manifests[name]["precision"])
-    for tag in _PRECISION_TAGS:
-        if tag in name.lower():
-            return tag
-    return "fp16" if platform == "tensorrt_plan" else "fp32"  # TensorRT plans are built fp16 by default
+    if name in VARIANT_OF_MODEL:
+        return VARIANT_OF_MODEL[name].precision
+    LOGGER.warning("%s is not in the contract and has no manifest: checking it at the fp32 gate", name)
+    return "fp32"
 
 
 def local_manifests(repository: str | Path | None) -> dict[str, dict]:
@@ -82,16 +79,18 @@ def discover_models(client: GeneformerClient, manifests: dict[str, dict] | None 
         config = client.model_config(name)
         inputs, outputs = _names(config.get("input", [])), _names(config.get("output", []))
         platform = config.get("platform", "")
-        if not outputs & {"cell_embedding", "cell_embedding__0"}:
+        if not outputs & cell_embedding_outputs():
             continue
-        if platform == "ensemble" and "gene_ids" in inputs:
+        if name in VARIANT_OF_MODEL and not VARIANT_OF_MODEL[name].embeds:
+            LOGGER.info("skipping %s: a fixed-layer encoder for in-silico perturbation, not an embedding path", name)
+            continue
+        if platform == "ensemble" and GENE_IDS in inputs:
             steps = config.get("ensemble_scheduling", {}).get("step", [])
             encoders = [s["model_name"] for s in steps if s["model_name"] != TOKENIZER_MODEL]
             encoder = encoders[-1] if encoders else name
-            encoder_platform = client.model_config(encoder).get("platform", "") if encoders else platform
-            found.append(ServedModel(name, "ensemble", _precision(encoder, encoder_platform, manifests), encoder))
-        elif inputs & {"input_ids", "input_ids__0"} and inputs & {"attention_mask", "attention_mask__1"}:
-            found.append(ServedModel(name, "encoder", _precision(name, platform, manifests), name))
+            found.append(ServedModel(name, "ensemble", encoder, _precision(encoder, manifests)))
+        elif is_encoder_signature(inputs):
+            found.append(ServedModel(name, "encoder", name, _precision(name, manifests)))
         else:
             LOGGER.info("skipping %s: not an encoder or an embedding ensemble", name)
     if only:

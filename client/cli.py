@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from client.dask_engine import add_cluster_arguments, cluster_requested
 from client.triton_client import GeneformerClient, RetryPolicy, ServerUnavailableError
+from geneformer_triton.contract import TOKENIZER_MODEL
 
 if TYPE_CHECKING:
     from geneformer_triton.cell_inputs import CellMatrix
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
-TOKENIZER_MODEL = "geneformer_tokenizer"
 EXIT_UNAVAILABLE = 3
 
 

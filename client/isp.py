@@ -49,10 +49,10 @@ import scipy.sparse as sp
 
 from client.outputs import fsync_dir
 from client.triton_client import GeneformerClient, InferenceError
+from geneformer_triton.contract import ENSEMBLE_FOR, ISP_MODEL
 
 LOGGER = logging.getLogger(__name__)
 
-ISP_MODEL = "geneformer_isp"
 PERTURBATIONS = ("delete", "overexpress", "inhibit", "activate")
 SCORE_OUTPUTS = ("cell_shift", "gene_embedding_shift", "goal_shift", "start_shift")
 #: upstream's per-perturbation value (InSilicoPerturber's ``(perturbed, "cell_emb")`` without cell states)
@@ -67,12 +67,7 @@ GENE_COLUMNS = ("cell_id", "gene_id", "affected_gene_id", "affected_symbol", "co
 STATE_PREFIX = "state_shift_"  # + state name: upstream's value with cell_states_to_model
 ERROR_COLUMNS = ("cell_id", "error")
 #: encoder -> embedding ensemble built on it (to embed reference cells for goal/start states)
-EMBED_MODEL_FOR = {
-    "geneformer_onnx": "geneformer_embed_onnx",
-    "geneformer_onnx_fp16": "geneformer_embed_onnx_fp16",
-    "geneformer_torchscript": "geneformer_embed_torchscript",
-    "geneformer_trt": "geneformer_embed_trt",
-}
+EMBED_MODEL_FOR = ENSEMBLE_FOR
 RANK_BY = {  # summary ranking -> score column it is based on
     "cell": "cell_shift",
     "gene": "gene_embedding_shift",

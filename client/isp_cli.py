@@ -35,6 +35,7 @@ from client.isp import (
     summarize,
     upstream_state_embedding,
 )
+from geneformer_triton.contract import ISP_DEFAULT_ENCODER, TOKENIZER_MODEL
 
 LOGGER = logging.getLogger("gftriton.isp")
 
@@ -80,7 +81,7 @@ def _state(args, client, cells: CellTable, which: str) -> Optional[tuple[float, 
     if path:
         return tuple(float(v) for v in np.load(path).reshape(-1))
     if selector:
-        embed_model = args.embed_model or EMBED_MODEL_FOR.get(args.encoder or "geneformer_onnx", "geneformer_embed_onnx")
+        embed_model = args.embed_model or EMBED_MODEL_FOR.get(args.encoder or ISP_DEFAULT_ENCODER, EMBED_MODEL_FOR[ISP_DEFAULT_ENCODER])
         rows = _select_rows(cells, selector)
         LOGGER.info("%s state: mean embedding of %d reference cells (%s) via %s", which, len(rows), selector, embed_model)
         return tuple(float(v) for v in state_embedding(client, cells, rows, embed_model))
@@ -230,7 +231,7 @@ def build_spec(args: argparse.Namespace, client, cells: CellTable, name_to_id: d
 
 def _repository_dictionaries(repository: Optional[str]) -> Optional[str]:
     """The served tokenizer's dictionaries in a local model repository (symbol -> Ensembl id), if there."""
-    folder = Path(repository or "model_repository") / "geneformer_tokenizer" / "1"
+    folder = Path(repository or "model_repository") / TOKENIZER_MODEL / "1"
     return str(folder) if (folder / "token_dictionary.json").is_file() else None
 
 

@@ -25,17 +25,14 @@ from typing import Callable, Iterator, Literal, Sequence, TypeVar
 import numpy as np
 import scipy.sparse as sp
 
+from geneformer_triton.contract import SERVED_MODELS, TORCHSCRIPT_TENSORS
+
 LOGGER = logging.getLogger(__name__)
 
 Protocol = Literal["grpc", "http"]
 T = TypeVar("T")
 
-TORCHSCRIPT_NAMES = {
-    "input_ids": "input_ids__0",
-    "attention_mask": "attention_mask__1",
-    "cell_embedding": "cell_embedding__0",
-    "token_embeddings": "token_embeddings__1",
-}
+TORCHSCRIPT_NAMES = TORCHSCRIPT_TENSORS.as_dict()  # logical tensor name -> the libtorch backend's name
 
 
 class ServerUnavailableError(ConnectionError):
@@ -55,11 +52,7 @@ INFERENCE_KEY_ENV = "GFTRITON_INFERENCE_KEY"
 _RESTRICTED_MARKERS = ("this protocol is restricted", "this api is restricted")
 
 #: The project's models: probed one by one (health API) when the model index is refused.
-KNOWN_MODELS = (
-    "geneformer_tokenizer", "geneformer_onnx", "geneformer_onnx_fp16", "geneformer_torchscript", "geneformer_trt",
-    "geneformer_embed_onnx", "geneformer_embed_onnx_fp16", "geneformer_embed_torchscript", "geneformer_embed_trt",
-    "geneformer_isp",
-)
+KNOWN_MODELS = SERVED_MODELS  # probed for readiness when the model index (an admin API) is refused
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,18 @@ LOGGER = logging.getLogger(__name__)
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from export.repository import export_model_repository
+    from export.repository import RepositoryConflictError, export_model_repository
 
     loaded = load_model_from_args(args)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     if args.precision:
         formats = formats_for([p.strip() for p in args.precision.split(",") if p.strip()], formats)
-    written = export_model_repository(loaded, args.repository, formats, args.emb_layer, args.pooling)
+    try:
+        written = export_model_repository(loaded, args.repository, formats, args.emb_layer, args.pooling,
+                                          replace_configs=args.replace_configs)
+    except RepositoryConflictError as error:
+        LOGGER.error("%s", error)
+        return 2
     for name, path in written.items():
         LOGGER.info("%-12s -> %s", name, path)
     if args.save_checkpoint:
@@ -39,7 +44,10 @@ def run_export_tensorrt(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("export", help="export encoders (ONNX fp32/fp16/int8, TorchScript fp32/bf16) and tokenizer files into a Triton model repository")
     add_model_arguments(parser)
-    parser.add_argument("--repository", default="model_repository", help="model repository folder")
+    parser.add_argument("--repository", default="model_repository",
+                        help="model repository folder (an empty or new folder gets a complete, servable repository)")
+    parser.add_argument("--replace-configs", action="store_true",
+                        help="overwrite configs generated for another model size (default: refuse and say which)")
     parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS), help=f"comma list of {sorted(ENCODER_FORMATS)}")
     parser.add_argument("--precision", default="",
                         help=f"comma list of {list(PRECISIONS)}: export only the formats of these precisions "

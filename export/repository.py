@@ -1,9 +1,12 @@
-"""Write a Geneformer model into a Triton model repository: encoders, tokenizer files, manifests.
+"""Write a Geneformer model into a complete Triton model repository (an empty folder is fine).
 
-For each requested format the encoder goes into ``<repository>/<model>/1/`` with a ``manifest.json``
-(model name, config hash, precision, opset, source weights hash, tool versions). Tokenizer
-dictionaries go into ``geneformer_tokenizer/1/``. Config files are rendered from the checked-in ones
-when the model's hidden size, input size or special tokens differ from the default model's.
+Configs are generated for the model's sizes (export/model_configs.py, from geneformer_triton/contract.py);
+the python models (tokenizer, ISP) are copied from the checked-in ``model_repository/``. For each
+requested format the encoder goes into ``<repository>/<model>/1/`` with a ``manifest.json`` (model name,
+config hash, precision, opset, source weights hash, tool versions). Tokenizer dictionaries (and the
+symbol map ``gene_name_id_dict.json`` where the vocabulary has one) go into ``geneformer_tokenizer/1/``.
+A repository holding configs for another model size (the checked-in one included) is never patched:
+the export refuses, naming the files, unless told to replace them.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import copy
 import json
 import logging
 import platform
-import re
+import shutil
 import time
 from pathlib import Path
 from typing import Iterable
@@ -23,9 +26,11 @@ import torch
 import transformers
 
 from export.formats import DEFAULT_FORMATS, ENCODER_FORMATS, TOKENIZER_MODEL, EncoderFormat
+from export.model_configs import repository_configs, stale_configs, write_configs
 from export.onnx_export import OPSET, export_onnx
 from export.torchscript_export import export_torchscript
 from geneformer_triton import __version__
+from geneformer_triton.contract import ISP_MODEL, ServedShape
 from geneformer_triton.loading import LoadedGeneformer
 
 LOGGER = logging.getLogger(__name__)
@@ -70,32 +75,51 @@ def write_manifest(version_dir: Path, loaded: LoadedGeneformer, fmt: EncoderForm
     return path
 
 
-def render_config(text: str, hidden_size: int, input_size: int, special_tokens: bool) -> str:
-    """Adapt a checked-in config (written for gf-6L-10M-i2048) to another model's sizes."""
-    text = re.sub(r"dims: \[ 256 \]", f"dims: [ {hidden_size} ]", text)
-    text = re.sub(r"dims: \[ -1, 256 \]", f"dims: [ -1, {hidden_size} ]", text)
-    text = re.sub(
-        r'(key: "model_input_size" value: \{ string_value: )"\d+"', rf'\g<1>"{input_size}"', text
-    )
-    return re.sub(
-        r'(key: "special_tokens" value: \{ string_value: )"\w+"',
-        rf'\g<1>"{str(special_tokens).lower()}"',
-        text,
-    )
+#: the checked-in repository: golden configs and the python models' sources
+SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+PYTHON_MODELS = (TOKENIZER_MODEL, ISP_MODEL)
 
 
-def render_repository_configs(repository: Path, loaded: LoadedGeneformer) -> list[Path]:
-    """Rewrite config files under ``repository`` whose sizes differ from ``loaded``; returns changed files."""
-    changed = []
-    for path in sorted(repository.glob("*/config.pbtxt")) + sorted(repository.glob("*/configs/*.pbtxt")):
-        text = path.read_text()
-        rendered = render_config(text, loaded.config.hidden_size, loaded.input_size, loaded.special_tokens)
-        if rendered != text:
-            path.write_text(rendered)
-            changed.append(path)
-    if changed:
-        LOGGER.warning("adapted %d config files to %s's sizes", len(changed), loaded.name)
-    return changed
+class RepositoryConflictError(ValueError):
+    """The target repository holds configs for another model; exporting would overwrite them."""
+
+
+def served_shape(loaded: LoadedGeneformer) -> ServedShape:
+    """The sizes the served configs need: hidden size, input size, special tokens."""
+    return ServedShape(loaded.config.hidden_size, loaded.input_size, loaded.special_tokens)
+
+
+def write_repository_configs(repository: Path, shape: ServedShape, variants: list[EncoderFormat],
+                             replace: bool = False) -> list[Path]:
+    """Write the generated configs (export/model_configs.py) of ``shape``; returns the files written.
+
+    A config that exists with other content (a repository exported for another model size, or the
+    checked-in ``model_repository/`` with another model) is replaced only with ``replace``; otherwise
+    :class:`RepositoryConflictError` names the files and what to do, before anything is written.
+    """
+    configs = repository_configs(shape, variants)
+    conflicts = [path for path in stale_configs(repository, configs) if (repository / path).is_file()]
+    if conflicts and not replace:
+        raise RepositoryConflictError(
+            f"{repository} holds configs for another model size ({len(conflicts)} differ, e.g. {conflicts[0]}): "
+            f"export this model (hidden {shape.hidden_size}, input {shape.input_size}) into its own folder with "
+            "--repository NEW_DIR, or pass --replace-configs to overwrite them"
+        )
+    return write_configs(repository, configs)
+
+
+def copy_python_models(repository: Path) -> list[Path]:
+    """Copy the python models (tokenizer, ISP) from the checked-in repository; ensembles get their version folder."""
+    written = []
+    for model in PYTHON_MODELS:
+        source, target = SOURCE_REPOSITORY / model / "1" / "model.py", repository / model / "1" / "model.py"
+        if not source.is_file():
+            raise FileNotFoundError(f"python model source {source} missing: install geneformer_triton from a checkout")
+        if source.resolve() != target.resolve():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+            written.append(target)
+    return written
 
 
 def export_model_repository(
@@ -104,15 +128,28 @@ def export_model_repository(
     formats: Iterable[str] = DEFAULT_FORMATS,
     emb_layer: int = -1,
     pooling: str = "mean",
+    replace_configs: bool = False,
 ) -> dict[str, Path]:
-    """Export the requested encoder formats and the tokenizer files; returns {format: weights path}."""
+    """Write a complete, servable repository: the generated configs of every model (tokenizer, ISP, the
+    requested encoder formats and their ensembles), the python models, the encoders' weights and
+    manifests, and the tokenizer's dictionaries (with the symbol map where the vocabulary has one).
+    Returns {format: weights path}. Raises :class:`RepositoryConflictError` (nothing written) when the
+    repository holds configs for another model size and ``replace_configs`` is False."""
     repository = Path(repository)
+    formats = list(formats)
     if loaded.vocabulary is None:
         raise ValueError("the model has no gene dictionaries: the tokenizer cannot be exported")
     unknown = [f for f in formats if f not in ENCODER_FORMATS]
     if unknown:
         raise ValueError(f"unknown export formats {unknown}; choose from {sorted(ENCODER_FORMATS)}")
-    render_repository_configs(repository, loaded)
+    variants = [ENCODER_FORMATS[name] for name in formats]
+    changed = write_repository_configs(repository, served_shape(loaded), variants, replace_configs)
+    if changed:
+        LOGGER.info("wrote %d config files for %s", len(changed), loaded.name)
+    copy_python_models(repository)
+    for variant in variants:
+        if variant.embeds:
+            (repository / variant.ensemble / "1").mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     # ONNX: plain MatMul/Softmax attention, which onnxruntime's optimizer fuses into its Attention op.
     # TorchScript: fused scaled_dot_product_attention (libtorch runs it natively); the traced "math"

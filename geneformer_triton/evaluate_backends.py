@@ -17,6 +17,7 @@ reference's ``weights_sha256`` (else ``ValueError``); without one, the fidelity 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -29,6 +30,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from geneformer_triton.cell_inputs import InputOptions, SymbolMap, cells_from_anndata, read_anndata
+from geneformer_triton.contract import TOKENIZER_MODEL, EncoderVariant, encoder_variant
 from geneformer_triton.dictionaries import GeneVocabulary
 from geneformer_triton.fidelity import gate_for
 from geneformer_triton.tokenizer import UNKNOWN, RankValueTokenizer
@@ -40,7 +42,6 @@ LOGGER = logging.getLogger(__name__)
 
 REFERENCE = "pytorch_fp32"
 DEFAULT_BACKENDS = ("onnx", "onnx_fp16", "torchscript")
-TOKENIZER_MODEL = "geneformer_tokenizer"
 #: Largest |accuracy delta| to the reference tolerated for fp32 backends (1 point).
 FP32_ACCURACY_TOLERANCE = 0.01
 #: Columns printed by :func:`format_summary`.
@@ -207,36 +208,24 @@ def stratified_subsample(labels: Sequence[str] | np.ndarray, max_cells: int, see
 # --------------------------------------------------------------------------------------------
 # backends
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BackendSpec:
-    """A served/exported encoder variant: ``name`` (``onnx``), encoder model, ensemble, file kind, precision."""
-
-    name: str
-    encoder_model: str
-    ensemble: str
-    kind: str
-    precision: str
-
-    def method(self, runtime: str) -> str:
-        return f"{runtime}_{self.name.replace('_' + self.precision, '')}_{self.precision}"
+def backend_spec(name: str, manifest: dict | None = None) -> EncoderVariant:
+    """The contract's variant ``name`` (``onnx``, ``onnx_fp16``, ``torchscript``, ``trt``, ...), with the precision
+    its manifest records where there is one."""
+    variant = encoder_variant(name)
+    precision = (manifest or {}).get("precision")
+    return dataclasses.replace(variant, precision=str(precision)) if precision else variant
 
 
-def backend_spec(name: str, manifest: dict | None = None) -> BackendSpec:
-    """Spec of backend ``name`` (``onnx``, ``onnx_fp16``, ``torchscript``, ``trt``, ...)."""
-    from export.repository import ENCODER_FORMATS
-
-    fmt = ENCODER_FORMATS.get(name)
-    encoder = fmt.model if fmt else f"geneformer_{name}"
-    kind = fmt.kind if fmt else ("onnx" if name.startswith("onnx") else "torchscript" if name.startswith("torchscript") else name)
-    precision = (manifest or {}).get("precision") or (fmt.precision if fmt else ("fp16" if "fp16" in name else "fp32"))
-    return BackendSpec(name, encoder, f"geneformer_embed_{name}", kind, str(precision))
+def method_name(spec: EncoderVariant, runtime: str) -> str:
+    """Row name of a variant run by ``runtime`` (``triton`` / ``local``): ``triton_onnx_fp16``."""
+    return f"{runtime}_{spec.name.replace('_' + spec.precision, '')}_{spec.precision}"
 
 
 def read_manifests(repository: str | Path, backends: Sequence[str]) -> dict[str, dict | None]:
     """``<repository>/geneformer_<backend>/1/manifest.json`` of each backend (None where missing)."""
     manifests: dict[str, dict | None] = {}
     for name in backends:
-        path = Path(repository) / backend_spec(name).encoder_model / "1" / "manifest.json"
+        path = Path(repository) / backend_spec(name).model / "1" / "manifest.json"
         manifests[name] = json.loads(path.read_text()) if path.is_file() else None
         if manifests[name] is None:
             LOGGER.warning("no manifest for %s at %s: its weights cannot be checked", name, path)
@@ -318,7 +307,7 @@ def embed_reference(loaded: LoadedGeneformer, tokens: Sequence[np.ndarray], emb_
     return EmbeddingRun(REFERENCE, "pytorch", "fp32", "in-process torch", emb, seconds)
 
 
-def embed_served(client: Any, spec: BackendSpec, packed_ids: np.ndarray, packed_counts: np.ndarray,
+def embed_served(client: Any, spec: EncoderVariant, packed_ids: np.ndarray, packed_counts: np.ndarray,
                  n_counts: np.ndarray, batch_size: int = 16) -> EmbeddingRun:
     """Embeddings through the ensemble ``spec.ensemble`` (server-side tokenization).
 
@@ -335,15 +324,15 @@ def embed_served(client: Any, spec: BackendSpec, packed_ids: np.ndarray, packed_
         return out
 
     emb, seconds = _timed(run)
-    return EmbeddingRun(spec.method("triton"), spec.name, spec.precision, f"triton {client.protocol}", emb, seconds)
+    return EmbeddingRun(method_name(spec, "triton"), spec.name, spec.precision, f"triton {client.protocol}", emb, seconds)
 
 
-def embed_local(repository: str | Path, spec: BackendSpec, tokens: Sequence[np.ndarray], batch_size: int = 16,
+def embed_local(repository: str | Path, spec: EncoderVariant, tokens: Sequence[np.ndarray], batch_size: int = 16,
                 pad_id: int = 0) -> EmbeddingRun:
     """Embeddings of the exported encoder file of ``spec`` run in process (onnxruntime or TorchScript)."""
     from geneformer_triton.runtimes import embed_token_cells, onnx_encode_fn, torchscript_encode_fn
 
-    folder = Path(repository) / spec.encoder_model / "1"
+    folder = Path(repository) / spec.model / "1"
     if spec.kind == "onnx":
         encode = onnx_encode_fn(folder / "model.onnx")
     elif spec.kind == "torchscript":
@@ -351,7 +340,7 @@ def embed_local(repository: str | Path, spec: BackendSpec, tokens: Sequence[np.n
     else:
         raise ValueError(f"--local runs ONNX and TorchScript encoders only, not {spec.name!r} ({spec.kind})")
     emb, seconds = _timed(lambda: embed_token_cells(encode, tokens, batch_size=batch_size, pad_id=pad_id))
-    return EmbeddingRun(spec.method("local"), spec.name, spec.precision, f"in-process {spec.kind}", emb, seconds)
+    return EmbeddingRun(method_name(spec, "local"), spec.name, spec.precision, f"in-process {spec.kind}", emb, seconds)
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,7 +433,7 @@ class _Plan:
     """The resolved settings of one evaluation: manifests, encoders and the reference's tokens."""
 
     manifests: dict[str, dict | None]
-    specs: list[BackendSpec]
+    specs: list[EncoderVariant]
     emb_layer: int
     pooling: str
     random_weights: bool
@@ -634,7 +623,7 @@ def chance_summary(table: pd.DataFrame) -> str:
 
 __all__ = [
     "REFERENCE", "DEFAULT_BACKENDS", "EvaluationOptions", "LabelledCells", "load_labelled_cells", "labelled_cells_from_anndata",
-    "stratified_subsample", "BackendSpec", "backend_spec", "read_manifests", "check_manifests", "EmbeddingRun",
+    "stratified_subsample", "backend_spec", "method_name", "read_manifests", "check_manifests", "EmbeddingRun",
     "embed_reference", "embed_served", "embed_local", "evaluate_backends", "EvaluationResult", "check_results",
     "format_summary", "chance_summary",
 ]

@@ -14,7 +14,6 @@ from geneformer_triton.cell_inputs import InputOptions, add_input_arguments
 from geneformer_triton.evaluate_backends import (
     DEFAULT_BACKENDS,
     FP32_ACCURACY_TOLERANCE,
-    TOKENIZER_MODEL,
     EvaluationOptions,
     chance_summary,
     evaluate_backends,
@@ -22,6 +21,7 @@ from geneformer_triton.evaluate_backends import (
     load_labelled_cells,
     stratified_subsample,
 )
+from geneformer_triton.contract import TOKENIZER_MODEL
 from geneformer_triton.model_args import add_model_arguments, load_model_from_args
 
 LOGGER = logging.getLogger(__name__)

@@ -36,6 +36,10 @@ def sample_vocabulary(special_tokens: bool = False) -> GeneVocabulary:
     adata = load_celltypist_sample()
     keep = adata.var["ensembl_id"].to_numpy() != ""
     vocabulary = build_vocabulary_from_counts(adata.X[:, keep], list(adata.var["ensembl_id"][keep]), special_tokens)
+    # the sample's own symbol -> Ensembl id table (exported as gene_name_id_dict.json: symbol inputs work)
+    vocabulary.gene_name_to_id = {str(symbol): str(gene) for symbol, gene in zip(adata.var_names[keep],
+                                                                              adata.var["ensembl_id"][keep])
+                                  if gene in vocabulary.token_ids}
     LOGGER.warning("gene vocabulary built from the celltypist sample (%d genes): demo only", len(vocabulary) - 2)
     return vocabulary
 
@@ -46,7 +50,12 @@ def load_model_from_args(args: argparse.Namespace) -> "LoadedGeneformer":
     if vocabulary is None and args.vocabulary_from_sample:
         spec = MODEL_SPECS.get(str(args.model))
         vocabulary = sample_vocabulary(special_tokens=bool(spec and spec.special_tokens))
-    from geneformer_triton.loading import load_geneformer
+    from geneformer_triton.loading import load_geneformer, random_geneformer
 
-    return load_geneformer(args.model, cache_dir=args.cache_dir, allow_random=args.random_weights,
-                           seed=args.seed, vocabulary=vocabulary)
+    loaded = load_geneformer(args.model, cache_dir=args.cache_dir, allow_random=args.random_weights,
+                             seed=args.seed, vocabulary=vocabulary)
+    if loaded.vocabulary is None and loaded.random_weights:
+        LOGGER.warning("no gene dictionaries for %s: using the celltypist sample's (demo only; pass --dictionaries "
+                       "or a helical cache for Geneformer's)", loaded.name)
+        loaded = random_geneformer(loaded.name, args.seed, sample_vocabulary(loaded.special_tokens))
+    return loaded

@@ -13,6 +13,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from geneformer_triton import contract
+from geneformer_triton.contract import ServedShape
+
 LOGGER = logging.getLogger(__name__)
 
 
@@ -33,6 +36,11 @@ class ModelSpec:
     input_size: int
     vocab_size: int
     special_tokens: bool
+
+    @property
+    def shape(self) -> ServedShape:
+        """The sizes its served configs are generated for (export/model_configs.py)."""
+        return ServedShape(self.hidden_size, self.input_size, self.special_tokens)
 
     def bert_config_dict(self) -> dict:
         """A Hugging Face ``BertConfig`` dictionary matching Geneformer's published configs."""
@@ -83,7 +91,7 @@ DEPRECATED_NAMES = {
     "gf-20L-95M-i4096": "gf-20L-151M-i4096",
 }
 
-DEFAULT_MODEL = "gf-6L-10M-i2048"
+DEFAULT_MODEL = contract.DEFAULT_MODEL
 
 
 def get_model_spec(name: str) -> ModelSpec:

@@ -16,10 +16,11 @@ from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from geneformer_triton.contract import BACKENDS
 from geneformer_triton.validation import check_token_batch
 
 #: (input_ids, attention_mask) wire names of the Geneformer encoders (ONNX, TorchScript ``__<index>``).
-TOKEN_INPUT_NAMES = (("input_ids", "attention_mask"), ("input_ids__0", "attention_mask__1"))
+TOKEN_INPUT_NAMES = tuple(dict.fromkeys(b.tensors.inputs for b in BACKENDS.values()))
 
 
 def config_parameter(config: dict, key: str) -> str | None:

@@ -70,12 +70,11 @@ def celltypist_tokens(celltypist_cells, v1_vocabulary) -> list[np.ndarray]:
 
 @pytest.fixture(scope="session")
 def exported_repository(tmp_path_factory, loaded_model) -> Path:
-    """A copy of model_repository/ with every encoder format and the tokenizer files exported."""
+    """Every encoder format, the tokenizer, the ensembles and the ISP model exported into an empty folder
+    (export_model_repository writes a complete repository: generated configs, python models, weights)."""
     from export.repository import export_model_repository
 
     repository = tmp_path_factory.mktemp("exported") / "model_repository"
-    shutil.copytree(REPO_ROOT / "model_repository", repository,
-                    ignore=shutil.ignore_patterns("*.onnx", "*.pt", "*.plan", "*.json", "__pycache__"))
     export_model_repository(loaded_model, repository)
     return repository
 

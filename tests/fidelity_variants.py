@@ -8,7 +8,6 @@ control, into one Triton model repository, so one server serves every variant.
 from __future__ import annotations
 
 import copy
-import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -16,12 +15,15 @@ from typing import Callable
 import numpy as np
 import onnx
 import torch
+from google.protobuf import text_format
 from onnx import numpy_helper
+from tritonclient.grpc import model_config_pb2 as mc
 
 from export.onnx_export import export_onnx
+from geneformer_triton.contract import ENCODER_VARIANTS
 from geneformer_triton.encoder import GeneformerEncoder
 
-ENCODER_MODEL = "geneformer_onnx"
+ENCODER_MODEL = ENCODER_VARIANTS["onnx"].model
 #: The last LayerNorm of the graph (the encoder's output LayerNorm): a shift there moves every token
 #: by the same vector, the hardest LayerNorm defect to see in cosine.
 LAST_LN_BIAS = "layers.5.output.LayerNorm.bias"
@@ -103,8 +105,10 @@ def onnx_variants() -> dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]]
 
 
 def _config(exported: Path, name: str) -> str:
-    text = (exported / ENCODER_MODEL / "configs" / "cpu.pbtxt").read_text()
-    return re.sub(r'name: "geneformer_onnx"', f'name: "{name}"', text, count=1)
+    """The fp32 ONNX encoder's CPU config (a ModelConfig), renamed to ``name``."""
+    config = text_format.Parse((exported / ENCODER_MODEL / "configs" / "cpu.pbtxt").read_text(), mc.ModelConfig())
+    config.name = name
+    return text_format.MessageToString(config)
 
 
 def build_variant_repository(exported: Path, loaded, dest: Path) -> list[str]:

@@ -12,8 +12,10 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-MODELS = {"onnx": ("geneformer_onnx", "input_ids", "attention_mask", "cell_embedding"),
-          "torchscript": ("geneformer_torchscript", "input_ids__0", "attention_mask__1", "cell_embedding__0")}
+from geneformer_triton.contract import ENCODER_VARIANTS
+
+MODELS = {kind: (v.model, v.tensors.input_ids, v.tensors.attention_mask, v.tensors.cell_embedding)
+          for kind, v in ((k, ENCODER_VARIANTS[k]) for k in ("onnx", "torchscript"))}
 IDS = np.array([[5, 6, 7, 8]], dtype=np.int64)
 MASK = np.ones_like(IDS)
 TORCH_INDEX = r"RuntimeError: index out of range in self"

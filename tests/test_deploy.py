@@ -21,6 +21,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export import tensorrt_build as tb
+from export.model_configs import trt_config
+from geneformer_triton.contract import DEFAULT_SHAPE, SERVED_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -45,6 +47,15 @@ def io_signature(config: mc.ModelConfig) -> tuple:
 
 def parameters(config: mc.ModelConfig) -> dict[str, str]:
     return {key: value.string_value for key, value in config.parameters.items()}
+
+
+def load_list_problems(command: list[str]) -> list[str]:
+    """How a tritonserver command's --load-model list differs from the contract's SERVED_MODELS."""
+    loaded = [c.split("=", 1)[1].split()[0] for c in command if c.startswith("--load-model=")]
+    problems = [f"duplicate {m}" for m in sorted({m for m in loaded if loaded.count(m) > 1})]
+    problems += [f"missing {m}" for m in SERVED_MODELS if m not in loaded]
+    problems += [f"not in the contract: {m}" for m in loaded if m not in SERVED_MODELS]
+    return problems
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +163,10 @@ def test_tritonserver_service(compose):
     assert "--model-config-name=gpu" in command
     assert any(c.startswith("--http-restricted-api=model-repository") for c in command)
     assert any(c.startswith("--grpc-restricted-protocol=model-repository") for c in command)
+    assert load_list_problems(command) == []
+    assert load_list_problems([c for c in command if c != "--load-model=geneformer_onnx_isp"]), "negative control"
+    assert load_list_problems([*command, "--load-model=geneformer_onnx"]), "negative control: a duplicate"
     loaded = [c.split("=", 1)[1] for c in command if c.startswith("--load-model=")]
-    assert "*" not in loaded and len(loaded) == len(set(loaded))
     for model in loaded:
         assert (ROOT / "model_repository" / model / "config.pbtxt").is_file() or (
             ROOT / "deploy" / model / "config.pbtxt"
@@ -219,7 +232,7 @@ def test_onnx_gpu_configs_use_the_tensorrt_accelerator():
 
 def test_trt_config_matches_onnx_encoder_and_profiles():
     path = ROOT / "deploy" / "geneformer_trt" / "config.pbtxt"
-    assert path.read_text() == tb.render_trt_config(), "regenerate: python export/tensorrt_build.py config --out " + str(path)
+    assert path.read_text() == trt_config(DEFAULT_SHAPE).text(), "regenerate: python -m export.model_configs --write"
     config = load_config(path)
     onnx_default = load_config(ROOT / "model_repository" / "geneformer_onnx" / "config.pbtxt")
     assert config.name == tb.TRT_MODEL_NAME and config.platform == "tensorrt_plan"

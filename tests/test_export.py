@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -89,19 +91,85 @@ def test_tensorrt_command_says_what_is_missing(exported_repository, tmp_path):
     assert not (tmp_path / "model.plan").exists()
 
 
-def test_cli_export_writes_repository(tmp_path):
-    """`gftriton export` with random weights and dictionaries from a folder, ONNX only (fast)."""
-    from conftest import REPO_ROOT, SHARED
-    import shutil
+def _gftriton(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    from conftest import REPO_ROOT
 
-    repository = tmp_path / "model_repository"
-    shutil.copytree(REPO_ROOT / "model_repository", repository, ignore=shutil.ignore_patterns("*.onnx", "*.pt", "*.json"))
-    result = subprocess.run(
-        [sys.executable, "-m", "geneformer_triton.cli", "export", "--repository", str(repository), "--random-weights",
-         "--dictionaries", str(SHARED / "geneformer" / "v1"), "--formats", "onnx"],
-        capture_output=True, text=True, timeout=300,
-    )
+    return subprocess.run([sys.executable, "-m", "geneformer_triton.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=str(REPO_ROOT))
+
+
+def test_cli_export_into_a_new_folder_is_served(tmp_path):
+    """`gftriton export --random-weights --repository NEW` then `gftriton serve --repository NEW` serves the
+    ensembles and the ISP model through the real backends (ONNX + TorchScript here, to keep it short)."""
+    from conftest import REPO_ROOT
+    from test_security_lifecycle import _wait_for
+
+    from client.triton_client import GeneformerClient
+    from geneformer_triton.dictionaries import load_vocabulary
+    from geneformer_triton.server import free_port
+
+    repository = tmp_path / "new" / "repo"
+    result = _gftriton("export", "--random-weights", "--repository", str(repository), "--formats", "onnx,torchscript")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (repository / "geneformer_onnx" / "1" / "model.onnx").is_file()
-    assert (repository / "geneformer_tokenizer" / "1" / "gene_median_dictionary.json").is_file()
     assert "RANDOM" in result.stderr
+    tokenizer = repository / "geneformer_tokenizer" / "1"
+    for name in ("token_dictionary.json", "gene_median_dictionary.json", "gene_name_id_dict.json", "manifest.json", "model.py"):
+        assert (tokenizer / name).is_file(), name
+    assert (repository / "geneformer_isp" / "1" / "model.py").is_file()
+    assert not (repository / "geneformer_embed_onnx_fp16").exists()  # only the exported formats' ensembles
+
+    ports = (free_port(), free_port(), free_port())
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("GFTRITON_ADMIN_KEY", None)
+    command = [sys.executable, "-m", "geneformer_triton.cli", "serve", "--repository", str(repository),
+               "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT))
+    try:
+        _wait_for(r"tritonserver ready", log, proc, timeout_s=180)
+        vocabulary = load_vocabulary(tokenizer)
+        symbols = sorted(vocabulary.gene_name_to_id)[:40]
+        genes = np.array([vocabulary.symbols_to_ensembl(symbols)], dtype=object)
+        counts = np.arange(1, len(symbols) + 1, dtype=np.float32)[None, :]
+        with GeneformerClient(f"127.0.0.1:{ports[1]}", "grpc") as client:
+            for ensemble in ("geneformer_embed_onnx", "geneformer_embed_torchscript"):
+                embedding = client.embed_cells_batch(genes, counts, model=ensemble)
+                assert embedding.shape == (1, 256) and np.isfinite(embedding).all(), ensemble
+            assert "geneformer_isp" in client.ready_models()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+
+
+def test_export_of_another_size_leaves_the_checked_in_tree_unchanged(tmp_path):
+    """A 12-layer, 512-wide model exported into the checked-in repository is refused before anything is
+    written (its configs are golden files of the default model); into its own folder it gets its own configs."""
+    from conftest import REPO_ROOT
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    def tracked_status() -> str:
+        return subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "model_repository", "deploy"],
+                              capture_output=True, text=True, check=True, cwd=str(REPO_ROOT)).stdout
+
+    def tree_state() -> dict:
+        return {p: p.stat().st_mtime_ns for p in (REPO_ROOT / "model_repository").rglob("*") if p.is_file()}
+
+    before, files_before = tracked_status(), tree_state()
+    result = _gftriton("export", "--model", "gf-12L-40M-i2048", "--random-weights", "--formats", "torchscript",
+                       "--repository", str(REPO_ROOT / "model_repository"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--repository NEW_DIR" in result.stderr and "hidden 512" in result.stderr
+    assert tracked_status() == before and tree_state() == files_before
+
+    own = tmp_path / "gf12"
+    result = _gftriton("export", "--model", "gf-12L-40M-i2048", "--random-weights", "--formats", "torchscript",
+                       "--repository", str(own))
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = text_format.Parse((own / "geneformer_torchscript" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert [list(o.dims) for o in config.output] == [[512], [-1, 512]]
+    ensemble = text_format.Parse((own / "geneformer_embed_torchscript" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert list(ensemble.output[0].dims) == [512]
+    assert json.loads((own / "geneformer_torchscript" / "1" / "manifest.json").read_text())["num_hidden_layers"] == 12
+    assert tracked_status() == before

@@ -22,6 +22,7 @@ httpclient = pytest.importorskip("tritonclient.http")
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
+from geneformer_triton.contract import PLAIN_TENSORS, TORCHSCRIPT_TENSORS  # noqa: E402
 from geneformer_triton.server import (  # noqa: E402
     GpuNotAvailableError,
     LocalTritonServer,
@@ -35,10 +36,8 @@ VOCAB = 64
 MAX_BATCH = 8
 RTOL, ATOL = 1e-5, 1e-6
 
-ONNX_IN = ("input_ids", "attention_mask")
-ONNX_OUT = ("cell_embedding", "token_embeddings")
-TS_IN = ("input_ids__0", "attention_mask__1")
-TS_OUT = ("cell_embedding__0", "token_embeddings__1")
+ONNX_IN, ONNX_OUT = PLAIN_TENSORS.inputs, PLAIN_TENSORS.outputs
+TS_IN, TS_OUT = TORCHSCRIPT_TENSORS.inputs, TORCHSCRIPT_TENSORS.outputs
 MODELS = {"enc_onnx": (ONNX_IN, ONNX_OUT), "enc_ts": (TS_IN, TS_OUT)}
 
 

@@ -26,6 +26,7 @@ from client.outputs import OBSM_KEY, PartialStore, ResumeMismatchError, partial_
 from client.triton_client import GeneformerClient, pack_cells
 from geneformer_triton.cell_inputs import InputError, read_cells
 from geneformer_triton.cli import main
+from geneformer_triton.contract import EMBEDDING_MODELS, VARIANT_OF_MODEL
 from geneformer_triton.fidelity import compare_variant
 from geneformer_triton.runtimes import embed_token_cells
 
@@ -257,11 +258,14 @@ def test_check_cli_passes(triton_server, tmp_path, capsys):
                   "--random-weights", "--seed", 0, "--dictionaries", V1, "--out", tmp_path)
     printed = capsys.readouterr().out
     assert rc == 0, printed
-    for model in list(ENSEMBLES) + list(ENCODERS):
+    # every exported embedding model of the contract (each at its precision's gate); not the ISP-layer encoder
+    served = {m.name for m in EMBEDDING_MODELS.values() if VARIANT_OF_MODEL[m.encoder].exported}
+    assert set(ENSEMBLES) | set(ENCODERS) <= served and "geneformer_onnx_isp" not in served
+    for model in served:
         assert model in printed
     assert "geneformer_tokenizer: 1 of 1 cells tokenized identically" in printed and "PASSED" in printed
     report = json.loads((tmp_path / "served_fidelity.json").read_text())
-    assert {r["variant"] for r in report} == set(ENSEMBLES) | set(ENCODERS) and all(r["passed"] for r in report)
+    assert {r["variant"] for r in report} == served and all(r["passed"] for r in report)
 
 
 def test_check_cli_fails_on_other_weights(triton_server, exported_repository, tmp_path, capsys):

@@ -12,14 +12,15 @@ chunks in flight) and reduces each chunk's embeddings to scores right away. Only
 Config parameters: ``encoder_model`` (default encoder), ``allowed_encoder_models`` (comma list a
 request's ``encoder_model`` input may choose from), ``dictionary_dir`` (relative to this model's
 folder), ``model_input_size``, ``special_tokens``, ``max_tokens_per_batch``, optional
-``max_inflight_batches``, ``max_perturbations_per_request``.
+``max_inflight_batches``, ``max_perturbations_per_request``, ``encoder_signature.<model>``.
 
 With ``semantics="upstream"`` (default) the encoder is the allowed one whose ``manifest.json``
 ``hidden_state_index`` equals ``n_layers + emb_layer`` (upstream's ISP layer convention), and the chunks
 holding the original cell(s) run before the perturbed ones (``job.leading_chunks``).
 
-Encoder tensor names and max_batch_size come from the encoder's ``config.pbtxt`` in the same
-repository (TorchScript encoders use ``input_ids__0`` ... ``token_embeddings__1``); its
+Encoder tensor names, max_batch_size and hidden size come from this model's ``encoder_signature.<model>``
+parameters (generated from ``geneformer_triton/contract.py``; TorchScript encoders use ``input_ids__0`` ...
+``token_embeddings__1``); its
 ``token_embeddings`` output is requested only when the gene-embedding shift is computed. BLS outputs
 are requested in CPU memory. Every bad input fails only its own request with a TritonError naming
 the problem (INVALID_ARGUMENT / HTTP 400; inputs checked by ``geneformer_triton.validation`` first);
@@ -29,7 +30,6 @@ encoder failures are INTERNAL / 500; the stub never crashes.
 import asyncio
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -37,6 +37,7 @@ from typing import Optional
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from geneformer_triton import contract
 from geneformer_triton.dictionaries import DictionaryError, load_vocabulary
 from geneformer_triton.isp_service import IspEngine, IspInputError, parse_request, wants_gene_shift
 from geneformer_triton.triton_errors import error_response
@@ -70,26 +71,31 @@ def _parameter(config: dict, key: str, default: Optional[str] = None) -> str:
     return value
 
 
-def encoder_info(repository: Path, name: str) -> EncoderInfo:
-    """Tensor names, max batch and hidden size of encoder ``name`` from its config.pbtxt (or defaults)."""
-    path = repository / name / "config.pbtxt"
-    text = path.read_text() if path.is_file() else ""
-    indexed = '"input_ids__0"' in text
-    suffix = {"input_ids": "__0", "attention_mask": "__1", "cell_embedding": "__0", "token_embeddings": "__1"}
-    names = {k: k + (v if indexed else "") for k, v in suffix.items()}
-    batch = re.search(r"max_batch_size:\s*(\d+)", text)
-    hidden = re.search(r'name:\s*"%s"[^}]*?dims:\s*\[\s*(\d+)\s*\]' % re.escape(names["cell_embedding"]), text)
-    if not text:
-        LOGGER.warning("no config.pbtxt for encoder %s under %s: assuming plain tensor names", name, repository)
+def encoder_signatures(config: dict, allowed: set) -> dict:
+    """``encoder_signature.<model>`` parameters (tensor names, max batch, hidden size; generated from the contract)."""
+    prefix = contract.PARAM_ENCODER_SIGNATURE
+    signatures = {key[len(prefix):]: json.loads(value["string_value"])
+                  for key, value in config.get("parameters", {}).items() if key.startswith(prefix)}
+    missing = sorted(allowed - set(signatures))
+    if missing:
+        raise pb_utils.TritonModelException(
+            f"{PREFIX}no {prefix}<model> parameter for allowed encoders {missing}; regenerate this config "
+            "(python -m export.model_configs --write, or gftriton export)"
+        )
+    return signatures
+
+
+def encoder_info(repository: Path, name: str, signature: dict) -> EncoderInfo:
+    """Encoder ``name``: tensor names and sizes from its signature, layer facts from its ``manifest.json``."""
     manifest_path = repository / name / "1" / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     return EncoderInfo(
         name=name,
-        max_batch_size=(int(batch.group(1)) or None) if batch else None,  # 0 = no batch limit
-        hidden_size=int(hidden.group(1)) if hidden else None,
+        max_batch_size=int(signature["max_batch_size"]) or None,  # 0 = no batch limit
+        hidden_size=int(signature["hidden_size"]),
         num_hidden_layers=manifest.get("num_hidden_layers"),
         hidden_state_index=manifest.get("hidden_state_index"),
-        **names,
+        **{key: signature[key] for key in contract.PLAIN_TENSORS.as_dict()},
     )
 
 
@@ -105,18 +111,19 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"{PREFIX}{error}; the dictionaries are written by `gftriton export` into geneformer_tokenizer/1"
             ) from error
-        self.model_input_size = int(_parameter(config, "model_input_size"))
+        self.model_input_size = int(_parameter(config, contract.PARAM_INPUT_SIZE))
         self.engine = IspEngine(
             vocabulary,
             model_input_size=self.model_input_size,
-            special_tokens=_parameter(config, "special_tokens", "false").lower() == "true",
+            special_tokens=_parameter(config, contract.PARAM_SPECIAL_TOKENS, "false").lower() == "true",
             max_tokens_per_batch=int(_parameter(config, "max_tokens_per_batch", "32768")),
             max_batch=None,
             max_perturbations=int(_parameter(config, "max_perturbations_per_request", "16384")),
         )
-        self.default_encoder = _parameter(config, "encoder_model", "geneformer_onnx")
-        allowed = _parameter(config, "allowed_encoder_models", self.default_encoder)
+        self.default_encoder = _parameter(config, contract.PARAM_ENCODER_MODEL, contract.ISP_DEFAULT_ENCODER)
+        allowed = _parameter(config, contract.PARAM_ALLOWED_ENCODERS, self.default_encoder)
         self.allowed_encoders = {e.strip() for e in allowed.split(",") if e.strip()} | {self.default_encoder}
+        self.signatures = encoder_signatures(config, self.allowed_encoders)
         self.max_inflight = max(1, int(_parameter(config, "max_inflight_batches", "2")))
         self.encoders = {}
         self.cpu_memory = (
@@ -131,7 +138,7 @@ class TritonPythonModel:
                 f"encoder_model {name!r} is not allowed; choose one of {', '.join(sorted(self.allowed_encoders))}"
             )
         if name not in self.encoders:
-            self.encoders[name] = encoder_info(self.repository, name)
+            self.encoders[name] = encoder_info(self.repository, name, self.signatures[name])
         return self.encoders[name]
 
     def _encoder_for_layer(self, requested: Optional[str], emb_layer: int) -> EncoderInfo:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from geneformer_triton import contract
 from geneformer_triton.dictionaries import load_vocabulary
 from geneformer_triton.tokenizer import RankValueTokenizer, TokenizationError, pad_token_batch
 from geneformer_triton.triton_errors import error_response
@@ -51,8 +52,8 @@ class TritonPythonModel:
         vocabulary = load_vocabulary(folder)
         self.tokenizer = RankValueTokenizer(
             vocabulary,
-            model_input_size=int(_parameter(config, "model_input_size")),
-            special_tokens=_parameter(config, "special_tokens", "false").lower() == "true",
+            model_input_size=int(_parameter(config, contract.PARAM_INPUT_SIZE)),
+            special_tokens=_parameter(config, contract.PARAM_SPECIAL_TOKENS, "false").lower() == "true",
         )
         self.pad_id = vocabulary.pad_id
         self.max_genes_per_request = int(_parameter(config, "max_genes_per_request", "1000000"))
