@@ -35,8 +35,8 @@ MARKER_FIXTURES = {
 }
 MARKER_MODULES = {  # modules whose tests start their own servers / helical runs in the test body
     "e2e": {"test_backends", "test_bad_input", "test_bench", "test_distributed", "test_fidelity_served",
-            "test_security", "test_security_lifecycle", "test_server", "test_variants"},
-    "helical": {"test_isp_stats"},
+            "test_security", "test_security_lifecycle", "test_server", "test_variants", "test_isp_bench"},
+    "helical": {"test_isp_stats", "test_isp_bench"},
 }
 
 
