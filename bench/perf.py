@@ -3,7 +3,7 @@
 The ``tritonclient[all]==2.51.0`` wheel puts ``perf_analyzer`` in the venv's ``bin/``. It needs
 ``libb64.so.0d`` and ``libcudart.so.12``: the ``nvidia-pytriton`` wheel carries both (under hashed
 names in ``nvidia_pytriton.libs``), so a folder of symlinks with the plain names goes on
-``LD_LIBRARY_PATH`` (see ../shared/RUNTIME.md).
+``LD_LIBRARY_PATH`` (docs/runtime.md).
 
 Input data (``--input-data``) is JSON made from real tokenized cells: random integers leave the
 vocabulary. One file per input signature, since perf_analyzer rejects names a model does not have:

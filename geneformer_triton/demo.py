@@ -2,8 +2,9 @@
 
 Export gf-6L-10M-i2048 (real files when given, else random weights and a vocabulary built from the
 celltypist sample), start the real tritonserver, embed real cells through the tokenizer ensemble over
-gRPC and over HTTP, compare every served backend with the local fp32 PyTorch reference, stop the
-server, print throughput and fidelity, and write ``summary.json``.
+gRPC and over HTTP, compare every served backend with the local fp32 PyTorch reference, run a short
+in-silico deletion through the served ``geneformer_isp`` (upstream InSilicoPerturber semantics), stop the
+server, print throughput, fidelity and the most shifted genes, and write ``summary.json``.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import argparse
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from geneformer_triton.model_args import add_model_arguments, load_model_from_args
 
@@ -35,6 +39,85 @@ def _embed_throughput(url: str, protocol: str, adata, model: str, concurrency: i
         seconds = time.perf_counter() - started
     return {"protocol": protocol, "model": model, "cells": len(embeddings), "seconds": round(seconds, 2),
             "cells_per_s": round(len(embeddings) / seconds, 2), "hidden_size": int(embeddings.shape[1])}
+
+
+@dataclass(frozen=True)
+class DemoIsp:
+    """Size of the demo's in-silico perturbation. Every (cell, gene) pair is one ``geneformer_isp`` request
+    (upstream semantics: deleting a one-gene list), i.e. two encoder passes over the cell."""
+
+    cells: int = 3  # the shortest of the embedded cells (fewest tokens: the cheapest passes)
+    genes: int = 8  # deleted one at a time: the best-ranked genes that all those cells express
+    concurrency: int = 2  # requests in flight
+
+
+@dataclass(frozen=True)
+class IspPlan:
+    """What the demo perturbs: rows of the cells, Ensembl ids of the genes, tokens per cell."""
+
+    rows: list[int]
+    genes: list[str]
+    tokens: list[int]
+
+
+def isp_plan(adata, loaded, options: DemoIsp) -> IspPlan:
+    """The ``options.cells`` cells with the fewest tokens and the ``options.genes`` genes all of them
+    express, by mean rank position in those cells (rank 0 = the first token)."""
+    from geneformer_triton.tokenizer import RankValueTokenizer
+
+    tokenizer = RankValueTokenizer(loaded.vocabulary, loaded.input_size, loaded.special_tokens)
+    tokens = tokenizer.tokenize_matrix(adata.X, list(adata.var["ensembl_id"]), adata.obs["n_counts"].to_numpy())
+    rows = sorted(range(len(tokens)), key=lambda row: len(tokens[row]))[:options.cells]
+    special = set(loaded.vocabulary.special_token_ids)
+    positions: dict[int, list[int]] = {}
+    for row in rows:
+        for rank, token in enumerate(int(t) for t in tokens[row]):
+            if token not in special:
+                positions.setdefault(token, []).append(rank)
+    shared = sorted((t for t, ranks in positions.items() if len(ranks) == len(rows)), key=lambda t: np.mean(positions[t]))
+    genes = loaded.vocabulary.genes_for_tokens(np.array(shared[:options.genes], dtype=np.int64))
+    return IspPlan(rows, list(genes), [len(tokens[row]) for row in rows])
+
+
+def run_isp_demo(url: str, adata, loaded, options: DemoIsp) -> tuple[pd.DataFrame, dict]:
+    """Delete each planned gene in each planned cell through the served ``geneformer_isp`` (gRPC).
+
+    Returns one row per gene, most shifted first: ``gene_symbol``, ``gene_id``, ``n_cells``,
+    ``mean_cell_emb_shift`` (1 - upstream's ``cell_emb`` value: 1 - the mean cosine of the other genes'
+    embeddings, 0 = no shift) and ``mean_cell_shift`` (1 - cosine of the mean-pooled cell embeddings);
+    and the run's size and speed.
+    """
+    from client.isp import ISP_MODEL, IspSpec, cell_table_from_anndata
+    from client.triton_client import GeneformerClient
+
+    plan = isp_plan(adata, loaded, options)
+    cells = cell_table_from_anndata(adata, gene_column="ensembl_id")
+    specs = {gene: IspSpec(perturbation="delete", targets=(gene,)) for gene in plan.genes}
+
+    def perturb(client: GeneformerClient, row: int, gene: str) -> dict:
+        gene_ids, counts = cells.cell(row)
+        spec = specs[gene]
+        result = client.infer(ISP_MODEL, spec.request_inputs(gene_ids, counts, float(cells.n_counts[row])), spec.outputs())
+        if len(result["cell_emb_shift"]) != 1:  # the plan only deletes genes the cell expresses
+            notes = [note.decode() for note in result["target_errors"]]
+            raise RuntimeError(f"{ISP_MODEL} did not delete {gene} in cell {cells.cell_ids[row]}: {notes}")
+        return {"cell_id": cells.cell_ids[row], "gene_id": gene, "gene_symbol": cells.symbol(gene),
+                "cell_emb_shift": 1.0 - float(result["cell_emb_shift"][0]), "cell_shift": 1.0 - float(result["cell_shift"][0])}
+
+    pairs = [(row, gene) for row in plan.rows for gene in plan.genes]
+    with GeneformerClient(url, "grpc", concurrency=options.concurrency) as client, \
+            ThreadPoolExecutor(options.concurrency) as pool:
+        started = time.perf_counter()
+        results = pd.DataFrame(pool.map(lambda pair: perturb(client, *pair), pairs))
+        seconds = time.perf_counter() - started
+    top = (results.groupby(["gene_symbol", "gene_id"], sort=False)
+           .agg(n_cells=("cell_id", "nunique"), mean_cell_emb_shift=("cell_emb_shift", "mean"),
+                mean_cell_shift=("cell_shift", "mean"))
+           .reset_index().sort_values("mean_cell_emb_shift", ascending=False, kind="stable").reset_index(drop=True))
+    run = {"model": ISP_MODEL, "perturbation": "delete", "semantics": "upstream", "cells": len(plan.rows),
+           "genes": len(plan.genes), "perturbations": len(pairs), "tokens_per_cell": plan.tokens,
+           "seconds": round(seconds, 2), "perturbations_per_s": round(len(pairs) / seconds, 2)}
+    return top, run
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -59,9 +142,12 @@ def run_demo(args: argparse.Namespace) -> int:
         ]
         with GeneformerClient(server.grpc_url, "grpc") as client:
             report = check_server(client, loaded, n_cells=args.check_cells, manifests=local_manifests(args.repository))
+        isp_top, isp_run = run_isp_demo(server.grpc_url, adata, loaded,
+                                        DemoIsp(cells=args.isp_cells, genes=args.isp_genes, concurrency=args.concurrency))
         served_by = served_backends(server.http_url, server.log_path.read_text(errors="replace"),
                                     headers=server.admin_headers("http"))
     paths = write_fidelity_report(report.results, out)
+    isp_top.to_csv(out / "isp_top_genes.csv", index=False)
     summary = {
         "model": loaded.name,
         "weights": "RANDOM (seeded; no biology)" if loaded.random_weights else loaded.source,
@@ -71,6 +157,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "fidelity_passed": report.passed,
         "served_tokenizer_mismatches": report.token_mismatches,
         "fidelity_csv": str(paths["csv"]),
+        "isp": {**isp_run, "top_genes_csv": str(out / "isp_top_genes.csv")},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -84,16 +171,27 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"\nFidelity of every served backend vs the local fp32 PyTorch reference ({args.check_cells} cells):")
     print(format_fidelity_table(report.results))
     print(f"\nserved tokenizer vs local tokenizer: {report.token_mismatches} cells differ")
+    print(f"\nIn-silico deletion through {isp_run['model']} (upstream InSilicoPerturber semantics, emb_layer -1):\n"
+          f"  {isp_run['genes']} genes x {isp_run['cells']} cells ({', '.join(map(str, isp_run['tokens_per_cell']))} tokens) "
+          f"= {isp_run['perturbations']} perturbations in {isp_run['seconds']} s = {isp_run['perturbations_per_s']}/s")
+    print("Most shifted genes (shift = 1 - cosine, 0 = none; cell_emb: upstream's value)"
+          + (", random weights: no biology:" if loaded.random_weights else ":"))
+    print(isp_top.to_string(index=False, float_format=lambda v: f"{v:.6f}"))
     print(f"summary: {out / 'summary.json'}")
     return 0 if report.passed else 1
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="export, serve, embed the celltypist sample over gRPC and HTTP, check fidelity, summarize")
+    parser = subparsers.add_parser("demo", help="export, serve, embed the celltypist sample over gRPC and HTTP, check fidelity, "
+                                                "perturb genes in silico, summarize")
     add_model_arguments(parser)
     parser.add_argument("--repository", default="model_repository")
     parser.add_argument("--cells", type=int, default=48, help="celltypist cells to embed per protocol")
     parser.add_argument("--check-cells", type=int, default=16, help="cells for the fidelity check of every backend")
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--isp-cells", type=int, default=DemoIsp.cells,
+                        help="in-silico deletion: the N shortest of the embedded cells")
+    parser.add_argument("--isp-genes", type=int, default=DemoIsp.genes,
+                        help="in-silico deletion: genes deleted one at a time (the best ranked that those cells share)")
     parser.add_argument("--out", default="results/demo")
     parser.set_defaults(func=run_demo)

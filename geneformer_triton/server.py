@@ -16,7 +16,7 @@ and starts ``tritonserver`` with it, so model configurations that say
 ``config.pbtxt`` runs on the real C++ backends in the NGC container). Triton's real C++ backends are
 used whenever ``scripts/build_backends.sh`` built them for this venv; the stand-ins are a fallback
 that logs a WARNING (:mod:`geneformer_triton.backend_build`, ``$GFTRITON_BACKENDS``). See
-``../shared/RUNTIME.md`` for the verified recipe this module follows.
+``docs/runtime.md`` for the verified facts this module relies on.
 
 Typical use::
 
