@@ -49,8 +49,9 @@ def exported_runtime(kind: str, path: Path) -> EncodeFn:
 def check_exported_encoders(
     loaded: "LoadedGeneformer", repository: Path, cells: list[np.ndarray], formats: list[str]
 ) -> list[FidelityResult]:
-    """Compare every exported format found in ``repository`` with the fp32 PyTorch reference."""
-    reference = embed_token_cells(torch_encode_fn(loaded.encoder()), cells, batch_size=8)
+    """Compare every exported format found in ``repository`` with the fp32 PyTorch reference at the layer its
+    manifest records (``emb_layer``: the export's ``--emb-layer``, or a fixed-layer ISP encoder's own)."""
+    references: dict[int, np.ndarray] = {}
     results = []
     for name in formats:
         fmt = ENCODER_FORMATS[name]
@@ -61,6 +62,10 @@ def check_exported_encoders(
                 f"{fmt.model} was exported from other weights ({manifest['weights_source']}) than the reference "
                 f"({loaded.source}); pass the same model options as for `gftriton export`"
             )
+        layer = int(manifest.get("emb_layer", -1))
+        if layer not in references:
+            references[layer] = embed_token_cells(torch_encode_fn(loaded.encoder(emb_layer=layer)), cells, batch_size=8)
+        reference = references[layer]
         encode = exported_runtime(fmt.kind, version_dir / ("model.onnx" if fmt.kind == "onnx" else "model.pt"))
         for batch_size in BATCH_SIZES:
             embeddings = embed_token_cells(encode, cells, batch_size=batch_size)

@@ -309,9 +309,6 @@ def _fidelity(command: str, sandbox: Sandbox) -> None:
     result = sandbox.run(SMALL[command], expect=None)
     table = pd.read_csv(sandbox.root / "results" / "fidelity" / "fidelity.csv")
     failed = {variant.split()[0] for variant in table.loc[~table["passed"].astype(bool), "variant"]}
-    if result.returncode == 1 and failed == {"geneformer_onnx_isp"}:
-        pytest.xfail("`gftriton fidelity` compares geneformer_onnx_isp (hidden_states[n_layers - 1]) with the "
-                     "last-layer reference: it needs the reference at the manifest's emb_layer (lead, issue 14)")
     assert result.returncode == 0 and not failed, result.stdout[-3000:] + result.stderr[-3000:]
 
 
