@@ -783,6 +783,8 @@ def summarize(rows: pd.DataFrame, rank_by: str = "cell", min_cells: int = 1) -> 
         "mean_start_shift": grouped["start_shift"].mean(),
     }).reset_index()
     summary = summary[summary["n_cells"] >= min_cells]
+    if summary.empty:  # no gene in min_cells cells: keep the columns (dropna would drop every one of them)
+        return summary.reset_index(drop=True)
     key = {"cell": "mean_cell_shift", "gene": "mean_gene_embedding_shift", "goal": "mean_goal_shift"}[rank_by]
     summary = summary.sort_values([key, "n_cells"], ascending=[False, False], kind="stable").reset_index(drop=True)
     return summary.dropna(axis=1, how="all")
