@@ -4,9 +4,13 @@ One request per cell (its expressed genes with Ensembl ids and raw counts + the 
 ``concurrency`` requests in flight (:class:`client.triton_client.GeneformerClient`: one connection per
 worker thread, retries while the server is unreachable). Results are appended as cells finish:
 
-* Parquet (default): ``OUT.parquet/`` is a Parquet dataset of part files ``part-*.parquet``, each
+* Parquet (default): ``OUT.parquet/`` is a Parquet dataset of part files ``part-<batch>.parquet``, each
   written to a hidden temporary file, fsynced and renamed into place (atomic): a part is there whole or
-  not at all, and a cell's rows are never split across parts.
+  not at all, and a cell's rows are never split across parts. One flushed block of cells (a batch) writes
+  up to three parts (gene cosines in ``_genes/``, rows, ``_errors/``) and then commits them all at once
+  with an empty marker ``_commits/<batch>`` (fsynced, renamed into place): parts without a marker (a run
+  killed mid-batch) are never read and are deleted when the output is reopened, so a resumed run redoes
+  those cells without duplicating any row. (An output written before markers existed is adopted whole.)
 * CSV: ``OUT.csv`` gets whole cells appended in one ``write`` + fsync; on the next run a torn last
   block (a kill mid-write) is cut off and cells with fewer rows than their ``n_perturbations`` dropped.
 
@@ -21,8 +25,8 @@ with "+"), ``gene_symbol``, ``target_index``, ``n_perturbations``, ``cell_shift`
 embeddings; 1 = no shift), ``gene_embedding_shift``, ``goal_shift``, ``start_shift`` (NaN when not
 computed), ``cell_emb_shift`` (upstream Geneformer's ``cell_emb`` value, semantics "upstream") and one
 ``state_shift_<state>`` per cell state (upstream's value with ``cell_states_to_model``). With emb_mode
-``cell_and_gene`` every (perturbed, affected) gene cosine goes to ``OUT.parquet/_genes/`` (Parquet parts
-written per flushed block of cells, before those cells' rows). :func:`summarize` ranks genes by mean shift
+``cell_and_gene`` every (perturbed, affected) gene cosine goes to ``OUT.parquet/_genes/`` (one Parquet part
+per flushed block of cells, committed with those cells' rows). :func:`summarize` ranks genes by mean shift
 over cells; :func:`plot_top_shifts` draws them.
 """
 
@@ -63,6 +67,7 @@ COLUMNS = (
 )
 #: Parquet dataset of every (perturbed, affected) gene cosine (emb_mode cell_and_gene), inside the output
 GENE_FOLDER = "_genes"
+COMMIT_FOLDER = "_commits"  # one empty marker per committed batch of parts
 GENE_COLUMNS = ("cell_id", "gene_id", "affected_gene_id", "affected_symbol", "cos")
 STATE_PREFIX = "state_shift_"  # + state name: upstream's value with cell_states_to_model
 ERROR_COLUMNS = ("cell_id", "error")
@@ -418,6 +423,7 @@ class ResultStore:
             (self.path / GENE_FOLDER).mkdir(exist_ok=True)
             self.errors_path = self.path / "_errors"
             self.genes_path = self.path / GENE_FOLDER
+            self.commits_path = self.path / COMMIT_FOLDER
             self.run_path = self.path / "_run.json"
             lock_path = self.path / "_lock"
         self._lock = open(lock_path, "w")  # noqa: SIM115 - held for the store's lifetime
@@ -455,12 +461,46 @@ class ResultStore:
             tmp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
             os.replace(tmp, self.run_path)
 
+    def _part_folders(self) -> tuple[Path, Path, Path]:
+        return self.path, self.errors_path, self.genes_path
+
+    @staticmethod
+    def _batch(part: Path) -> str:
+        return part.name[len("part-"): -len(".parquet")]
+
+    def _committed(self) -> set[str]:
+        return {marker.name for marker in self.commits_path.iterdir() if not marker.name.startswith(".")}
+
+    def _parts(self, folder: Path) -> list[Path]:
+        """Committed part files of ``folder`` (rows, ``_errors`` or ``_genes``), in write order."""
+        committed = self._committed()
+        return [p for p in sorted(folder.glob("part-*.parquet")) if self._batch(p) in committed]
+
+    def _commit(self, batch: str) -> None:
+        tmp = self.commits_path / f".{batch}.tmp"
+        with open(tmp, "wb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.commits_path / batch)
+        fsync_dir(self.commits_path)
+
     def _recover(self) -> None:
-        """Remove leftovers of a killed run: temporary parts (Parquet), torn or partial cells (CSV)."""
+        """Remove leftovers of a killed run: temporary and uncommitted parts (Parquet), torn or partial
+        cells (CSV)."""
         if not self.csv:
-            for folder in (self.path, self.errors_path, self.genes_path):
+            if not self.commits_path.is_dir():  # written before commit markers: adopt every part
+                self.commits_path.mkdir()
+                for batch in sorted({self._batch(p) for f in self._part_folders() for p in f.glob("part-*.parquet")}):
+                    self._commit(batch)
+            for folder in (*self._part_folders(), self.commits_path):
                 for tmp in folder.glob(".*.tmp"):
                     tmp.unlink()
+            committed = self._committed()
+            stale = [p for f in self._part_folders() for p in f.glob("part-*.parquet") if self._batch(p) not in committed]
+            if stale:
+                LOGGER.warning("%s: deleting %d uncommitted part(s) of an interrupted run (those cells are redone)",
+                               self.path, len(stale))
+                for part in stale:
+                    part.unlink()
             return
         for file, columns in ((self.path, self.columns), (self.errors_path, ERROR_COLUMNS)):
             if not file.is_file() or file.stat().st_size == 0:
@@ -506,14 +546,14 @@ class ResultStore:
             if not self.path.is_file() or self.path.stat().st_size == 0:
                 return _empty_frame(self.columns)
             return pd.read_csv(self.path, dtype={"cell_id": str, "gene_id": str, "gene_symbol": str})
-        parts = sorted(self.path.glob("part-*.parquet"))
+        parts = self._parts(self.path)
         if not parts:
             return _empty_frame(self.columns)
         return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
 
     def read_genes(self) -> pd.DataFrame:
         """Every stored (perturbed, affected) gene cosine (emb_mode cell_and_gene; Parquet outputs only)."""
-        parts = [] if self.csv else sorted(self.genes_path.glob("part-*.parquet"))
+        parts = [] if self.csv else self._parts(self.genes_path)
         if not parts:
             return _empty_frame(GENE_COLUMNS)
         return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
@@ -523,7 +563,7 @@ class ResultStore:
             if not self.errors_path.is_file() or self.errors_path.stat().st_size == 0:
                 return _empty_frame(ERROR_COLUMNS)
             return pd.read_csv(self.errors_path, dtype={"cell_id": str})
-        parts = sorted(self.errors_path.glob("part-*.parquet"))
+        parts = self._parts(self.errors_path)
         if not parts:
             return _empty_frame(ERROR_COLUMNS)
         return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
@@ -544,11 +584,12 @@ class ResultStore:
                 part.unlink()
 
     # -- writing
-    def _write_parquet(self, frame: pd.DataFrame, folder: Path) -> Path:
+    def _write_parquet(self, frame: pd.DataFrame, folder: Path, batch: str) -> Path:
+        """Write ``frame`` as ``folder/part-<batch>.parquet`` (atomic; read only once ``batch`` is committed)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        name = f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+        name = f"part-{batch}.parquet"
         tmp = folder / f".{name}.tmp"
         table = pa.Table.from_pandas(frame, preserve_index=False)
         with open(tmp, "wb") as handle:
@@ -575,23 +616,25 @@ class ResultStore:
             os.close(fd)
 
     def append(self, rows: pd.DataFrame, errors: pd.DataFrame, genes: Optional[Sequence[pd.DataFrame]] = None) -> None:
-        """Persist finished cells: ``rows`` (whole cells only), ``errors`` (rejected cells, dropped targets)
-        and ``genes`` (gene-cosine frames, one part each, written before the cells' rows)."""
+        """Persist finished cells as one batch: ``rows`` (whole cells only), ``errors`` (rejected cells,
+        dropped targets) and ``genes`` (gene-cosine frames of those cells); Parquet: committed together."""
+        genes = [g for g in genes or () if len(g)]
         with self._write_lock:
-            for frame in genes or ():
-                if self.csv:
+            if self.csv:
+                if genes:
                     raise IspRunError("gene cosines (emb_mode cell_and_gene) are written to Parquet outputs only")
-                self._write_parquet(frame, self.genes_path)
-            if len(rows):
-                if self.csv:
+                if len(rows):
                     self._append_csv(rows, self.path, self.columns)
-                else:
-                    self._write_parquet(rows, self.path)
-            if len(errors):
-                if self.csv:
+                if len(errors):
                     self._append_csv(errors, self.errors_path, ERROR_COLUMNS)
-                else:
-                    self._write_parquet(errors, self.errors_path)
+                return
+            batch = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            parts = [(pd.concat(genes, ignore_index=True) if genes else None, self.genes_path),
+                     (rows, self.path), (errors, self.errors_path)]
+            written = [self._write_parquet(frame, folder, batch) for frame, folder in parts
+                       if frame is not None and len(frame)]
+            if written:
+                self._commit(batch)
 
 
 # ----------------------------------------------------------------------------- running
