@@ -539,7 +539,10 @@ def test_run_without_results_exits_nonzero_with_reason(triton_server, small_h5ad
 
 
 @pytest.mark.parametrize("command", [["isp", "--wait", 1, "--retries", 1, "--n-cells", 1, "--output", "OUT"],
-                                     ["check", "--retries", 0, "--retry-backoff", 0.1]])
+                                     ["check", "--retries", 0, "--retry-backoff", 0.1],
+                                     ["embed", SHARED / "data" / "perturbench_norman19_k562.h5ad", "-o", "OUT",
+                                      "--max-cells", 1, "--retries", 0, "--retry-backoff", 0.1,
+                                      "--dictionaries", SHARED / "geneformer" / "v1"]])
 def test_unreachable_server_exits_3(tmp_path, command):
     from geneformer_triton.server import free_port
 
