@@ -329,7 +329,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "hidden state (hidden_states[5] of 6 layers; helical / `gftriton export` --emb-layer -2), 0 = last "
                            "layer (helical -1)")
     pert.add_argument("--emb-mode", choices=["cell", "cell_and_gene"], default="cell",
-                      help="cell_and_gene also streams every (perturbed, affected) gene cosine to OUTPUT/_genes/")
+                      help="cell_and_gene also streams every (perturbed, affected) gene cosine to OUTPUT/_genes/; "
+                           "on a V2 model (<cls>/<eos>) these are upstream's cls / cls_and_gene (the <cls> cosine)")
     pert.add_argument("--state-key", help="cell states: obs column of the labels (upstream cell_states_to_model)")
     pert.add_argument("--start-state", help="label of the cells to perturb")
     pert.add_argument("--goal-state", help="label of the goal state")
