@@ -76,7 +76,8 @@ def main(path: str) -> None:
         _current.update(anchor_gene=run.get("anchor_gene"), special=bool(run.get("special")))
         started = time.perf_counter()
         run_oracle.main(run["argv"])
-        print(f"upstream_isp_driver: {run['argv'][-1]!r}... done in {time.perf_counter() - started:.1f} s",
+        output = run["argv"][run["argv"].index("--output") + 1]
+        print(f"upstream_isp_driver: {Path(output).stem} done in {time.perf_counter() - started:.1f} s",
               file=sys.stderr, flush=True)
 
 
