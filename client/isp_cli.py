@@ -95,12 +95,18 @@ def _report(store: ResultStore, args) -> None:
                 rows["cell_id"].nunique() if len(rows) else 0, len(errors))
     if rows.empty:
         return
-    summary = summarize(rows, args.rank_by, min(args.min_cells, max(1, rows["cell_id"].nunique())))
+    min_cells = min(args.min_cells, max(1, rows["cell_id"].nunique()))
+    summary = summarize(rows, args.rank_by, min_cells)
     base = store.path.with_name(store.path.stem)
     summary_csv = Path(args.summary_csv) if args.summary_csv else Path(f"{base}_summary.csv")
     plot = Path(args.plot) if args.plot else Path(f"{base}_top_shifts.png")
     summary_csv.parent.mkdir(parents=True, exist_ok=True)
     summary.to_csv(summary_csv, index=False)
+    if summary.empty:
+        print(f"no perturbed gene was scored in >= {min_cells} cells ({rows['cell_id'].nunique()} cells, "
+              f"{rows['gene_id'].nunique()} genes): lower --min-cells or select more cells; no plot written\n"
+              f"summary: {summary_csv}\nresults: {store.path}")
+        return
     plot_top_shifts(summary, plot, args.rank_by, args.top,
                     title=f"{rows['perturbation'].iloc[0]}: top {min(args.top, len(summary))} genes by mean shift "
                           f"over {rows['cell_id'].nunique()} cells")
@@ -338,7 +344,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "hidden state (hidden_states[5] of 6 layers; helical / `gftriton export` --emb-layer -2), 0 = last "
                            "layer (helical -1)")
     pert.add_argument("--emb-mode", choices=["cell", "cell_and_gene"], default="cell",
-                      help="cell_and_gene also streams every (perturbed, affected) gene cosine to OUTPUT/_genes/")
+                      help="cell_and_gene also streams every (perturbed, affected) gene cosine to OUTPUT/_genes/; "
+                           "on a V2 model (<cls>/<eos>) these are upstream's cls / cls_and_gene (the <cls> cosine)")
     pert.add_argument("--state-key", help="cell states: obs column of the labels (upstream cell_states_to_model)")
     pert.add_argument("--start-state", help="label of the cells to perturb")
     pert.add_argument("--goal-state", help="label of the goal state")

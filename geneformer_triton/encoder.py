@@ -123,7 +123,8 @@ class GeneformerEncoder(nn.Module):
             return token_embeddings[:, 0], token_embeddings
         keep = attention_mask.bool()
         if self.excluded_token_ids.numel() > 0:
-            keep = keep & ~torch.isin(input_ids, self.excluded_token_ids)
+            # an elementwise comparison, not torch.isin: ONNX opset 17 has no isin
+            keep = keep & (input_ids.unsqueeze(-1) != self.excluded_token_ids).all(dim=-1)
         weights = keep.to(token_embeddings.dtype).unsqueeze(-1)
         summed = (token_embeddings * weights).sum(dim=1)
         cell_embedding = summed / weights.sum(dim=1).clamp(min=1.0)

@@ -545,13 +545,11 @@ class IspEngine:
         from geneformer_triton.isp_upstream import UpstreamPlan, UpstreamPlanError, plan_upstream
         from geneformer_triton.isp_upstream_service import UpstreamJob
 
-        if self.special_tokens:
-            raise IspInputError("upstream semantics are implemented for V1 models (no <cls>/<eos>); this model has "
-                                "special tokens: send semantics='ours'")
         if request.state_embeddings is not None and hidden_size is not None and request.state_embeddings.shape[1] != hidden_size:
             raise IspInputError(f"state_embeddings have {request.state_embeddings.shape[1]} values per state; "
                                 f"the encoder's hidden size is {hidden_size}")
         cell = self.tokenize(request)
+        special = (self.cls_id, self.eos_id) if self.special_tokens else None
         notes: list[str] = []
         genes: object = "all"
         if request.targets is not None and not request.embed_only:
@@ -580,9 +578,11 @@ class IspEngine:
                                         "needs every listed gene in the cell (upstream skips such cells)")
         try:
             if request.embed_only:
-                plan = UpstreamPlan(plan_upstream(cell, "delete", "all", max_len=self.model_input_size).cell, "delete", [])
+                whole = plan_upstream(cell, "delete", "all", max_len=self.model_input_size, special=special)
+                plan = UpstreamPlan(whole.cell, "delete", [], whole.special)
             else:
-                plan = plan_upstream(cell, request.perturbation, genes, anchor=anchor, max_len=self.model_input_size)
+                plan = plan_upstream(cell, request.perturbation, genes, anchor=anchor, max_len=self.model_input_size,
+                                     special=special)
         except UpstreamPlanError as error:
             raise IspInputError(str(error)) from error
         if len(plan.perturbations) > self.max_perturbations:

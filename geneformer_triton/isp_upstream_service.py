@@ -11,8 +11,8 @@ Extra request inputs (``isp_service.INPUTS``): ``emb_layer`` INT32 [1] (upstream
 used to build state embeddings as upstream's ``get_state_embs``).
 Outputs: ``perturbed_genes`` BYTES [P], ``cell_emb_shift`` FP32 [P] (upstream's ``cell_emb`` value
 without states), ``cell_shift`` FP32 [P] (ours: cosine of the mean-pooled sequences), ``state_shift``
-FP32 [P, S] (with states), ``original_embedding`` FP32 [H] (mean over all tokens of the cell),
-``cell_genes`` BYTES [n] (the cell's genes, rank order), and for ``cell_and_gene``: ``gene_perturbation``
+FP32 [P, S] (with states), ``original_embedding`` FP32 [H] (the cell's vector: mean over all its tokens for V1, its ``<cls>`` for V2),
+``cell_genes`` BYTES [n] (the cell's tokens, rank order; V2: with ``<cls>``/``<eos>``), and for ``cell_and_gene``: ``gene_perturbation``
 INT32 [N], ``gene_affected`` INT32 [N] (index into ``cell_genes``), ``gene_cos`` FP32 [N].
 """
 
@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from geneformer_triton.isp_upstream import UpstreamPlan, score
+from geneformer_triton.isp_upstream import UpstreamPlan, cell_vector, score
 from geneformer_triton.perturbation import chunk_by_token_budget
 from geneformer_triton.tokenizer import pad_token_batch
 
@@ -65,7 +65,7 @@ class UpstreamJob:
 
     def _sequence(self, i: int) -> np.ndarray:
         n = len(self._lengths)
-        return self.plan.cell[: self._lengths[i]] if i < n else self.plan.perturbations[i - n].sequence
+        return self.plan.original(self._lengths[i]) if i < n else self.plan.perturbations[i - n].sequence
 
     def batch(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Right-padded ``input_ids`` / ``attention_mask`` [b, L] int64 of chunk ``k``."""
@@ -91,7 +91,7 @@ class UpstreamJob:
                 continue
             j = i - n
             pert = self.plan.perturbations[j]
-            result = score(pert, self._originals[pert.original_length], emb, self.states)
+            result = score(pert, self._originals[pert.original_length], emb, self.states, self.plan.special is not None)
             self._scores[j] = result
             if self.emb_mode == "cell_and_gene":
                 self._genes.append((j, pert.orig_pos.astype(np.int32), result.gene_cos.astype(np.float32)))
@@ -108,7 +108,7 @@ class UpstreamJob:
             "perturbed_genes": np.array([s.encode() for s in self.labels], dtype=object),
             "cell_emb_shift": np.array([self._scores[j].cell_emb_shift for j in order], dtype=np.float32),
             "cell_shift": np.array([self._scores[j].cell_shift for j in order], dtype=np.float32),
-            "original_embedding": full.astype(np.float64).mean(axis=0).astype(np.float32),
+            "original_embedding": cell_vector(full, self.plan.special is not None).astype(np.float32),
             "cell_genes": np.array([g.encode() for g in self.cell_genes], dtype=object),
             "target_errors": np.array([n.encode() for n in self.notes], dtype=object),
         }

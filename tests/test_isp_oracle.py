@@ -192,6 +192,19 @@ def oracle_gene_values(result: dict) -> dict:
     return {(r["cell"], tuple(r["perturbed"]), r["affected"]): r["cos"] for r in result["gene_shifts"]}
 
 
+def upstream_overexpress_labels(mine: dict, gene_tokens: list) -> dict:
+    """Our overexpress-all gene values under upstream's labels: upstream stores the value of affected gene
+    L[j] under L[j+1] (L = the cell's genes without the perturbed one) and never labels L[0] (docs/isp.md);
+    ``gene_tokens``: each cell's gene tokens (V2: without <cls>/<eos>)."""
+    shifted = {}
+    for cell, cell_tokens in enumerate(gene_tokens):
+        for p in cell_tokens[1:]:
+            rest = [int(t) for t in cell_tokens if t != p]
+            for j in range(len(rest) - 1):
+                shifted[(cell, (int(p),), rest[j + 1])] = mine[(cell, (int(p),), rest[j])]
+    return shifted
+
+
 def spec(**kw) -> IspSpec:
     return IspSpec(**{"perturbation": "delete", "encoder_model": None, **kw})
 
@@ -246,16 +259,8 @@ def test_overexpress_all_cell_and_gene_with_label_correction(oracle, ours, cells
     assert theirs["layer_to_quant"] == 6
     rows, genes, _ = ours("overexpress_all_0", spec(perturbation="overexpress", emb_layer=0, emb_mode="cell_and_gene"))
     assert compare(our_cell_values(rows, cells, v1_vocabulary, "cell_emb_shift"), oracle_cell_values(theirs)) < ATOL
-    # upstream stores the value of affected gene L[j] under L[j+1] (L = the cell's genes without the perturbed
-    # one) and never labels L[0]: docs/isp.md; we label correctly, so shift ours by one before comparing
     mine = our_gene_values(genes, cells, v1_vocabulary)
-    shifted = {}
-    for cell, cell_tokens in enumerate(tokens):
-        for p in cell_tokens[1:]:
-            rest = [int(t) for t in cell_tokens if t != p]
-            for j in range(len(rest) - 1):
-                shifted[(cell, (int(p),), rest[j + 1])] = mine[(cell, (int(p),), rest[j])]
-    assert compare(shifted, oracle_gene_values(theirs)) < ATOL
+    assert compare(upstream_overexpress_labels(mine, tokens), oracle_gene_values(theirs)) < ATOL
     unshifted = [abs(mine[k] - v) for k, v in oracle_gene_values(theirs).items() if k in mine]
     assert max(unshifted) > ATOL  # negative control: upstream's labels, read as they are, do not match
 
@@ -317,3 +322,233 @@ def test_fp16_rank_agreement_reported(oracle, ours, cells, v1_vocabulary, capsys
         for cell, n, rho, top, diff in report:
             print(f"\nfp16 vs upstream fp32, cell {cell} ({n} overexpressions): Spearman {rho:.4f}, top-20 overlap {top:.2f}, "
                   f"max |diff| {diff:.2e}")
+
+
+# ----------------------------------------------------------------------------- V2 models and anchor combos
+# Every configuration below runs in ONE upstream process (tests/upstream_isp_driver.py): V2 cells go through
+# upstream's <cls>/<eos> code paths (emb_mode cls / cls_and_gene, which our cell / cell_and_gene map to).
+# V2 (12 layers, the smallest V2 architecture) runs on the N_SHORT perturbench cells only (CPU time).
+
+V2_MODEL = "gf-12L-38M-i4096"
+V2_SERVED = ("geneformer_isp", "geneformer_onnx_isp", "geneformer_onnx", "geneformer_tokenizer")
+DRIVER = REPO_ROOT / "tests" / "upstream_isp_driver.py"
+KLF1 = "KLF1"
+V2_ROWS = list(range(N_SHORT))
+
+
+@pytest.fixture(scope="session")
+def v2_model(v2_vocabulary):
+    from geneformer_triton.loading import random_geneformer
+
+    return random_geneformer(V2_MODEL, seed=0, vocabulary=v2_vocabulary)
+
+
+@pytest.fixture(scope="session")
+def v2_checkpoint(tmp_path_factory, v2_model) -> Path:
+    from export.checkpoint import save_checkpoint
+
+    return save_checkpoint(v2_model, tmp_path_factory.mktemp("checkpoint_v2") / "gf2")
+
+
+@pytest.fixture(scope="session")
+def v2_tokens(cells, v2_vocabulary) -> list[np.ndarray]:
+    """The N_SHORT perturbench cells tokenized for V2: [<cls>, genes..., <eos>]."""
+    tokenizer = RankValueTokenizer(v2_vocabulary, 4096, True)
+    out = []
+    for r in V2_ROWS:
+        genes, counts = cells.cell(r)
+        out.append(tokenizer.tokenize_gene_lists(genes[None, :], counts[None, :], cells.n_counts[r : r + 1])[0])
+    assert all(t[0] == v2_vocabulary.cls_id and t[-1] == v2_vocabulary.eos_id for t in out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def v2_server(tmp_path_factory, v2_model):
+    """A real tritonserver serving the V2 ISP model on our exported V2 encoders (hidden_states[n-1] and [n])."""
+    import shutil
+
+    from export.repository import export_model_repository
+    from geneformer_triton.server import LocalTritonServer
+
+    repository = tmp_path_factory.mktemp("exported_v2") / "model_repository"
+    for name in V2_SERVED:
+        shutil.copytree(REPO_ROOT / "model_repository" / name, repository / name,
+                        ignore=shutil.ignore_patterns("*.onnx", "*.pt", "*.plan", "*.json", "__pycache__"))
+    export_model_repository(v2_model, repository, formats=("onnx_isp", "onnx"))
+    with LocalTritonServer(repository, model_config_name="cpu") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def v2_client(v2_server):
+    with GeneformerClient(v2_server.grpc_url, "grpc", concurrency=2, timeout_s=600) as c:
+        c.wait_ready(120, "geneformer_isp")
+        yield c
+
+
+def _v2_genes(v2_vocabulary, v2_tokens) -> list[str]:
+    return [v2_vocabulary.gene_for_token(int(t)) for t in v2_tokens[0][1:3]]
+
+
+@pytest.fixture(scope="session")
+def batch_oracle(oracle_python, checkpoint, v2_checkpoint, tokens_npz, tokens, v2_tokens, cells, v1_vocabulary,
+                 v2_vocabulary, tmp_path_factory) -> dict:
+    """{name: upstream JSON} for every V2 / anchor configuration, computed in one upstream process."""
+    work = tmp_path_factory.mktemp("oracle_batch")
+    v2_npz = work / "tokens_v2.npz"
+    np.savez(v2_npz, *[t.astype(np.int64) for t in v2_tokens])
+    genes = _v2_genes(v2_vocabulary, v2_tokens)
+    klf1 = v2_vocabulary.gene_name_to_id[KLF1]
+    states = ["--states", json.dumps(STATES), "--labels", ",".join(cells.obs["state"].iloc[V2_ROWS])]
+    v1_anchor = v1_vocabulary.gene_for_token(int(tokens[0][0]))
+    configs = {  # name: (model, run_oracle options, anchor gene)
+        "v2_delete_all_-1": ("v2", ["--perturb-type", "delete", "--genes", "all", "--emb-mode", "cell_and_gene",
+                                    "--emb-layer", "-1", "--forward-batch-size", "8"], None),
+        "v2_overexpress_all_0": ("v2", ["--perturb-type", "overexpress", "--genes", "all", "--emb-mode",
+                                        "cell_and_gene", "--emb-layer", "0", "--forward-batch-size", "8"], None),
+        "v2_delete_list": ("v2", ["--perturb-type", "delete", "--genes", ",".join(genes), "--emb-mode",
+                                  "cell_and_gene", "--forward-batch-size", "4"], None),
+        "v2_overexpress_list": ("v2", ["--perturb-type", "overexpress", "--genes", f"{klf1},{genes[0]}",
+                                       "--emb-mode", "cell_and_gene", "--forward-batch-size", "1"], None),
+        # a one-gene list keeps the states run short (the state formula is the same as for "all")
+        "v2_states": ("v2", ["--perturb-type", "delete", "--genes", genes[0], "--emb-mode", "cell", *states,
+                             "--forward-batch-size", "8"], None),
+        "v1_anchor": ("v1", ["--perturb-type", "delete", "--genes", "all", "--emb-mode", "cell",
+                             "--forward-batch-size", "8"], v1_anchor),
+    }
+    runs = []
+    for name, (model, args, anchor) in configs.items():
+        v2 = model == "v2"
+        runs.append({"argv": [str(v2_checkpoint if v2 else checkpoint), str(SHARED / "geneformer" / model),
+                              str(v2_npz if v2 else tokens_npz), "--no-stats", "--threads", "2",
+                              "--model-version", "V2" if v2 else "V1", "--output", str(work / f"{name}.json"), *args],
+                     "anchor_gene": anchor, "special": v2})
+    (work / "runs.json").write_text(json.dumps(runs))
+    done = subprocess.run([oracle_python, str(DRIVER), str(work / "runs.json")], env=oracle_env.oracle_environment(),
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    print("\n".join(line for line in done.stderr.splitlines() if line.startswith("upstream_isp_driver:")))
+    out = {name: json.loads((work / f"{name}.json").read_text()) for name in configs}
+    out["_anchor"] = v1_anchor
+    return out
+
+
+@pytest.fixture(scope="module")
+def ours_v2(v2_client, cells, tmp_path_factory):
+    results: dict[str, tuple] = {}
+    work = tmp_path_factory.mktemp("ours_v2")
+
+    def run(name: str, run_spec: IspSpec, rows=V2_ROWS):
+        if name not in results:
+            with ResultStore(work / f"{name}.parquet", run_spec.fingerprint(), columns=run_spec.columns()) as store:
+                run_isp(v2_client, cells, run_spec, store, concurrency=2, rows=rows)
+                results[name] = (store.read(), store.read_genes(), store.read_errors())
+        return results[name]
+
+    return run
+
+
+def test_v2_delete_all_cls_and_gene(batch_oracle, ours_v2, cells, v2_vocabulary):
+    """V2: the per-perturbation value is the <cls> cosine; gene cosines exclude <cls>/<eos>; emb_layer -1."""
+    theirs = batch_oracle["v2_delete_all_-1"]
+    assert theirs["layer_to_quant"] == 11
+    rows, genes, _ = ours_v2("delete_all_-1", spec(emb_layer=-1, emb_mode="cell_and_gene"))
+    assert compare(our_cell_values(rows, cells, v2_vocabulary, "cell_emb_shift"), oracle_cell_values(theirs)) < ATOL
+    assert compare(our_gene_values(genes, cells, v2_vocabulary), oracle_gene_values(theirs)) < ATOL
+    assert not {v2_vocabulary.cls_id, v2_vocabulary.eos_id} & {k[2] for k in our_gene_values(genes, cells, v2_vocabulary)}
+
+
+def test_v2_wrong_layer_is_rejected(batch_oracle, ours_v2, cells, v2_vocabulary):
+    """Negative control: last-layer (emb_layer 0) values do not pass against upstream's emb_layer -1."""
+    rows, _, _ = ours_v2("delete_all_0", spec(emb_layer=0))
+    with pytest.raises(AssertionError):
+        assert compare(our_cell_values(rows, cells, v2_vocabulary, "cell_emb_shift"),
+                       oracle_cell_values(batch_oracle["v2_delete_all_-1"])) < ATOL
+
+
+def test_v2_overexpress_all_inserts_after_cls(batch_oracle, ours_v2, cells, v2_vocabulary, v2_tokens):
+    theirs = batch_oracle["v2_overexpress_all_0"]
+    assert theirs["layer_to_quant"] == 12
+    rows, genes, _ = ours_v2("overexpress_all_0", spec(perturbation="overexpress", emb_layer=0, emb_mode="cell_and_gene"))
+    assert compare(our_cell_values(rows, cells, v2_vocabulary, "cell_emb_shift"), oracle_cell_values(theirs)) < ATOL
+    mine = our_gene_values(genes, cells, v2_vocabulary)
+    assert compare(upstream_overexpress_labels(mine, [t[1:-1] for t in v2_tokens]), oracle_gene_values(theirs)) < ATOL
+
+
+def test_v2_lists_delete_and_overexpress_absent_gene(batch_oracle, ours_v2, cells, v2_vocabulary, v2_tokens):
+    genes = _v2_genes(v2_vocabulary, v2_tokens)
+    theirs = batch_oracle["v2_delete_list"]
+    rows, gene_rows, errors = ours_v2("delete_list", spec(targets=tuple(genes), emb_mode="cell_and_gene"))
+    assert compare(our_cell_values(rows, cells, v2_vocabulary, "cell_emb_shift"), oracle_cell_values(theirs)) < ATOL
+    assert compare(our_gene_values(gene_rows, cells, v2_vocabulary), oracle_gene_values(theirs)) < ATOL
+    assert len(rows) + len(errors) == len(V2_ROWS)
+    oe = (v2_vocabulary.gene_name_to_id[KLF1], genes[0])
+    theirs = batch_oracle["v2_overexpress_list"]
+    rows, gene_rows, _ = ours_v2("overexpress_list", spec(perturbation="overexpress", targets=oe, emb_mode="cell_and_gene"))
+    assert len(rows) == len(V2_ROWS)
+    assert compare(our_cell_values(rows, cells, v2_vocabulary, "cell_emb_shift"), oracle_cell_values(theirs)) < ATOL
+    assert compare(our_gene_values(gene_rows, cells, v2_vocabulary), oracle_gene_values(theirs)) < ATOL
+
+
+def test_v2_states_use_cls(batch_oracle, ours_v2, v2_client, cells, v2_vocabulary, v2_tokens):
+    theirs = batch_oracle["v2_states"]
+    base = spec()
+    names = [STATES["start_state"], STATES["goal_state"], *STATES["alt_states"]]
+    labels = cells.obs["state"].to_numpy()[V2_ROWS]
+    embs = tuple(tuple(upstream_state_embedding(v2_client, cells, list(np.flatnonzero(labels == n)), base)) for n in names)
+    run_spec = replace(base, targets=(_v2_genes(v2_vocabulary, v2_tokens)[0],), state_names=tuple(names),
+                       state_embeddings=embs)
+    rows, _, errors = ours_v2("states", run_spec, [int(r) for r in np.flatnonzero(labels == "A")])
+    assert len(rows) + len(errors) == int((labels == "A").sum()) and len(rows) > 0
+    for name in names:
+        assert compare(our_cell_values(rows, cells, v2_vocabulary, f"state_shift_{name}"),
+                       oracle_cell_values(theirs, name)) < ATOL
+
+
+def test_v2_special_tokens_negative_controls(batch_oracle, v2_tokens, v2_model):
+    """In-process, V2 cell 0 (delete all): our plan + <cls> scoring matches upstream; scoring it as a V1 cell
+    (mean of gene cosines, <cls> ignored) does not, nor do gene cosines read one position off (<cls> compared
+    as the first gene)."""
+    from geneformer_triton.runtimes import torch_encode_fn
+
+    theirs = batch_oracle["v2_delete_all_-1"]
+    encode = torch_encode_fn(v2_model.encoder(emb_layer=-2))
+    cell = 0
+    ids = v2_tokens[cell]
+    plan = plan_upstream(ids, "delete", "all", max_len=4096, special=(int(ids[0]), int(ids[-1])))
+    original = encode(ids[None, :], np.ones((1, ids.size), np.int64))[1][0]
+    good, v1_style, good_genes, off_genes = {}, {}, {}, {}
+    for p in plan.perturbations:
+        emb = encode(p.sequence[None, :], np.ones((1, p.sequence.size), np.int64))[1][0]
+        result = score(p, original, emb, special=True)
+        good[(cell, p.label)] = result.cell_emb_shift
+        v1_style[(cell, p.label)] = score(p, original, emb).cell_emb_shift
+        off = score(replace(p, orig_pos=p.orig_pos - 1, pert_pos=p.pert_pos - 1), original, emb, special=True)
+        for a, c, o in zip(ids[p.orig_pos], result.gene_cos, off.gene_cos):
+            good_genes[(cell, p.label, int(a))] = float(c)
+            off_genes[(cell, p.label, int(a))] = float(o)
+    cells_theirs = {k: v for k, v in oracle_cell_values(theirs).items() if k[0] == cell}
+    genes_theirs = {k: v for k, v in oracle_gene_values(theirs).items() if k[0] == cell}
+    assert compare(good, cells_theirs) < ATOL
+    assert compare(good_genes, genes_theirs) < ATOL
+    with pytest.raises(AssertionError):
+        assert compare(v1_style, cells_theirs) < ATOL
+    with pytest.raises(AssertionError):
+        assert compare(off_genes, genes_theirs) < ATOL
+
+
+def test_anchor_combos(batch_oracle, oracle, ours, cells, v1_vocabulary):
+    """combos=1 + anchor_gene (V1; the V2 planner shares the code, tests/test_isp_upstream.py): every other gene
+    deleted together with the anchor; cells without the anchor skipped."""
+    anchor = batch_oracle["_anchor"]
+    rows, _, errors = ours("anchor", spec(anchor_genes=(anchor,)))
+    theirs = oracle_cell_values(batch_oracle["v1_anchor"])
+    assert len(theirs) > 0 and rows["cell_id"].nunique() + len(errors) == len(cells)
+    assert compare(our_cell_values(rows, cells, v1_vocabulary, "cell_emb_shift"), theirs) < ATOL
+    assert anchor not in set(rows["gene_id"])
+    # negative control: the same genes deleted alone (upstream, no anchor) do not pass
+    alone = {k: v for k, v in oracle_cell_values(oracle("delete_all_-1")).items() if k in theirs}
+    mine = {k: v for k, v in our_cell_values(rows, cells, v1_vocabulary, "cell_emb_shift").items() if k in alone}
+    assert len(alone) == len(theirs)
+    with pytest.raises(AssertionError):
+        assert compare(mine, alone) < ATOL

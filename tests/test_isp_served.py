@@ -324,8 +324,10 @@ def small_h5ad(tmp_path_factory, celltypist_cells, tokenizer):
 
 
 def read_parts(folder: Path) -> pd.DataFrame:
-    """Rows of a Parquet result folder, read without taking its lock."""
-    return pd.concat([pd.read_parquet(p) for p in sorted(folder.glob("part-*.parquet"))], ignore_index=True)
+    """Committed rows of a Parquet result folder (parts with a ``_commits/`` marker), read without its lock."""
+    committed = {m.name for m in (folder / "_commits").iterdir() if not m.name.startswith(".")}
+    parts = [p for p in sorted(folder.glob("part-*.parquet")) if p.name[len("part-"): -len(".parquet")] in committed]
+    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
 
 
 def _isp_cli(triton_server, h5ad, output, *extra):
@@ -342,7 +344,8 @@ def test_cli_killed_mid_run_resumes_without_duplicates(triton_server, small_h5ad
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 120
     try:
-        while len(list(output.glob("part-*.parquet"))) < 3:
+        commits = output / "_commits"
+        while not commits.is_dir() or len([m for m in commits.iterdir() if not m.name.startswith(".")]) < 3:
             assert first.poll() is None, first.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no results appeared"
             time.sleep(0.02)
@@ -539,7 +542,10 @@ def test_run_without_results_exits_nonzero_with_reason(triton_server, small_h5ad
 
 
 @pytest.mark.parametrize("command", [["isp", "--wait", 1, "--retries", 1, "--n-cells", 1, "--output", "OUT"],
-                                     ["check", "--retries", 0, "--retry-backoff", 0.1]])
+                                     ["check", "--retries", 0, "--retry-backoff", 0.1],
+                                     ["embed", SHARED / "data" / "perturbench_norman19_k562.h5ad", "-o", "OUT",
+                                      "--max-cells", 1, "--retries", 0, "--retry-backoff", 0.1,
+                                      "--dictionaries", SHARED / "geneformer" / "v1"]])
 def test_unreachable_server_exits_3(tmp_path, command):
     from geneformer_triton.server import free_port
 
