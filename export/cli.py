@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from export.formats import DEFAULT_FORMATS, ENCODER_FORMATS, PRECISIONS, formats_for
+from export.formats import DEFAULT_FORMATS, EXPORT_FORMATS, PRECISIONS, formats_for
 from geneformer_triton.model_args import add_model_arguments, load_model_from_args
 
 LOGGER = logging.getLogger(__name__)
@@ -40,10 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("export", help="export encoders (ONNX fp32/fp16/int8, TorchScript fp32/bf16) and tokenizer files into a Triton model repository")
     add_model_arguments(parser)
     parser.add_argument("--repository", default="model_repository", help="model repository folder")
-    parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS), help=f"comma list of {sorted(ENCODER_FORMATS)}")
+    parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS), help=f"comma list of {sorted(EXPORT_FORMATS)}")
     parser.add_argument("--precision", default="",
                         help=f"comma list of {list(PRECISIONS)}: export only the formats of these precisions "
-                             f"({', '.join(f'{f.precision}: {f.name}' for f in ENCODER_FORMATS.values())})")
+                             f"({', '.join(f'{f.precision}: {f.name}' for f in EXPORT_FORMATS.values())})")
     parser.add_argument("--emb-layer", type=int, default=-1, help="hidden_states index to embed (helical meaning; -1 = last layer)")
     parser.add_argument("--save-checkpoint", metavar="DIR",
                         help="also write the served weights as a Hugging Face BertForMaskedLM folder (config.json + "

@@ -53,7 +53,16 @@ ENCODER_FORMATS = {
         EncoderFormat("torchscript_bf16", "geneformer_torchscript_bf16", "torchscript", "bf16"),
     )
 }
-DEFAULT_FORMATS = tuple(ENCODER_FORMATS)
+#: ISP encoders whose graph reduces token embeddings to per-gene cosines and token means
+#: (export/isp_reduction_export.py); served to geneformer_isp only (no ensemble, not an embedding path)
+ISP_REDUCTION_FORMATS = {
+    f.name: f
+    for f in (
+        EncoderFormat("onnx_isp_reduced", "geneformer_onnx_isp_reduced", "onnx", "fp32", emb_layer=-2),
+    )
+}
+EXPORT_FORMATS = {**ENCODER_FORMATS, **ISP_REDUCTION_FORMATS}
+DEFAULT_FORMATS = tuple(EXPORT_FORMATS)
 FORMAT_OF_MODEL = {f.model: f for f in ENCODER_FORMATS.values()}
 
 
@@ -62,8 +71,8 @@ def formats_for(precisions: list[str] | tuple[str, ...], formats: list[str] | tu
     unknown = sorted(set(precisions) - set(PRECISIONS))
     if unknown:
         raise ValueError(f"unknown precisions {unknown}; choose from {list(PRECISIONS)}")
-    chosen = [name for name in formats if name in ENCODER_FORMATS and ENCODER_FORMATS[name].precision in precisions]
+    chosen = [name for name in formats if name in EXPORT_FORMATS and EXPORT_FORMATS[name].precision in precisions]
     if not chosen:
         raise ValueError(f"no export format among {list(formats)} has precision {list(precisions)}; "
-                         f"formats by precision: { {f.name: f.precision for f in ENCODER_FORMATS.values()} }")
+                         f"formats by precision: { {f.name: f.precision for f in EXPORT_FORMATS.values()} }")
     return chosen

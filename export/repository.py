@@ -22,7 +22,8 @@ import onnxruntime
 import torch
 import transformers
 
-from export.formats import DEFAULT_FORMATS, ENCODER_FORMATS, TOKENIZER_MODEL, EncoderFormat
+from export.formats import DEFAULT_FORMATS, ENCODER_FORMATS, EXPORT_FORMATS, ISP_REDUCTION_FORMATS, TOKENIZER_MODEL, EncoderFormat
+from export.isp_reduction_export import export_isp_reduction_onnx
 from export.onnx_export import OPSET, export_onnx
 from export.torchscript_export import export_torchscript
 from geneformer_triton import __version__
@@ -57,6 +58,7 @@ def write_manifest(version_dir: Path, loaded: LoadedGeneformer, fmt: EncoderForm
         "num_hidden_layers": loaded.config.num_hidden_layers,
         "hidden_state_index": emb_layer % (loaded.config.num_hidden_layers + 1),
         "pooling": pooling,
+        "isp_reduction": fmt.name in ISP_REDUCTION_FORMATS,
         "special_tokens": loaded.special_tokens,
         "config_sha256": loaded.config_sha256(),
         "weights_source": loaded.source,
@@ -109,9 +111,9 @@ def export_model_repository(
     repository = Path(repository)
     if loaded.vocabulary is None:
         raise ValueError("the model has no gene dictionaries: the tokenizer cannot be exported")
-    unknown = [f for f in formats if f not in ENCODER_FORMATS]
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
     if unknown:
-        raise ValueError(f"unknown export formats {unknown}; choose from {sorted(ENCODER_FORMATS)}")
+        raise ValueError(f"unknown export formats {unknown}; choose from {sorted(EXPORT_FORMATS)}")
     render_repository_configs(repository, loaded)
     written: dict[str, Path] = {}
     # ONNX: plain MatMul/Softmax attention, which onnxruntime's optimizer fuses into its Attention op.
@@ -119,12 +121,14 @@ def export_model_repository(
     # graph materializes the [B, heads, L, L] scores and was ~3x slower on CPU (bench/README.md).
     attention = {"onnx": "math", "torchscript": "sdpa"}
     for name in formats:
-        fmt = ENCODER_FORMATS[name]
+        fmt = EXPORT_FORMATS[name]
         layer = emb_layer if fmt.emb_layer is None else fmt.emb_layer
         encoder = loaded.encoder(emb_layer=layer, pooling=pooling, attention=attention[fmt.kind])
         version_dir = repository / fmt.model / "1"
         started = time.perf_counter()
-        if fmt.kind == "onnx":
+        if name in ISP_REDUCTION_FORMATS:
+            written[name] = export_isp_reduction_onnx(encoder, version_dir, precision=fmt.precision)
+        elif fmt.kind == "onnx":
             written[name] = export_onnx(encoder, version_dir, precision=fmt.precision)
         elif fmt.precision == "bf16":
             # a private copy: the encoder shares its modules with the loaded model, .to() converts in place
