@@ -59,6 +59,8 @@ ISP_REDUCTION_FORMATS = {
     f.name: f
     for f in (
         EncoderFormat("onnx_isp_reduced", "geneformer_onnx_isp_reduced", "onnx", "fp32", emb_layer=-2),
+        # int8 dynamic quantization of the same graph (CPU); chosen only by a request's encoder_model
+        EncoderFormat("onnx_isp_reduced_int8", "geneformer_onnx_isp_reduced_int8", "onnx", "int8", emb_layer=-2),
     )
 }
 EXPORT_FORMATS = {**ENCODER_FORMATS, **ISP_REDUCTION_FORMATS}

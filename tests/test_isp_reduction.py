@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from client.triton_client import GeneformerClient
+from client.triton_client import GeneformerClient, InferenceError
 from export.isp_reduction_export import run_isp_reduction
 from export.onnx_export import onnx_session
 from geneformer_triton.isp_upstream import plan_upstream
@@ -82,11 +82,14 @@ def test_reduced_graph_equals_host_reduction(exported_repository, reduced_sessio
         np.testing.assert_allclose(cos, ref_cos, atol=ATOL, rtol=0)
         compared = batch.position_map >= 0
         assert np.all(cos[~compared] == 0) and compared.sum() > 0
-        # negative control: every row compared with row 0 instead of its own original
-        _, wrong = run_isp_reduction(reduced_session, batch.input_ids, batch.attention_mask,
-                                     np.arange(len(batch.members))[:, None], batch.position_map)
-        if len({m[0] for m in batch.members}) > 1:
-            assert np.abs(wrong - ref_cos).max() > 1e-3
+    # negative control: rows of different cells in one batch, every row compared with row 0 (cell 0's original)
+    (mixed, *_) = pack_rows([job(c).rows() for c in cells], max_tokens=1 << 16)
+    assert len({j for j, _ in mixed.members}) == len(cells)
+    _, right = run_isp_reduction(reduced_session, mixed.input_ids, mixed.attention_mask, mixed.original_offset,
+                                 mixed.position_map)
+    _, wrong = run_isp_reduction(reduced_session, mixed.input_ids, mixed.attention_mask,
+                                 np.arange(len(mixed.members))[:, None], mixed.position_map)
+    assert np.abs(wrong - right).max() > 0.1
 
 
 # ----------------------------------------------------------------------------- packing
@@ -191,5 +194,9 @@ def test_served_reduced_encoder_equals_token_encoder(triton_server, v1_vocabular
             last_layer = client.infer(ISP, _request(genes, counts, states, None, emb_layer=0), outputs)
             with pytest.raises(AssertionError):  # negative control: another layer's numbers are rejected
                 assert_close(reduced, last_layer, keys=("cell_emb_shift",))
+        before_error = client.infer(ISP, _request(genes, counts, states, None), outputs)
+        with pytest.raises(InferenceError, match="state_embeddings have 7 values per state; the encoder's hidden size is 256"):
+            client.infer(ISP, _request(genes, counts, np.ones((1, 7)), None), outputs)
+        assert_close(client.infer(ISP, _request(genes, counts, states, None), outputs), before_error)  # still serving
     assert count(REDUCED) > before, "geneformer_isp did not use the reduced encoder by default"
     stats.close()

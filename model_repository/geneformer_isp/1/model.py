@@ -69,6 +69,7 @@ class EncoderInfo:
     num_hidden_layers: Optional[int] = None  # from the encoder's manifest.json (None: unknown)
     hidden_state_index: Optional[int] = None  # hidden_states index its token_embeddings are
     isp_reduction: bool = False  # the graph returns token_mean / gene_cos (export/isp_reduction_export.py)
+    precision: str = "fp32"  # from the manifest
 
 
 def _parameter(config: dict, key: str, default: Optional[str] = None) -> str:
@@ -86,7 +87,8 @@ def encoder_info(repository: Path, name: str) -> EncoderInfo:
     suffix = {"input_ids": "__0", "attention_mask": "__1", "cell_embedding": "__0", "token_embeddings": "__1"}
     names = {k: k + (v if indexed else "") for k, v in suffix.items()}
     batch = re.search(r"max_batch_size:\s*(\d+)", text)
-    hidden = re.search(r'name:\s*"%s"[^}]*?dims:\s*\[\s*(\d+)\s*\]' % re.escape(names["cell_embedding"]), text)
+    hidden_pattern = r'name:\s*"%s"[^}]*?dims:\s*\[\s*(\d+)\s*\]'
+    hidden = re.search(hidden_pattern % re.escape(names["cell_embedding"]), text) or re.search(hidden_pattern % "token_mean", text)
     if not text:
         LOGGER.warning("no config.pbtxt for encoder %s under %s: assuming plain tensor names", name, repository)
     manifest_path = repository / name / "1" / "manifest.json"
@@ -98,6 +100,7 @@ def encoder_info(repository: Path, name: str) -> EncoderInfo:
         num_hidden_layers=manifest.get("num_hidden_layers"),
         hidden_state_index=manifest.get("hidden_state_index"),
         isp_reduction=bool(manifest.get("isp_reduction", False)),
+        precision=str(manifest.get("precision", "fp32")),
         **names,
     )
 
@@ -157,8 +160,8 @@ class TritonPythonModel:
                                     "convention: 0 = last layer, -1 = second-to-last)")
             if info.hidden_state_index == info.num_hidden_layers + emb_layer:
                 matching.append(info)
-        if matching:  # the reduced graph first: it ships [rows, length] values instead of [rows, length, hidden]
-            return sorted(matching, key=lambda info: not info.isp_reduction)[0]
+        if matching:  # fp32 first (upstream's numbers), then the reduced graph: [rows, length] values, not [rows, length, hidden]
+            return sorted(matching, key=lambda info: (info.precision != "fp32", not info.isp_reduction))[0]
         served = ", ".join(f"{n}: hidden_states[{i}]" for n, i in found.items()) or "none with a manifest.json"
         raise IspInputError(
             f"emb_layer={emb_layer} needs an encoder serving hidden_states[n_layers{emb_layer:+d}]; "
