@@ -1,9 +1,12 @@
 """Server side of ISP with upstream Geneformer's semantics (``semantics="upstream"``, the default).
 
-Same life cycle as :class:`geneformer_triton.isp_service.IspJob` (``chunks``, ``batch(k)``,
-``accumulate(k, cell, tokens)``, ``outputs()``), but every score comes from the encoder's
-``token_embeddings`` (:mod:`geneformer_triton.isp_upstream`). Sequences are [originals..., perturbed...]:
-the first ``leading_chunks`` chunks hold only originals and must be accumulated before the others.
+Two ways to feed a job: the packed, reduced protocol the served model and the benchmark use
+(``rows()`` / ``accumulate_row(r, token_mean, gene_cos)``, driven by
+:class:`geneformer_triton.perturbation.PackedRun` together with other cells' jobs; scores by
+:func:`score_reduced`), and the chunk life cycle of :class:`geneformer_triton.isp_service.IspJob`
+(``chunks``, ``batch(k)``, ``accumulate(k, cell, tokens)``; scores from ``token_embeddings`` by
+:mod:`geneformer_triton.isp_upstream`; the first ``leading_chunks`` chunks hold only originals and must be
+accumulated before the others). Sequences are [originals..., perturbed...]; ``outputs()`` serves both.
 
 Extra request inputs (``isp_service.INPUTS``): ``emb_layer`` INT32 [1] (upstream's ISP convention:
 ``hidden_states[n_layers + emb_layer]``), ``emb_mode`` BYTES [1] (``cell`` | ``cell_and_gene``),

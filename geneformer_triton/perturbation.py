@@ -7,6 +7,11 @@ get the definition below. This module is split so that a Triton python (BLS) mod
 * pure numpy: :func:`plan_perturbations` / :class:`PerturbationPlan` (perturbed token sequences and the
   gene alignment), :func:`perturb_sequence`, :func:`chunk_by_token_budget`, :func:`geneformer_triton.tokenizer.pad_token_batch`,
   :func:`reduce_scores`; importing the module does not import torch;
+* packed, reduced batches (upstream semantics, ``isp_upstream_service.UpstreamJob``): :class:`EncoderRow`,
+  :func:`pack_rows` (rows of several cells share batches under a token budget, each batch carrying the
+  originals its rows are compared with), :func:`reduce_token_rows` (the reduction of
+  ``export/isp_reduction_export.py``'s graph, on the host), :class:`PackedRun` / :func:`run_packed` (the
+  driver; a bad cell fails alone);
 * :func:`run_plan` / :func:`run_perturbation`: drive any ``encode(input_ids, attention_mask) ->
   (cell_embedding [B,H], token_embeddings [B,L,H])`` callable (numpy int64 in, numpy or torch out),
   e.g. :func:`geneformer_triton.runtimes.torch_encode_fn` around :class:`geneformer_triton.encoder.GeneformerEncoder`, or a
