@@ -208,7 +208,8 @@ def prepare_checkpoint(vocabulary, folder: Path, seed: int) -> Path:
 
 
 def export_repository(checkpoint: Path, folder: Path) -> Path:
-    """A copy of ``model_repository/`` with ``geneformer_onnx_isp`` (upstream's emb_layer -1) exported."""
+    """A copy of ``model_repository/`` with the ISP encoders at upstream's emb_layer -1 exported
+    (``geneformer_onnx_isp`` and ``geneformer_onnx_isp_reduced``, which geneformer_isp prefers)."""
     from export.repository import export_model_repository
     from geneformer_triton.loading import load_checkpoint
 
@@ -216,7 +217,7 @@ def export_repository(checkpoint: Path, folder: Path) -> Path:
         shutil.rmtree(folder)
     shutil.copytree(REPO_ROOT / "model_repository", folder,
                     ignore=shutil.ignore_patterns("*.onnx", "*.pt", "*.plan", "*.json", "__pycache__"))
-    export_model_repository(load_checkpoint(checkpoint), folder, formats=["onnx_isp"])
+    export_model_repository(load_checkpoint(checkpoint), folder, formats=["onnx_isp", "onnx_isp_reduced"])
     return folder
 
 

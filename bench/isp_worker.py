@@ -9,10 +9,12 @@ PLAN.json (written by :mod:`bench.isp_upstream_bench`): ``method`` (``inprocess`
 ``max_tokens`` / ``max_batch`` (in process: the chunking the served model uses), and for ``served``:
 ``repository`` (exported, with ``geneformer_onnx_isp``), ``concurrency``; ``work_dir``.
 
-* ``inprocess``: our numpy planner/reducer with upstream semantics (``plan_upstream`` +
-  ``UpstreamJob`` + ``run_job``) over the PyTorch fp32 encoder at ``hidden_states[n_layers + emb_layer]``.
+* ``inprocess``: our numpy planner/reducer with upstream semantics (``plan_upstream`` + ``UpstreamJob``,
+  every cell's rows packed into shared batches by ``perturbation.run_packed``) over the PyTorch fp32
+  encoder at ``hidden_states[n_layers + emb_layer]`` (token embeddings reduced by ``reduce_token_rows``).
 * ``served``: ``client.isp.run_isp`` (what ``gftriton isp`` runs) against a real local tritonserver
-  serving ``geneformer_isp`` -> ``geneformer_onnx_isp``; one warm-up request first (not timed).
+  serving ``geneformer_isp`` -> ``geneformer_onnx_isp_reduced`` (the reduction inside the ONNX graph);
+  one warm-up request first (not timed).
 
 Writes ``PLAN.json``'s ``output`` (JSON ``{emb_mode: {repeats: [{seconds, perturbations...}], ...}}``) and,
 per emb_mode, ``work_dir/values_<emb_mode>.npz`` (the last repeat: ``cell_keys`` [N, 2] (cell, perturbed
@@ -30,6 +32,8 @@ from pathlib import Path
 import numpy as np
 
 LOGGER = logging.getLogger("bench.isp_worker")
+#: the encoder geneformer_isp picks for upstream's emb_layer -1 (the reduced graph, export/isp_reduction_export.py)
+ISP_ENCODER = "geneformer_onnx_isp_reduced"
 
 
 def our_encoder_layer(upstream_emb_layer: int) -> int:
@@ -45,10 +49,10 @@ def set_phase(plan: dict, phase: str) -> None:
 def run_inprocess(plan: dict) -> dict[str, tuple[dict, dict]]:
     import torch
 
-    from geneformer_triton.isp_service import run_job
     from geneformer_triton.isp_upstream import plan_upstream
     from geneformer_triton.isp_upstream_service import UpstreamJob
     from geneformer_triton.loading import load_checkpoint
+    from geneformer_triton.perturbation import run_packed, token_reduced_encode
     from geneformer_triton.runtimes import torch_encode_fn
 
     torch.set_num_threads(plan["threads"])
@@ -60,24 +64,29 @@ def run_inprocess(plan: dict) -> dict[str, tuple[dict, dict]]:
     encode_tokens = torch_encode_fn(loaded.encoder(emb_layer=our_encoder_layer(plan["emb_layer"])).to(device))
     encode_seconds = [0.0]
 
-    def encode(ids: np.ndarray, mask: np.ndarray, want_tokens: bool):
+    def timed_encode(ids: np.ndarray, mask: np.ndarray):
         started = time.perf_counter()
         out = encode_tokens(ids, mask)
         encode_seconds[0] += time.perf_counter() - started
         return out
 
+    encode = token_reduced_encode(timed_encode)
+
     cells = [np.asarray(c, dtype=np.int64) for c in plan["cells"]]
 
     def one_pass(batch: list[np.ndarray], emb_mode: str) -> list[tuple[object, dict]]:
-        results = []
+        jobs = []
         for tokens in batch:
             upstream_plan = plan_upstream(tokens, "delete", "all", max_len=loaded.input_size)
             labels = [vocabulary.gene_for_token(int(p.label[0])) for p in upstream_plan.perturbations]
-            job = UpstreamJob(plan=upstream_plan, labels=labels, cell_genes=vocabulary.genes_for_tokens(tokens),
-                              emb_mode=emb_mode, states=None, max_tokens=plan["max_tokens"],
-                              max_batch=plan["max_batch"], pad_token_id=vocabulary.pad_id)
-            results.append((upstream_plan, run_job(job, encode)))
-        return results
+            jobs.append(UpstreamJob(plan=upstream_plan, labels=labels, cell_genes=vocabulary.genes_for_tokens(tokens),
+                                    emb_mode=emb_mode, states=None, max_tokens=plan["max_tokens"],
+                                    max_batch=plan["max_batch"], pad_token_id=vocabulary.pad_id))
+        errors = run_packed(jobs, encode, plan["max_tokens"], plan["max_batch"], vocabulary.pad_id)
+        failed = [str(e) for e in errors if e is not None]
+        if failed:
+            raise RuntimeError(f"in-process ISP failed cells: {failed}")
+        return [(job.plan, job.outputs()) for job in jobs]
 
     where = device if device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
     described = (f"PyTorch fp32 SDPA encoder, hidden_states[{loaded.config.num_hidden_layers}{plan['emb_layer']:+d}], "
@@ -175,7 +184,7 @@ def run_served(plan: dict) -> dict[str, tuple[dict, dict]]:
     table = served_cell_table(vocabulary, cells)
     warm = served_cell_table(vocabulary, [cells[0][: min(cells[0].size, 32)]])
     work = Path(plan["work_dir"])
-    models = ["geneformer_onnx_isp", "geneformer_isp"]
+    models = [ISP_ENCODER, "geneformer_isp"]
     out = {}
     stub_import_root(work / "server")
     set_phase(plan, "server start")
@@ -202,7 +211,8 @@ def run_served(plan: dict) -> dict[str, tuple[dict, dict]]:
                     if r == 0:
                         profile = {m: breakdown(before, after, m) for m in models}
                 out[emb_mode] = ({"repeats": repeats, "backend": kind, "triton_profile": profile, "encoder":
-                                  "geneformer_onnx_isp (ONNX fp32, hidden_states[n_layers - 1]) via geneformer_isp (python BLS)"},
+                                  f"{ISP_ENCODER} (ONNX fp32, hidden_states[n_layers - 1], per-gene cosines and means "
+                                  "computed in the graph) via geneformer_isp (python BLS, cells packed per encoder batch)"},
                                  _served_values(rows, genes, vocabulary, table.cell_ids))
     return out
 

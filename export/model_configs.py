@@ -195,12 +195,14 @@ _PRECISION_TEXT = {
 def _encoder_default(variant: c.EncoderVariant, shape: c.ServedShape) -> mc.ModelConfig:
     hidden = shape.hidden_size
     names = variant.tensors
-    config = _base(
-        variant.model, c.MAX_BATCH_SIZE,
-        [Tensor(names.input_ids, INT64, (-1,)), Tensor(names.attention_mask, INT64, (-1,))],
-        [Tensor(names.cell_embedding, FP32, (hidden,)), Tensor(names.token_embeddings, FP32, (-1, hidden))],
-        platform=variant.platform,
-    )
+    inputs = [Tensor(names.input_ids, INT64, (-1,)), Tensor(names.attention_mask, INT64, (-1,))]
+    outputs = [Tensor(names.cell_embedding, FP32, (hidden,)), Tensor(names.token_embeddings, FP32, (-1, hidden))]
+    if variant.graph == c.ISP_REDUCED_GRAPH:
+        offset, position_map = c.ISP_REDUCED_INPUTS
+        token_mean, gene_cos = c.ISP_REDUCED_OUTPUTS
+        inputs += [Tensor(offset, INT64, (1,)), Tensor(position_map, INT64, (-1,))]
+        outputs = [Tensor(token_mean, FP32, (hidden,)), Tensor(gene_cos, FP32, (-1,))]
+    config = _base(variant.model, c.MAX_BATCH_SIZE, inputs, outputs, platform=variant.platform)
     config.dynamic_batching.max_queue_delay_microseconds = 1000
     if variant.kind == "torchscript":
         _parameters(config, {"INFERENCE_MODE": "true", "DISABLE_OPTIMIZED_EXECUTION": "false"})
@@ -212,6 +214,11 @@ def _encoder_comment(variant: c.EncoderVariant) -> str:
     layer = ("" if variant.embeds else
              f"\nToken embeddings of helical emb_layer {variant.emb_layer} (hidden_states[n_layers - 1]: upstream "
              "InSilicoPerturber's default emb_layer=-1), for in-silico perturbation only (no ensemble).")
+    if variant.graph == c.ISP_REDUCED_GRAPH:
+        layer += ("\nThe ISP reduction runs in the graph (export/isp_reduction_export.py): per row, original_offset "
+                  "(rows back to its original in the same request: relative, so batching keeps it valid) and "
+                  "position_map in; token_mean and gene_cos (cosine of each gene with the same gene in the "
+                  "original) out instead of token embeddings.")
     names = ("" if variant.tensors == c.PLAIN_TENSORS else
              "\nThe libtorch backend names tensors <name>__<index> by their position in forward() and in the "
              "returned tuple.")
@@ -273,7 +280,7 @@ def encoder_config(variant: c.EncoderVariant, shape: c.ServedShape, host: str | 
         _gpu_batching(config, profiles)
         comment += ("\nGPU host: instance_group.count is per GPU (2 instances overlap copies with compute); "
                     "preferred_batch_size = the opt batches of the TensorRT profiles (export/tensorrt_build.py).")
-        if variant.kind == "onnx":
+        if variant.kind == "onnx" and variant.graph == c.TOKENS_GRAPH:
             _ort_tensorrt_accelerator(config, variant, profiles)
             _warmup(config, "build_engines", variant.tensors, profiles[-1])
             comment += ("\nonnxruntime's TensorRT execution provider (CUDA EP runs what TensorRT cannot) builds its "

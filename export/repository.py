@@ -26,6 +26,8 @@ import torch
 import transformers
 
 from export.formats import DEFAULT_FORMATS, ENCODER_FORMATS, TOKENIZER_MODEL, EncoderFormat
+from geneformer_triton.contract import ISP_REDUCED_GRAPH
+from export.isp_reduction_export import export_isp_reduction_onnx
 from export.model_configs import repository_configs, stale_configs, write_configs
 from export.onnx_export import OPSET, export_onnx
 from export.torchscript_export import export_torchscript
@@ -62,6 +64,7 @@ def write_manifest(version_dir: Path, loaded: LoadedGeneformer, fmt: EncoderForm
         "num_hidden_layers": loaded.config.num_hidden_layers,
         "hidden_state_index": emb_layer % (loaded.config.num_hidden_layers + 1),
         "pooling": pooling,
+        "isp_reduction": fmt.graph == ISP_REDUCED_GRAPH,
         "special_tokens": loaded.special_tokens,
         "config_sha256": loaded.config_sha256(),
         "weights_source": loaded.source,
@@ -161,7 +164,9 @@ def export_model_repository(
         encoder = loaded.encoder(emb_layer=layer, pooling=pooling, attention=attention[fmt.kind])
         version_dir = repository / fmt.model / "1"
         started = time.perf_counter()
-        if fmt.kind == "onnx":
+        if fmt.graph == ISP_REDUCED_GRAPH:
+            written[name] = export_isp_reduction_onnx(encoder, version_dir, precision=fmt.precision)
+        elif fmt.kind == "onnx":
             written[name] = export_onnx(encoder, version_dir, precision=fmt.precision)
         elif fmt.precision == "bf16":
             # a private copy: the encoder shares its modules with the loaded model, .to() converts in place

@@ -81,6 +81,15 @@ BACKENDS = {
 }
 
 
+#: encoder graphs: ``tokens`` returns (cell embedding, token embeddings); ``isp_reduced`` (an ISP encoder,
+#: export/isp_reduction_export.py) takes two more inputs, each row's ``original_offset`` [1] (rows back to its
+#: original in the same request) and ``position_map`` [L] (each position's position in that original, -1 =
+#: none), and returns only ``token_mean`` [H] and ``gene_cos`` [L] (the per-gene cosines upstream scores)
+TOKENS_GRAPH, ISP_REDUCED_GRAPH = "tokens", "isp_reduced"
+ISP_REDUCED_INPUTS = ("original_offset", "position_map")
+ISP_REDUCED_OUTPUTS = ("token_mean", "gene_cos")
+
+
 # ------------------------------------------------------------------------------------------- sizes
 @dataclass(frozen=True)
 class ServedShape:
@@ -117,7 +126,9 @@ class EncoderVariant:
     weights, activations quantized per call, VNNI dot products; a CPU format). ``emb_layer`` fixes the
     helical emb_layer of the variant (None: the export's ``--emb-layer``; -2 = hidden_states[n_layers - 1]);
     a fixed-layer variant serves ISP only and has no ensemble. ``exported`` is False for a variant built
-    elsewhere (the TensorRT plan, built on the serving GPU by deploy/build_trt.sh).
+    elsewhere (the TensorRT plan, built on the serving GPU by deploy/build_trt.sh). ``graph``:
+    :data:`TOKENS_GRAPH` or :data:`ISP_REDUCED_GRAPH` (its extra tensors: :data:`ISP_REDUCED_INPUTS` /
+    :data:`ISP_REDUCED_OUTPUTS`).
     """
 
     name: str
@@ -126,6 +137,7 @@ class EncoderVariant:
     emb_layer: int | None = None
     exported: bool = True
     isp: bool = False  # the ISP model may call it (allowed_encoder_models)
+    graph: str = TOKENS_GRAPH
 
     @property
     def model(self) -> str:
@@ -164,6 +176,10 @@ ENCODER_VARIANTS: dict[str, EncoderVariant] = {
         EncoderVariant("onnx", "onnx", "fp32", isp=True),
         # in-silico perturbation at upstream InSilicoPerturber's default layer (its emb_layer=-1)
         EncoderVariant("onnx_isp", "onnx", "fp32", emb_layer=-2, isp=True),
+        # the same layer with the ISP reduction in the graph (the ISP model's default at that layer), and its
+        # int8 dynamic quantization (CPU; used only when a request names it)
+        EncoderVariant("onnx_isp_reduced", "onnx", "fp32", emb_layer=-2, isp=True, graph=ISP_REDUCED_GRAPH),
+        EncoderVariant("onnx_isp_reduced_int8", "onnx", "int8", emb_layer=-2, isp=True, graph=ISP_REDUCED_GRAPH),
         EncoderVariant("onnx_fp16", "onnx", "fp16", isp=True),
         EncoderVariant("onnx_int8", "onnx", "int8"),
         EncoderVariant("torchscript", "torchscript", "fp32", isp=True),

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from export.formats import ENCODER_FORMATS, TOKENIZER_MODEL
+from export.formats import EMBEDDING_FORMATS, TOKENIZER_MODEL
 from geneformer_triton.dictionaries import load_vocabulary
 from geneformer_triton.fidelity import (
     FidelityResult,
@@ -54,7 +54,7 @@ def check_exported_encoders(
     references: dict[int, np.ndarray] = {}
     results = []
     for name in formats:
-        fmt = ENCODER_FORMATS[name]
+        fmt = EMBEDDING_FORMATS[name]
         version_dir = repository / fmt.model / "1"
         manifest = json.loads((version_dir / "manifest.json").read_text())
         if manifest["weights_sha256"] != loaded.weights_sha256:
@@ -90,7 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("fidelity", help="compare exported encoders with the fp32 PyTorch reference on real cells")
     add_model_arguments(parser)
     parser.add_argument("--repository", default="model_repository")
-    parser.add_argument("--formats", default=",".join(ENCODER_FORMATS))
+    parser.add_argument("--formats", default=",".join(EMBEDDING_FORMATS))
     parser.add_argument("--cells", type=int, default=32, help="number of celltypist cells")
     parser.add_argument("--out", default="results/fidelity", help="folder for fidelity.csv / fidelity.json")
     parser.set_defaults(func=run_fidelity)

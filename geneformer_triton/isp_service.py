@@ -16,7 +16,8 @@ tests drive it in-process. Perturbation semantics, chunking and score formulas a
 
 Two semantics, chosen by the ``semantics`` input: ``upstream`` (default; Geneformer ``InSilicoPerturber``'s
 numbers: :meth:`IspEngine.prepare_upstream` -> :class:`geneformer_triton.isp_upstream_service.UpstreamJob`,
-whose module documents its extra inputs and outputs) and ``ours`` (:meth:`IspEngine.prepare` ->
+whose module documents its extra inputs and outputs; its rows are packed with other cells' by
+:class:`geneformer_triton.perturbation.PackedRun`) and ``ours`` (:meth:`IspEngine.prepare` ->
 :class:`IspJob`, described here). Targets that cannot be perturbed in a cell are dropped for that cell
 and listed in the ``target_errors`` output (BYTES [E]).
 

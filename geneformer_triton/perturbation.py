@@ -7,6 +7,11 @@ get the definition below. This module is split so that a Triton python (BLS) mod
 * pure numpy: :func:`plan_perturbations` / :class:`PerturbationPlan` (perturbed token sequences and the
   gene alignment), :func:`perturb_sequence`, :func:`chunk_by_token_budget`, :func:`geneformer_triton.tokenizer.pad_token_batch`,
   :func:`reduce_scores`; importing the module does not import torch;
+* packed, reduced batches (upstream semantics, ``isp_upstream_service.UpstreamJob``): :class:`EncoderRow`,
+  :func:`pack_rows` (rows of several cells share batches under a token budget, each batch carrying the
+  originals its rows are compared with), :func:`reduce_token_rows` (the reduction of
+  ``export/isp_reduction_export.py``'s graph, on the host), :class:`PackedRun` / :func:`run_packed` (the
+  driver; a bad cell fails alone);
 * :func:`run_plan` / :func:`run_perturbation`: drive any ``encode(input_ids, attention_mask) ->
   (cell_embedding [B,H], token_embeddings [B,L,H])`` callable (numpy int64 in, numpy or torch out),
   e.g. :func:`geneformer_triton.runtimes.torch_encode_fn` around :class:`geneformer_triton.encoder.GeneformerEncoder`, or a
@@ -360,6 +365,203 @@ def chunk_by_token_budget(lengths: Sequence[int], max_tokens: int, max_batch: in
 
 
 
+# ----------------------------------------------------------------------------- packed, reduced encoder batches
+
+
+@dataclass(frozen=True)
+class EncoderRow:
+    """One sequence of a job to encode for the reduced ISP protocol.
+
+    ``sequence`` [L] int64 token ids; ``original``: index (in the same job's row list) of the row this one
+    is compared with, or -1 for a row that is itself an original; ``position_map`` [L] int64: for each
+    token of ``sequence``, the position of the same gene in the original row, -1 = not compared (None
+    for originals: nothing is compared).
+    """
+
+    sequence: np.ndarray
+    original: int = -1
+    position_map: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """Encoder inputs of one packed batch and which job row each batch row is.
+
+    ``members`` [B] (job index, row index); ``input_ids`` / ``attention_mask`` / ``position_map`` [B, L]
+    int64 (map -1 on padding and original rows); ``original_offset`` [B, 1] int64: rows back from each row
+    to its original in this batch (0 for original rows). Offsets are relative, so batches concatenated
+    by a batcher stay valid.
+    """
+
+    members: list[tuple[int, int]]
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    original_offset: np.ndarray
+    position_map: np.ndarray
+
+    @property
+    def tokens(self) -> int:
+        """Padded tokens of the batch (rows x padded length)."""
+        return int(self.input_ids.size)
+
+
+def _assemble(rows: Sequence[Sequence[EncoderRow]], members: list[tuple[int, int]], pad_token_id: int) -> PackedBatch:
+    where = {member: b for b, member in enumerate(members)}
+    items = [rows[j][r] for j, r in members]
+    ids, mask = pad_token_batch([row.sequence for row in items], pad_token_id)
+    position_map = np.full(ids.shape, -1, dtype=np.int64)
+    offset = np.zeros((len(items), 1), dtype=np.int64)
+    for b, ((j, _), row) in enumerate(zip(members, items)):
+        if row.original >= 0:
+            offset[b, 0] = b - where[(j, row.original)]
+            position_map[b, : row.sequence.size] = row.position_map
+    return PackedBatch(members, ids, mask, offset, position_map)
+
+
+def pack_rows(
+    rows: Sequence[Sequence[EncoderRow]], max_tokens: int, max_batch: int | None = None, pad_token_id: int = 0
+) -> list[PackedBatch]:
+    """Pack the rows of several jobs (cells) into encoder batches with ``rows x padded length <= max_tokens``.
+
+    Jobs and their rows keep their order. Every compared row shares its batch with its original: an
+    original is added to a batch right before the first row of that batch needing it (so a long job's
+    original is re-encoded once per batch it spans); originals that no row of a batch needs are packed
+    where they come. A row that does not fit even alone with its original gets a batch of its own.
+    """
+    if max_tokens < 1:
+        raise PerturbationError(f"max_tokens must be >= 1, got {max_tokens}")
+    if max_batch is not None and max_batch < 2:
+        raise PerturbationError(f"max_batch must be >= 2 (a row and its original), got {max_batch}")
+    batches: list[PackedBatch] = []
+    members: list[tuple[int, int]] = []
+    longest = 0
+
+    def fits(extra: list[tuple[int, int]]) -> bool:
+        count = len(members) + len(extra)
+        length = max([longest] + [rows[j][r].sequence.size for j, r in extra])
+        return count * length <= max_tokens and (max_batch is None or count <= max_batch)
+
+    for j, job_rows in enumerate(rows):
+        for r, row in enumerate(job_rows):
+            present = set(members)
+            if (j, r) in present:
+                continue
+            extra = [(j, r)] if row.original < 0 or (j, row.original) in present else [(j, row.original), (j, r)]
+            if members and not fits(extra):
+                batches.append(_assemble(rows, members, pad_token_id))
+                members, longest = [], 0
+                extra = [(j, r)] if row.original < 0 else [(j, row.original), (j, r)]
+            members += extra
+            longest = max([longest] + [rows[a][b].sequence.size for a, b in extra])
+    if members:
+        batches.append(_assemble(rows, members, pad_token_id))
+    return batches
+
+
+def reduce_token_rows(
+    token_embeddings: np.ndarray, attention_mask: np.ndarray, original_offset: np.ndarray, position_map: np.ndarray,
+    eps: float = 1e-8,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The reduced ISP outputs from token embeddings, on the host (for encoders that return tokens).
+
+    ``token_embeddings`` [B, L, H] (any float), the other inputs as in :class:`PackedBatch`. Returns
+    ``token_mean`` [B, H] (mean over each row's tokens) and ``gene_cos`` [B, L] (cos(token, the same gene's
+    token in the row's original), den = max(|a| |b|, eps); 0 where ``position_map`` is -1), float64. The
+    exported graph (``export/isp_reduction_export.py``) computes the same in float32.
+    """
+    tokens = np.asarray(token_embeddings, dtype=np.float64)
+    mask = np.asarray(attention_mask, dtype=np.float64)[..., None]
+    means = (tokens * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1.0)
+    rows = np.arange(tokens.shape[0]) - np.asarray(original_offset).reshape(-1)
+    index = np.maximum(position_map, 0)
+    aligned = tokens[rows[:, None], index]
+    den = np.maximum(np.linalg.norm(tokens, axis=-1) * np.linalg.norm(aligned, axis=-1), eps)
+    cos = np.where(position_map >= 0, np.sum(tokens * aligned, axis=-1) / den, 0.0)
+    return means, cos
+
+
+#: ``encode(batch) -> (token_mean [B, H], gene_cos [B, L])`` of a packed batch (a reduced encoder, or
+#: token embeddings reduced by :func:`reduce_token_rows`).
+ReducedEncodeFn = Callable[[PackedBatch], tuple[np.ndarray, np.ndarray]]
+
+
+def token_reduced_encode(encode: EncodeFn) -> ReducedEncodeFn:
+    """A :data:`ReducedEncodeFn` over a plain ``encode(ids, mask) -> (cell, tokens)`` encoder."""
+    torch_mod = sys.modules.get("torch")
+    if torch_mod is not None and isinstance(encode, torch_mod.nn.Module):
+        encode = torch_encode_fn(encode)
+
+    def reduced(batch: PackedBatch) -> tuple[np.ndarray, np.ndarray]:
+        _, tokens = encode(batch.input_ids, batch.attention_mask)
+        return reduce_token_rows(to_numpy(tokens), batch.attention_mask, batch.original_offset, batch.position_map)
+
+    return reduced
+
+
+class PackedRun:
+    """The packed batches of several jobs and the delivery of their results (drivers: :func:`run_packed`,
+    the ``geneformer_isp`` model's async loop).
+
+    A job has ``rows() -> list[EncoderRow]`` and ``accumulate_row(r, token_mean [H], gene_cos [L])``.
+    ``errors[j]`` is None or the error that failed job ``j``: a failing batch fails only the jobs in it; a
+    job whose accumulation fails gets no further rows; the other jobs go on. Batches are independent
+    (each holds the originals its rows need), so they may be encoded concurrently and delivered in any order.
+    """
+
+    def __init__(self, jobs: Sequence[Any], max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int | None = None,
+                 pad_token_id: int = 0) -> None:
+        self.jobs = list(jobs)
+        self.rows = [job.rows() for job in self.jobs]
+        self.batches = pack_rows(self.rows, max_tokens, max_batch, pad_token_id)
+        self.errors: list[BaseException | None] = [None] * len(self.jobs)
+
+    def live(self, batch: PackedBatch) -> bool:
+        """Whether any job of ``batch`` has not failed (a batch of failed jobs need not be encoded)."""
+        return any(self.errors[j] is None for j, _ in batch.members)
+
+    def fail(self, batch: PackedBatch, error: BaseException) -> None:
+        """The encoder failed ``batch``: every job in it fails with ``error``."""
+        for j, _ in batch.members:
+            if self.errors[j] is None:
+                self.errors[j] = error
+
+    def deliver(self, batch: PackedBatch, token_mean: np.ndarray, gene_cos: np.ndarray) -> None:
+        """Hand each row of ``batch`` its ``token_mean`` [B, H] and ``gene_cos`` [B, L] values."""
+        if token_mean.shape[0] != len(batch.members) or gene_cos.shape != batch.input_ids.shape:
+            self.fail(batch, PerturbationError(
+                f"encoder returned token_mean {list(token_mean.shape)} and gene_cos {list(gene_cos.shape)} for a "
+                f"batch of {list(batch.input_ids.shape)} tokens"))
+            return
+        for b, (j, r) in enumerate(batch.members):
+            if self.errors[j] is not None:
+                continue
+            try:
+                self.jobs[j].accumulate_row(r, token_mean[b], gene_cos[b, : self.rows[j][r].sequence.size])
+            except Exception as error:  # noqa: BLE001 - this job fails alone
+                self.errors[j] = error
+
+
+def run_packed(
+    jobs: Sequence[Any], encode: ReducedEncodeFn, max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int | None = None,
+    pad_token_id: int = 0,
+) -> list[BaseException | None]:
+    """Encode the rows of several jobs in shared packed batches, in order (see :class:`PackedRun`).
+
+    Returns one entry per job: None (the job is complete) or the error that failed it.
+    """
+    run = PackedRun(jobs, max_tokens, max_batch, pad_token_id)
+    for batch in run.batches:
+        if not run.live(batch):
+            continue
+        try:
+            token_mean, gene_cos = encode(batch)
+        except Exception as error:  # noqa: BLE001 - the jobs of this batch fail, the others go on
+            run.fail(batch, error)
+            continue
+        run.deliver(batch, np.asarray(token_mean), np.asarray(gene_cos))
+    return run.errors
+
+
 # ----------------------------------------------------------------------------- scores
 
 
@@ -541,12 +743,20 @@ __all__ = [
     "PerturbationError",
     "PerturbationPlan",
     "PerturbationResult",
+    "EncoderRow",
+    "PackedBatch",
+    "PackedRun",
+    "ReducedEncodeFn",
     "chunk_by_token_budget",
     "cosine",
     "perturb_sequence",
+    "pack_rows",
     "plan_perturbations",
     "reduce_scores",
+    "reduce_token_rows",
     "resolve_rank_shift",
     "run_perturbation",
+    "run_packed",
     "run_plan",
+    "token_reduced_encode",
 ]

@@ -13,7 +13,7 @@ import onnx
 import pytest
 
 from export.onnx_export import OPSET, PORTABLE_NAME, onnx_input_names
-from export.repository import ENCODER_FORMATS
+from export.formats import EMBEDDING_FORMATS, ENCODER_FORMATS
 from geneformer_triton.fidelity import compare_variant
 from geneformer_triton.runtimes import embed_token_cells, onnx_encode_fn, torchscript_encode_fn
 from geneformer_triton.tokenizer import pad_token_batch
@@ -27,7 +27,7 @@ def _runtime(repository, name):
     return (onnx_encode_fn(folder / "model.onnx") if fmt.kind == "onnx" else torchscript_encode_fn(folder / "model.pt")), fmt
 
 
-@pytest.mark.parametrize("name", sorted(ENCODER_FORMATS))
+@pytest.mark.parametrize("name", sorted(EMBEDDING_FORMATS))
 def test_exported_encoder_fidelity_on_real_cells(exported_repository, reference_encoder, loaded_model, celltypist_tokens, name):
     encode, fmt = _runtime(exported_repository, name)
     if fmt.emb_layer is not None:  # a variant exported at a fixed layer (geneformer_onnx_isp)

@@ -126,3 +126,25 @@ def test_agreement_check_rejects_wrong_numbers(upstream_quick):
     assert not agreement(nudged, theirs, 1e-5).ok
     dropped = {**right, "cell_keys": right["cell_keys"][1:], "cell_cos": right["cell_cos"][1:]}
     assert any("only upstream's" in p for p in agreement(dropped, theirs, 1e-5).problems)
+
+
+def test_precision_comparison_scores_rankings(exported_repository, celltypist_tokens, v1_vocabulary):
+    """bench/isp_precision.py: int8 vs fp32 reduced ISP encoders on a real cell; the ranking metrics give 1 for
+    identical outputs and reject a reversed ranking (negative control)."""
+    from bench.isp_precision import TOP, compare, run_delete_all
+    from export.onnx_export import onnx_session
+
+    cell = np.asarray(celltypist_tokens[0][:40], dtype=np.int64)
+    outputs = {}
+    for model in ("geneformer_onnx_isp_reduced", "geneformer_onnx_isp_reduced_int8"):
+        session = onnx_session(exported_repository / model / "1" / "model.onnx")
+        _, (outputs[model],) = run_delete_all(session, [cell], v1_vocabulary, 4096)
+    fp32, int8 = outputs.values()
+    same = compare(fp32, fp32)
+    assert same["spearman"] == pytest.approx(1.0) and same[f"top{TOP}_overlap"] == 1.0 and same["max_abs_diff_gene_cos"] == 0
+    measured = compare(fp32, int8)
+    assert measured["genes"] == cell.size and 0 < measured["max_abs_diff_cell_emb_shift"] < 0.5
+    assert -1 <= measured["spearman"] <= 1
+    reversed_ = dict(fp32, cell_emb_shift=-fp32["cell_emb_shift"])
+    bad = compare(fp32, reversed_)
+    assert bad["spearman"] == pytest.approx(-1.0) and bad[f"top{TOP}_overlap"] == 0.0

@@ -15,8 +15,13 @@ folder), ``model_input_size``, ``special_tokens``, ``max_tokens_per_batch``, opt
 ``max_inflight_batches``, ``max_perturbations_per_request``, ``encoder_signature.<model>``.
 
 With ``semantics="upstream"`` (default) the encoder is the allowed one whose ``manifest.json``
-``hidden_state_index`` equals ``n_layers + emb_layer`` (upstream's ISP layer convention), and the chunks
-holding the original cell(s) run before the perturbed ones (``job.leading_chunks``).
+``hidden_state_index`` equals ``n_layers + emb_layer`` (upstream's ISP layer convention), preferring one
+whose manifest says ``isp_reduction`` (``geneformer_onnx_isp_reduced``: the graph returns per-row token
+means and per-gene cosines, export/isp_reduction_export.py) over one returning token embeddings (reduced
+here by ``perturbation.reduce_token_rows``). The rows of every upstream request of one ``execute`` call
+are packed together into encoder batches of at most ``max_tokens_per_batch`` tokens
+(``perturbation.PackedRun``: each batch carries the originals its rows are compared with); a request
+that fails (bad input, a failing batch) fails alone.
 
 Encoder tensor names, max_batch_size and hidden size come from this model's ``encoder_signature.<model>``
 parameters (generated from ``geneformer_triton/contract.py``; TorchScript encoders use ``input_ids__0`` ...
@@ -40,6 +45,8 @@ import triton_python_backend_utils as pb_utils
 from geneformer_triton import contract
 from geneformer_triton.dictionaries import DictionaryError, load_vocabulary
 from geneformer_triton.isp_service import IspEngine, IspInputError, parse_request, wants_gene_shift
+from geneformer_triton.isp_upstream_service import UpstreamJob
+from geneformer_triton.perturbation import PackedBatch, PackedRun, reduce_token_rows
 from geneformer_triton.triton_errors import error_response
 from geneformer_triton.validation import check_rank_shift, validate_cell_inputs
 
@@ -62,6 +69,8 @@ class EncoderInfo:
     hidden_size: Optional[int]
     num_hidden_layers: Optional[int] = None  # from the encoder's manifest.json (None: unknown)
     hidden_state_index: Optional[int] = None  # hidden_states index its token_embeddings are
+    isp_reduction: bool = False  # the graph returns token_mean / gene_cos (export/isp_reduction_export.py)
+    precision: str = "fp32"  # from the manifest
 
 
 def _parameter(config: dict, key: str, default: Optional[str] = None) -> str:
@@ -95,6 +104,8 @@ def encoder_info(repository: Path, name: str, signature: dict) -> EncoderInfo:
         hidden_size=int(signature["hidden_size"]),
         num_hidden_layers=manifest.get("num_hidden_layers"),
         hidden_state_index=manifest.get("hidden_state_index"),
+        isp_reduction=bool(manifest.get("isp_reduction", False)),
+        precision=str(manifest.get("precision", "fp32")),
         **{key: signature[key] for key in contract.PLAIN_TENSORS.as_dict()},
     )
 
@@ -141,10 +152,11 @@ class TritonPythonModel:
             self.encoders[name] = encoder_info(self.repository, name, self.signatures[name])
         return self.encoders[name]
 
-    def _encoder_for_layer(self, requested: Optional[str], emb_layer: int) -> EncoderInfo:
-        """The encoder serving ``hidden_states[n_layers + emb_layer]`` (upstream's ISP layer convention)."""
+    def _encoder_for_layer(self, requested: Optional[str], emb_layer: int, tokens: bool = False) -> EncoderInfo:
+        """The encoder serving ``hidden_states[n_layers + emb_layer]`` (upstream's ISP layer convention);
+        ``tokens``: one returning token embeddings (not the reduced graph: V2 cells need the ``<cls>`` vector)."""
         names = [requested] if requested else [self.default_encoder] + sorted(self.allowed_encoders - {self.default_encoder})
-        found = {}
+        found, matching = {}, []
         for name in names:
             info = self._encoder(name)
             if info.num_hidden_layers is None or info.hidden_state_index is None:
@@ -153,8 +165,10 @@ class TritonPythonModel:
             if not -info.num_hidden_layers <= emb_layer <= 0:
                 raise IspInputError(f"emb_layer={emb_layer} is outside [-{info.num_hidden_layers}, 0] (upstream's ISP "
                                     "convention: 0 = last layer, -1 = second-to-last)")
-            if info.hidden_state_index == info.num_hidden_layers + emb_layer:
-                return info
+            if info.hidden_state_index == info.num_hidden_layers + emb_layer and not (tokens and info.isp_reduction):
+                matching.append(info)
+        if matching:  # fp32 first (upstream's numbers), then the reduced graph: [rows, length] values, not [rows, length, hidden]
+            return sorted(matching, key=lambda info: (info.precision != "fp32", not info.isp_reduction))[0]
         served = ", ".join(f"{n}: hidden_states[{i}]" for n, i in found.items()) or "none with a manifest.json"
         raise IspInputError(
             f"emb_layer={emb_layer} needs an encoder serving hidden_states[n_layers{emb_layer:+d}]; "
@@ -177,6 +191,15 @@ class TritonPythonModel:
 
         return from_dlpack(tensor.to_dlpack()).cpu().numpy()
 
+    def _encoder_error(self, encoder: EncoderInfo, shape: tuple, response) -> EncoderError:
+        if not self._is_ready(encoder.name):
+            return EncoderError(
+                f"encoder model {encoder.name!r} is not loaded on this server: load it, or send encoder_model "
+                f"= one of the loaded encoders ({', '.join(sorted(self.allowed_encoders))} are allowed)"
+            )
+        return EncoderError(f"encoder model {encoder.name!r} failed a batch of {list(shape)} tokens: "
+                            f"{response.error().message()}")
+
     async def _encode(self, encoder: EncoderInfo, ids: np.ndarray, mask: np.ndarray, want_tokens: bool):
         outputs = [encoder.cell_embedding] + ([encoder.token_embeddings] if want_tokens else [])
         kwargs = {"preferred_memory": self.cpu_memory} if self.cpu_memory is not None else {}
@@ -188,18 +211,54 @@ class TritonPythonModel:
         )
         response = await request.async_exec()
         if response.has_error():
-            if not self._is_ready(encoder.name):
-                raise EncoderError(
-                    f"encoder model {encoder.name!r} is not loaded on this server: load it, or send encoder_model "
-                    f"= one of the loaded encoders ({', '.join(sorted(self.allowed_encoders))} are allowed)"
-                )
-            raise EncoderError(f"encoder model {encoder.name!r} failed a batch of {list(ids.shape)} tokens: "
-                               f"{response.error().message()}")
+            raise self._encoder_error(encoder, ids.shape, response)
         cell = pb_utils.get_output_tensor_by_name(response, encoder.cell_embedding)
         tokens = pb_utils.get_output_tensor_by_name(response, encoder.token_embeddings) if want_tokens else None
         if cell is None or (want_tokens and tokens is None):
             raise EncoderError(f"encoder model {encoder.name!r} returned no {outputs}")
         return self._numpy(cell), None if tokens is None else self._numpy(tokens)
+
+    async def _encode_packed(self, encoder: EncoderInfo, batch: PackedBatch) -> tuple[np.ndarray, np.ndarray]:
+        """(token_mean [B, H], gene_cos [B, L]) of a packed batch, from the reduced graph or from token embeddings."""
+        if not encoder.isp_reduction:
+            _, tokens = await self._encode(encoder, batch.input_ids, batch.attention_mask, True)
+            return reduce_token_rows(tokens, batch.attention_mask, batch.original_offset, batch.position_map)
+        names = contract.ISP_REDUCED_OUTPUTS
+        kwargs = {"preferred_memory": self.cpu_memory} if self.cpu_memory is not None else {}
+        inputs = [pb_utils.Tensor(name, value) for name, value in zip(
+            (encoder.input_ids, encoder.attention_mask, *contract.ISP_REDUCED_INPUTS),
+            (batch.input_ids, batch.attention_mask, batch.original_offset, batch.position_map))]
+        request = pb_utils.InferenceRequest(model_name=encoder.name, requested_output_names=list(names), inputs=inputs, **kwargs)
+        response = await request.async_exec()
+        if response.has_error():
+            raise self._encoder_error(encoder, batch.input_ids.shape, response)
+        tensors = [pb_utils.get_output_tensor_by_name(response, name) for name in names]
+        if any(t is None for t in tensors):
+            raise EncoderError(f"encoder model {encoder.name!r} returned no {list(names)}")
+        return self._numpy(tensors[0]), self._numpy(tensors[1])
+
+    async def _run_packed(self, encoder: EncoderInfo, jobs: list) -> list:
+        """Encode the rows of ``jobs`` in shared batches (up to ``max_inflight_batches`` at once); one error or None per job."""
+        run = PackedRun(jobs, self.engine.max_tokens_per_batch, encoder.max_batch_size, self.engine.vocabulary.pad_id)
+
+        async def one(batch: PackedBatch) -> None:
+            if not run.live(batch):
+                return
+            try:
+                token_mean, gene_cos = await self._encode_packed(encoder, batch)
+            except Exception as error:  # the jobs of this batch fail, the others go on
+                run.fail(batch, error)
+                return
+            run.deliver(batch, token_mean, gene_cos)
+
+        pending: set = set()
+        for batch in run.batches:
+            if len(pending) >= self.max_inflight:
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            pending.add(asyncio.ensure_future(one(batch)))
+        if pending:
+            await asyncio.wait(pending)
+        return run.errors
 
     async def _run_chunk(self, job, encoder: EncoderInfo, k: int) -> None:
         ids, mask = job.batch(k)
@@ -207,7 +266,9 @@ class TritonPythonModel:
         job.accumulate(k, cell, tokens)
 
     # ------------------------------------------------------------------ requests
-    async def _serve(self, request):
+    def _prepare(self, request):
+        """Validate and plan one request: (job, encoder, requested output names)."""
+
         def get(name: str):
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             return None if tensor is None else tensor.as_numpy()
@@ -217,15 +278,20 @@ class TritonPythonModel:
         check_rank_shift(parsed.rank_shift, self.model_input_size)
         requested = list(request.requested_output_names())
         if parsed.semantics == "upstream":
-            encoder = self._encoder_for_layer(parsed.encoder_model, parsed.emb_layer)
+            encoder = self._encoder_for_layer(parsed.encoder_model, parsed.emb_layer, tokens=self.engine.special_tokens)
             job = self.engine.prepare_upstream(parsed, max_batch=encoder.max_batch_size, hidden_size=encoder.hidden_size)
         else:
             encoder = self._encoder(parsed.encoder_model)
             job = self.engine.prepare(
                 parsed, wants_gene_shift(parsed, requested), max_batch=encoder.max_batch_size, hidden_size=encoder.hidden_size
             )
+        return job, encoder, requested
+
+    async def _run_chunks(self, job, encoder: EncoderInfo) -> None:
+        """Token protocol (semantics 'ours', and upstream V2 cells): the chunks holding the original cell(s)
+        first (``leading_chunks``, 1 for 'ours'), then the others, max_inflight at once."""
         leading = getattr(job, "leading_chunks", 1)
-        for k in range(leading):  # the original cell(s) come first
+        for k in range(leading):
             await self._run_chunk(job, encoder, k)
         pending, next_chunk, error = set(), leading, None
         while next_chunk < len(job.chunks) or pending:
@@ -240,22 +306,44 @@ class TritonPythonModel:
                     error = task.exception()
         if error is not None:
             raise error
+
+    @staticmethod
+    def _response(job, requested: list):
         outputs = job.outputs()
         wanted = set(requested) or set(outputs)
         return pb_utils.InferenceResponse(
             output_tensors=[pb_utils.Tensor(name, value) for name, value in outputs.items() if name in wanted]
         )
 
+    @staticmethod
+    def _failure(error: BaseException):
+        if isinstance(error, ValueError):  # IspInputError, InputValidationError: the request is wrong
+            return error_response(pb_utils, PREFIX, error)
+        if isinstance(error, EncoderError):
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{PREFIX}{error}"))
+        LOGGER.error("geneformer_isp failed", exc_info=error)  # never crash the stub: report and serve the rest
+        return error_response(pb_utils, PREFIX, error)
+
     async def execute(self, requests: list) -> list:
-        responses = []
-        for request in requests:
+        responses: list = [None] * len(requests)
+        packed: dict = {}  # encoder name -> (encoder, [(request index, job, requested)])
+        for i, request in enumerate(requests):
             try:
-                responses.append(await self._serve(request))
-            except ValueError as error:  # IspInputError, InputValidationError: the request is wrong
-                responses.append(error_response(pb_utils, PREFIX, error))
-            except EncoderError as error:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{PREFIX}{error}")))
-            except Exception as error:  # never crash the stub: report and serve the next request
-                LOGGER.exception("geneformer_isp failed")
-                responses.append(error_response(pb_utils, PREFIX, error))
+                job, encoder, requested = self._prepare(request)
+                if isinstance(job, UpstreamJob) and job.packable:  # V1 upstream: packed with the other requests' rows
+                    packed.setdefault(encoder.name, (encoder, []))[1].append((i, job, requested))
+                    continue
+                await self._run_chunks(job, encoder)
+                responses[i] = self._response(job, requested)
+            except Exception as error:  # this request fails alone
+                responses[i] = self._failure(error)
+        for encoder, members in packed.values():
+            errors = await self._run_packed(encoder, [job for _, job, _ in members])
+            for (i, job, requested), error in zip(members, errors):
+                try:
+                    if error is not None:
+                        raise error
+                    responses[i] = self._response(job, requested)
+                except Exception as failure:
+                    responses[i] = self._failure(failure)
         return responses
