@@ -355,11 +355,16 @@ def tokenizer_config(shape: c.ServedShape, host: str | None = None) -> Generated
 
 def encoder_signatures(shape: c.ServedShape) -> dict[str, dict]:
     """What the ISP model needs of each encoder it may call: tensor names, max batch, hidden size."""
-    return {
-        model: {**c.VARIANT_OF_MODEL[model].tensors.as_dict(), "max_batch_size": c.MAX_BATCH_SIZE,
-                "hidden_size": shape.hidden_size}
-        for model in c.ISP_ENCODERS
-    }
+    signatures = {}
+    for model in c.ISP_ENCODERS:
+        variant = c.VARIANT_OF_MODEL[model]
+        names = variant.tensors.as_dict()
+        if variant.graph == c.ISP_REDUCED_GRAPH:  # its own inputs and outputs (contract.ISP_REDUCED_*)
+            names = {"input_ids": names["input_ids"], "attention_mask": names["attention_mask"],
+                     **{name: name for name in c.ISP_REDUCED_INPUTS + c.ISP_REDUCED_OUTPUTS}}
+        signatures[model] = {**names, "graph": variant.graph, "max_batch_size": c.MAX_BATCH_SIZE,
+                             "hidden_size": shape.hidden_size}
+    return signatures
 
 
 def isp_config(shape: c.ServedShape, host: str | None = None) -> GeneratedConfig:

@@ -113,8 +113,12 @@ def test_isp_config_carries_encoder_signatures_and_isp_tensors():
         else:
             encoder = parse((REPOSITORY / model / "config.pbtxt").read_text())
         names = contract.tensor_names(model)
-        assert [t.name for t in encoder.input] == [signature["input_ids"], signature["attention_mask"]] == list(names.inputs)
-        assert [t.name for t in encoder.output] == [signature["cell_embedding"], signature["token_embeddings"]]
+        extra_inputs, outputs = ((contract.ISP_REDUCED_INPUTS, contract.ISP_REDUCED_OUTPUTS)
+                                 if signature["graph"] == contract.ISP_REDUCED_GRAPH else ((), ("cell_embedding", "token_embeddings")))
+        assert signature["graph"] == contract.VARIANT_OF_MODEL[model].graph
+        assert ([t.name for t in encoder.input] == [signature[k] for k in ("input_ids", "attention_mask", *extra_inputs)]
+                == [*names.inputs, *extra_inputs])
+        assert [t.name for t in encoder.output] == [signature[k] for k in outputs]
         assert signature["max_batch_size"] == encoder.max_batch_size
         assert [signature["hidden_size"]] == list(encoder.output[0].dims)
 

@@ -16,7 +16,7 @@ folder), ``model_input_size``, ``special_tokens``, ``max_tokens_per_batch``, opt
 
 With ``semantics="upstream"`` (default) the encoder is the allowed one whose ``manifest.json``
 ``hidden_state_index`` equals ``n_layers + emb_layer`` (upstream's ISP layer convention), preferring one
-whose manifest says ``isp_reduction`` (``geneformer_onnx_isp_reduced``: the graph returns per-row token
+whose signature says graph ``isp_reduced`` (``geneformer_onnx_isp_reduced``: the graph returns per-row token
 means and per-gene cosines, export/isp_reduction_export.py) over one returning token embeddings (reduced
 here by ``perturbation.reduce_token_rows``). The rows of every upstream request of one ``execute`` call
 are packed together into encoder batches of at most ``max_tokens_per_batch`` tokens
@@ -104,9 +104,9 @@ def encoder_info(repository: Path, name: str, signature: dict) -> EncoderInfo:
         hidden_size=int(signature["hidden_size"]),
         num_hidden_layers=manifest.get("num_hidden_layers"),
         hidden_state_index=manifest.get("hidden_state_index"),
-        isp_reduction=bool(manifest.get("isp_reduction", False)),
+        isp_reduction=signature.get("graph") == contract.ISP_REDUCED_GRAPH,
         precision=str(manifest.get("precision", "fp32")),
-        **{key: signature[key] for key in contract.PLAIN_TENSORS.as_dict()},
+        **{key: signature.get(key, "") for key in contract.PLAIN_TENSORS.as_dict()},  # "": not an output of the graph
     )
 
 
