@@ -30,6 +30,9 @@ class EncoderFormat:
     precision: str
     #: fixed helical emb_layer for this variant (None: the export's --emb-layer); -2 = hidden_states[n_layers - 1]
     emb_layer: int | None = None
+    #: padding-free: ragged inputs (Triton's ``allow_ragged_batch``) into ``export.packed_export``'s graph,
+    #: so the dynamic batcher merges cells of any lengths; outputs ``cell_embedding`` only
+    packed: bool = False
 
     @property
     def ensemble(self) -> str:
@@ -49,6 +52,8 @@ ENCODER_FORMATS = {
         EncoderFormat("onnx_isp", "geneformer_onnx_isp", "onnx", "fp32", emb_layer=-2),
         EncoderFormat("onnx_fp16", "geneformer_onnx_fp16", "onnx", "fp16"),
         EncoderFormat("onnx_int8", "geneformer_onnx_int8", "onnx", "int8"),
+        EncoderFormat("onnx_packed", "geneformer_onnx_packed", "onnx", "fp32", packed=True),
+        EncoderFormat("onnx_int8_packed", "geneformer_onnx_int8_packed", "onnx", "int8", packed=True),
         EncoderFormat("torchscript", "geneformer_torchscript", "torchscript", "fp32"),
         EncoderFormat("torchscript_bf16", "geneformer_torchscript_bf16", "torchscript", "bf16"),
     )

@@ -24,6 +24,7 @@ import transformers
 
 from export.formats import DEFAULT_FORMATS, ENCODER_FORMATS, TOKENIZER_MODEL, EncoderFormat
 from export.onnx_export import OPSET, export_onnx
+from export.packed_export import export_packed_onnx
 from export.torchscript_export import export_torchscript
 from geneformer_triton import __version__
 from geneformer_triton.loading import LoadedGeneformer
@@ -124,7 +125,9 @@ def export_model_repository(
         encoder = loaded.encoder(emb_layer=layer, pooling=pooling, attention=attention[fmt.kind])
         version_dir = repository / fmt.model / "1"
         started = time.perf_counter()
-        if fmt.kind == "onnx":
+        if fmt.packed:
+            written[name] = export_packed_onnx(encoder, version_dir, precision=fmt.precision)
+        elif fmt.kind == "onnx":
             written[name] = export_onnx(encoder, version_dir, precision=fmt.precision)
         elif fmt.precision == "bf16":
             # a private copy: the encoder shares its modules with the loaded model, .to() converts in place

@@ -47,11 +47,14 @@ def torchscript_encode_fn(path: str | Path) -> EncodeFn:
 
 
 def onnx_encode_fn(path: str | Path, threads: int = 0) -> EncodeFn:
-    """Load an ONNX encoder (``model.onnx``) in an onnxruntime CPU session."""
+    """Load an ONNX encoder (``model.onnx``) in an onnxruntime CPU session (a packed encoder is handed
+    each padded batch flattened, as Triton's ragged batching does, and returns no token embeddings)."""
     from export.onnx_export import onnx_session, run_onnx
+    from export.packed_export import is_packed_session, run_packed
 
     session = onnx_session(path, threads)
-    return lambda input_ids, attention_mask: run_onnx(session, input_ids, attention_mask)
+    run = run_packed if is_packed_session(session) else run_onnx
+    return lambda input_ids, attention_mask: run(session, input_ids, attention_mask)
 
 
 def embed_token_cells(
