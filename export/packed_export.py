@@ -18,15 +18,14 @@ Inside the graph the pad elements are dropped first (NonZero + Gather): the embe
 output projections, the feed-forward layers and the LayerNorms run on the T real tokens only. Attention is
 block-diagonal: an ONNX ``Loop`` over the cells (:func:`block_attention`, scripted) computes one
 [heads, L_i, L_i] score block per cell, so no token attends to another cell's tokens and nothing is
-computed for padding: executed FLOPs = useful FLOPs (:func:`packed_flops`). Same weights and arithmetic as
-the padded encoder: fp32 outputs agree with it to float rounding.
+computed for padding: executed FLOPs = useful FLOPs (``bench.cells.Architecture`` counts them). Same
+weights and arithmetic as the padded encoder: fp32 outputs agree with it to float rounding.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import List
 
@@ -231,34 +230,3 @@ def quantize_weights_int8(source: Path, target: Path) -> Path:
     onnx.save(quantized, str(target))
     onnx.checker.check_model(str(target))
     return target
-
-
-@dataclass(frozen=True)
-class FlopCount:
-    """Multiply-add FLOPs (2 per MAC) of one encoder forward over a batch of cells."""
-
-    useful: float  # what the cells need: every layer on their own tokens, attention within each cell
-    executed: float  # what the graph computes
-
-
-def encoder_flops(lengths: np.ndarray, hidden: int, intermediate: int, layers: int) -> np.ndarray:
-    """Useful FLOPs per cell of ``lengths`` tokens: per layer 4 H^2 (Q, K, V, output) + 2 H I (feed-forward)
-    MACs per token, and 2 L H MACs per token of attention (scores and context)."""
-    lengths = np.asarray(lengths, dtype=np.float64)
-    per_token = 4 * hidden * hidden + 2 * hidden * intermediate
-    return 2.0 * layers * (lengths * per_token + 2 * lengths * lengths * hidden)
-
-
-def packed_flops(lengths: np.ndarray, hidden: int, intermediate: int, layers: int) -> FlopCount:
-    """FLOPs of one packed execution over cells of ``lengths`` tokens: every layer on the real tokens,
-    attention per cell, so executed = useful."""
-    useful = float(encoder_flops(lengths, hidden, intermediate, layers).sum())
-    return FlopCount(useful=useful, executed=useful)
-
-
-def padded_flops(lengths: np.ndarray, hidden: int, intermediate: int, layers: int) -> FlopCount:
-    """FLOPs of one padded execution: every cell computed at the batch's longest length."""
-    lengths = np.asarray(lengths, dtype=np.float64)
-    useful = float(encoder_flops(lengths, hidden, intermediate, layers).sum())
-    executed = float(encoder_flops(np.full_like(lengths, lengths.max()), hidden, intermediate, layers).sum())
-    return FlopCount(useful=useful, executed=executed)
