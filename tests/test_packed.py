@@ -150,6 +150,7 @@ def test_dynamic_batcher_merges_cells_of_different_lengths(packed_server, cells,
     """One cell per request (no padding on the wire), several in flight: Triton merges requests of different
     lengths into one execution; the embeddings hold the fp32 gate, and the cross-cell control fails it."""
     with GeneformerClient(packed_server.http_url, "http", concurrency=len(cells)) as client:
+        assert client.is_ragged(model) and not client.is_ragged("geneformer_tokenizer")
         before = _stats(client, model)
         runs = [client.embed_tokens(cells, model, batch_size=1) for _ in range(3)]
         after = _stats(client, model, at_least=before[0] + 3 * len(cells))
@@ -158,3 +159,19 @@ def test_dynamic_batcher_merges_cells_of_different_lengths(packed_server, cells,
     assert executions < inferences, "the dynamic batcher merged no requests"
     # the control: at least one pass had cells merged with others (executions < inferences) and leaked
     assert all(compare_variant(model, "fp32", served, reference).passed for served in runs) is passes
+
+
+def test_served_flops_count_padding_only_for_padded_models():
+    """Hand-computed (H=2, I=4, one layer: 32 MACs per token, 2 L H per token of attention): cells of 1 and 3
+    tokens in one request cost 2 x 3 x (32 + 12) = 264 FLOPs each padded, 72 and 264 at their own lengths."""
+    from bench.cells import Architecture, CellSet
+    from bench.triton_bench import SERVED, served_flops
+
+    Cells = CellSet(tokens=[np.array([5]), np.array([5, 6, 7])], rows=np.arange(2))
+
+    arch = Architecture(hidden=2, intermediate=4, layers=1, vocab=10)
+    useful = (72 + 264) / 2 / 1e9
+    assert served_flops(SERVED["geneformer_onnx"], Cells, 2, arch) == (useful, 264 / 1e9)
+    assert served_flops(SERVED["geneformer_onnx"], Cells, 1, arch) == (useful, useful)
+    for model in ("geneformer_onnx_packed", "geneformer_embed_onnx_int8_packed"):
+        assert SERVED[model].ragged and served_flops(SERVED[model], Cells, 2, arch) == (useful, useful)
