@@ -122,7 +122,7 @@ class PackedEncoder(nn.Module):
         return torch.matmul(member, tokens) / member.sum(1, keepdim=True).clamp(min=1.0)
 
 
-def flat_batch(cells: list[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def flat_batch(cells: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What Triton's ragged batching hands the packed model for one request per cell (no padding):
     (input_ids [N] int64, attention_mask [N] int64, item_width [C, 1] int32)."""
     ids = np.concatenate([np.asarray(c, dtype=np.int64) for c in cells])
