@@ -52,7 +52,8 @@ class ModeConfig:
     batch_cells: int = 16
     min_length: int = 0  # only cells with at least this many tokens (GPU: 512-2,048-token cells)
     device: str = "cpu"
-    export_formats: tuple[str, ...] = ("onnx", "onnx_fp16", "onnx_int8", "torchscript", "torchscript_bf16")
+    export_formats: tuple[str, ...] = ("onnx", "onnx_fp16", "onnx_int8", "onnx_packed", "onnx_int8_packed",
+                                       "torchscript", "torchscript_bf16")
     headline_model: str = "geneformer_embed_onnx_int8"  # the served path the report leads with (declared here)
     headline_protocol: str = "grpc"
     client_protocols: tuple[str, ...] = ("grpc",)  # also measured through the project's client (concurrency 2)

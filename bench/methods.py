@@ -284,17 +284,22 @@ def _repository_file(ctx: BuildContext, model: str, filename: str) -> Path:
     return path
 
 
+# ONNX variant -> (served model, file) of the exported repository
+ONNX_VARIANTS = {
+    "fp32": ("geneformer_onnx", "model.onnx"),  # fused
+    "fp16": ("geneformer_onnx_fp16", "model.onnx"),
+    "portable": ("geneformer_onnx", "model.portable.onnx"),  # unfused
+    "int8": ("geneformer_onnx_int8", "model.onnx"),  # gftriton export --precision int8
+    "packed": ("geneformer_onnx_packed", "model.onnx"),  # padding-free (export/packed_export.py)
+    "int8_packed": ("geneformer_onnx_int8_packed", "model.onnx"),
+}
+
+
 def onnx_file(ctx: BuildContext, variant: str) -> Path:
-    """The exported ONNX file of a variant: fp32 (fused), fp16, int8 (dynamic quantization), portable (unfused)."""
-    if variant == "fp32":
-        return _repository_file(ctx, "geneformer_onnx", "model.onnx")
-    if variant == "fp16":
-        return _repository_file(ctx, "geneformer_onnx_fp16", "model.onnx")
-    if variant == "portable":
-        return _repository_file(ctx, "geneformer_onnx", "model.portable.onnx")
-    if variant == "int8":  # exported: gftriton export --precision int8
-        return _repository_file(ctx, "geneformer_onnx_int8", "model.onnx")
-    raise ValueError(f"unknown ONNX variant {variant!r}")
+    """The exported ONNX file of a variant (``ONNX_VARIANTS``)."""
+    if variant not in ONNX_VARIANTS:
+        raise ValueError(f"unknown ONNX variant {variant!r}; choose from {sorted(ONNX_VARIANTS)}")
+    return _repository_file(ctx, *ONNX_VARIANTS[variant])
 
 
 def ort_session_options(threads: int = 0, spinning: bool | None = None):
@@ -312,6 +317,8 @@ def ort_session_options(threads: int = 0, spinning: bool | None = None):
 def _onnxruntime(ctx: BuildContext, spec: MethodSpec) -> EncodeFn:
     import onnxruntime as ort
 
+    from export.packed_export import is_packed_session, run_packed
+
     path = onnx_file(ctx, spec.options.get("variant", spec.precision))
     options = ort_session_options(ctx.threads, spec.options.get("spinning"))
     providers = ["CPUExecutionProvider"]
@@ -320,6 +327,8 @@ def _onnxruntime(ctx: BuildContext, spec: MethodSpec) -> EncodeFn:
     session = ort.InferenceSession(str(path), options, providers=providers)
     # Embedding-only serving: ask for the cell embedding alone (no [B, L, H] copy out).
     outputs = ["cell_embedding"]
+    if is_packed_session(session):  # fed as Triton's ragged batching feeds it
+        return lambda input_ids, attention_mask: run_packed(session, input_ids, attention_mask)[0]
 
     def encode(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return session.run(outputs, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
@@ -410,6 +419,10 @@ def cpu_methods() -> list[MethodSpec]:
                    onnx, ort, "fp16", "sorted", 1, options={"variant": "fp16"}),
         MethodSpec("onnx_int8_b1", "ONNX Runtime fused graph, int8 dynamic quantization (gftriton export --precision int8; VNNI), one cell per call",
                    onnx, ort, "int8", "sorted", 1, options={"variant": "int8"}),
+        MethodSpec("onnx_packed_fp32_b1", "ONNX Runtime packed graph (ragged inputs, attention per cell; served as geneformer_onnx_packed) fp32, one cell per call",
+                   onnx, ort, "fp32", "sorted", 1, options={"variant": "packed"}),
+        MethodSpec("onnx_packed_int8_b1", "ONNX Runtime packed graph, int8 dynamic quantization of the weight MatMuls (geneformer_onnx_int8_packed), one cell per call",
+                   onnx, ort, "int8", "sorted", 1, options={"variant": "int8_packed"}),
     ]
 
 

@@ -422,11 +422,16 @@ def _markdown(results, inprocess, triton, scaling, targets, fits, plots) -> str:
                   + (", ".join(f"{k}: {v}" for k, v in results.get("triton_info", {}).get("backends", {}).items()) or "?") + "; "
                   f"batch size per request {results.get('triton_info', {}).get('batch_size')}; in-process figure: the same "
                   "backend on the same cells, measured just before. Latencies in ms; the server-side split (queue, compute) "
-                  "is perf_analyzer's; `enc avg batch` and `enc infer ms/exec` come from Triton's metrics endpoint.", "",
+                  "is perf_analyzer's; `enc avg batch` and `enc infer ms/exec` come from Triton's metrics endpoint. "
+                  "GFLOP/cell: useful = the encoder at the cells' true lengths; executed = what the served model computes "
+                  "(a padded model: each request at its longest cell; a `_packed` model: each cell at its own length, "
+                  "whatever the dynamic batcher merges).", "",
                   _md_table(triton, [("model", "model", 0), ("protocol", "proto", 0), ("concurrency", "conc", 0),
                                      ("rate", "cells/s median (min-max)", 0), ("per_cpu", "cells per server CPU-s", 0),
                                      ("ratio_vs_seed", "x seed", 2), ("cpu_ratio_vs_seed", "x seed (CPU s)", 2),
                                      ("inprocess_cells_per_s", "in-process", 2),
+                                     ("useful_gflop_per_cell", "useful GFLOP/cell", 2),
+                                     ("executed_gflop_per_cell", "executed GFLOP/cell", 2),
                                      ("efficiency", "efficiency", 2), ("cpu_efficiency", "CPU-time eff.", 2), ("p50_ms", "p50", 0), ("p90_ms", "p90", 0),
                                      ("p95_ms", "p95", 0), ("p99_ms", "p99", 0), ("server_queue_ms", "queue", 1),
                                      ("server_compute_infer_ms", "compute", 1), ("network_ms", "network", 1),

@@ -43,6 +43,7 @@ LOGGER = logging.getLogger(__name__)
 
 # export format -> in-process method of the same backend on the same cells (one cell per call, as served)
 INPROCESS_METHOD = {"onnx": "onnx_fp32_b1", "onnx_fp16": "onnx_fp16_b1", "onnx_int8": "onnx_int8_b1",
+                    "onnx_packed": "onnx_packed_fp32_b1", "onnx_int8_packed": "onnx_packed_int8_b1",
                     "torchscript": "torchscript_fp32_b1", "torchscript_bf16": "torchscript_bf16_b1"}
 #: the exported embedding models (contract.EMBEDDING_MODELS: each encoder and its ensemble)
 SERVED: dict[str, ServedModel] = {name: m for name, m in EMBEDDING_MODELS.items()
@@ -73,7 +74,7 @@ def select_throughput(row: dict) -> None:
 
 TRITON_COLUMNS = [
     "model", "kind", "backend", "protocol", "concurrency", "batch_size", "request_count", "n_cells", "tokens_mean",
-    "repeats", "cells_per_s", "cells_per_s_min", "cells_per_s_max", "cells_per_cpu_s", "cells_per_cpu_s_min",
+    "repeats", "useful_gflop_per_cell", "executed_gflop_per_cell", "cells_per_s", "cells_per_s_min", "cells_per_s_max", "cells_per_cpu_s", "cells_per_cpu_s_min",
     "cells_per_cpu_s_max", "loadavg_before", "loadavg_after", "throughput_source", "cells_per_s_perf_analyzer", "cells_per_s_littles_law", "inprocess_method",
     "inprocess_cells_per_s", "inprocess_before", "inprocess_after", "efficiency", "inprocess_cpu_s_per_cell",
     "server_cpu_s_per_cell", "cpu_efficiency", "avg_latency_ms", "p50_ms", "p90_ms",
@@ -207,10 +208,11 @@ class _Harness:
                 model_rows.append(_one_run(model, method, server, self.binary, self.env, url, protocol, concurrency,
                                            options.batch_size, max(request_count, concurrency * 2),
                                            self.inputs[(model.signature, options.batch_size)], self.csv_dir, cells,
-                                           before[0], options.timeout_s, self.results.metric_rows, options.repeats))
+                                           before[0], options.timeout_s, self.results.metric_rows, _arch(self.ctx),
+                                           options.repeats))
         for protocol in options.client_protocols:
             model_rows.append(_client_run(model, method, server, protocol, options.client_concurrency, cells, self.ctx.pad_id,
-                                          options.repeats))
+                                          options.repeats, _arch(self.ctx)))
         for row in model_rows:
             row["backend"] = server.backend_choice.kind
         self.results.rows.extend(model_rows)
@@ -285,6 +287,21 @@ def served_backends(server) -> dict[str, str]:
     return found
 
 
+def served_flops(model: ServedModel, cells: CellSet, batch_size: int, arch) -> tuple[float, float]:
+    """(useful, executed) GFLOPs per cell as served: a ragged (packed) model computes each cell at its own
+    length whatever the dynamic batcher merges; a padded one computes each request at its longest cell
+    (requests of ``batch_size`` cells grouped as ``perf`` writes them; the dynamic batcher merges only
+    requests of equal length, so it adds no padding). Ensembles: grouped by token length as an
+    approximation of perf's grouping by gene count."""
+    lengths = cells.lengths
+    useful = float(arch.encoder_flops(lengths).sum())
+    if model.ragged or batch_size <= 1:
+        return useful / len(lengths) / 1e9, useful / len(lengths) / 1e9
+    groups = perf._groups(lengths, batch_size)
+    executed = sum(len(g) * float(arch.encoder_flops(lengths[g].max())) for g in groups)
+    return useful / len(lengths) / 1e9, executed / sum(len(g) for g in groups) / 1e9
+
+
 def _arch(ctx: BuildContext):
     from bench.cells import Architecture
 
@@ -293,13 +310,14 @@ def _arch(ctx: BuildContext):
 
 def _one_run(model: ServedModel, method: str, server, binary: Path, env: dict, url: str, protocol: str, concurrency: int,
              batch_size: int, request_count: int, input_data: Path, csv_dir: Path, cells: CellSet, inprocess: float,
-             timeout_s: float, metric_rows: list[dict], repeats: int = 1) -> dict:
+             timeout_s: float, metric_rows: list[dict], arch, repeats: int = 1) -> dict:
     """``repeats`` perf_analyzer runs of ``request_count`` requests at one point; the row: median cells/s
     (min-max), tritonserver-tree CPU seconds per cell, latencies and breakdown of the median run."""
     row = {c: float("nan") for c in TRITON_COLUMNS}
     row.update(model=model.name, kind=model.kind, protocol=protocol, concurrency=concurrency, batch_size=batch_size,
                request_count=request_count, n_cells=len(cells), tokens_mean=float(cells.lengths.mean()),
                inprocess_method=method, inprocess_cells_per_s=inprocess, error="")
+    row["useful_gflop_per_cell"], row["executed_gflop_per_cell"] = served_flops(model, cells, batch_size, arch)
     stem = f"{model.name}_{protocol}_c{concurrency}_b{batch_size}"
     LOGGER.info("perf_analyzer %s %s concurrency %d batch %d: %d requests x %d repeats", model.name, protocol,
                 concurrency, batch_size, request_count, repeats)
@@ -368,7 +386,7 @@ def _one_run(model: ServedModel, method: str, server, binary: Path, env: dict, u
 
 
 def _client_run(model: ServedModel, method: str, server, protocol: str, concurrency: int, cells: CellSet, pad_id: int,
-                repeats: int) -> dict:
+                repeats: int, arch) -> dict:
     """The project's own client (``client.triton_client.GeneformerClient``) embedding every cell, one cell
     per request, ``concurrency`` requests in flight, ``repeats`` times: protocol ``<protocol>+client``."""
     from client.triton_client import GeneformerClient, pack_cells
@@ -377,6 +395,7 @@ def _client_run(model: ServedModel, method: str, server, protocol: str, concurre
     row.update(model=model.name, kind=model.kind, protocol=f"{protocol}+client", concurrency=concurrency, batch_size=1,
                request_count=len(cells), n_cells=len(cells), tokens_mean=float(cells.lengths.mean()),
                inprocess_method=method, throughput_source="client wall clock", error="")
+    row["useful_gflop_per_cell"], row["executed_gflop_per_cell"] = served_flops(model, cells, 1, arch)
     try:
         if model.kind == "ensemble":
             adata = cells.adata[cells.rows]

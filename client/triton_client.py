@@ -305,6 +305,11 @@ class GeneformerClient:
         self._metadata.pop(model, None)
         self._with_retry(f"unload {model}", lambda: self._client().unload_model(model, headers=self.admin_headers))
 
+    def is_ragged(self, model: str) -> bool:
+        """Whether ``model`` takes ragged inputs (``allow_ragged_batch``: a packed encoder), so Triton's dynamic
+        batcher merges requests of any lengths into one execution."""
+        return any(t.get("allow_ragged_batch") for t in self.model_config(model).get("input", []))
+
     def tensor_name(self, model: str, name: str) -> str:
         """Wire name of a logical tensor (TorchScript models use ``<name>__<index>``)."""
         names = {t["name"] for t in self.model_config(model).get("input", []) + self.model_config(model).get("output", [])}
@@ -420,9 +425,12 @@ class GeneformerClient:
     ) -> np.ndarray:
         """Embed client-tokenized cells through an encoder: list of int64 token arrays -> float32 [N, H].
 
-        Cells are sent in length order (less padding per request) and returned in input order.
+        Cells are sent in length order (less padding per request) and returned in input order. A ragged
+        (packed) model gets one cell per request by default: no padding on the wire, and the server's
+        dynamic batcher merges the ``concurrency`` requests in flight into one execution.
         """
-        size = min(batch_size or self.max_batch_size(model), self.max_batch_size(model))
+        default = 1 if self.is_ragged(model) else self.max_batch_size(model)
+        size = min(batch_size or default, self.max_batch_size(model))
         order = np.argsort([-len(c) for c in cells], kind="stable")
 
         def call(index: np.ndarray) -> np.ndarray:

@@ -7,14 +7,14 @@ names the export, the bench and the fidelity checks import (``ENCODER_FORMATS``:
 
 from __future__ import annotations
 
-from geneformer_triton.contract import EXPORTED_VARIANTS, PRECISIONS, TOKENIZER_MODEL, TOKENS_GRAPH
+from geneformer_triton.contract import EXPORTED_VARIANTS, ISP_REDUCED_GRAPH, PRECISIONS, TOKENIZER_MODEL
 from geneformer_triton.contract import EncoderVariant as EncoderFormat
 
 ENCODER_FORMATS: dict[str, EncoderFormat] = EXPORTED_VARIANTS
 DEFAULT_FORMATS = tuple(ENCODER_FORMATS)
-#: the exported encoders that return embeddings (cell, tokens): what the fidelity checks compare with the
-#: reference (the ISP-reduced graphs return per-gene cosines instead; tests/test_isp_reduction.py checks them)
-EMBEDDING_FORMATS = {name: f for name, f in ENCODER_FORMATS.items() if f.graph == TOKENS_GRAPH}
+#: the exported encoders that return embeddings: what the fidelity checks compare with the reference (the
+#: ISP-reduced graphs return per-gene cosines instead; tests/test_isp_reduction.py checks them)
+EMBEDDING_FORMATS = {name: f for name, f in ENCODER_FORMATS.items() if f.graph != ISP_REDUCED_GRAPH}
 
 __all__ = ["DEFAULT_FORMATS", "EMBEDDING_FORMATS", "ENCODER_FORMATS", "PRECISIONS", "TOKENIZER_MODEL", "EncoderFormat",
            "formats_for"]

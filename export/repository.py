@@ -26,13 +26,13 @@ import torch
 import transformers
 
 from export.formats import DEFAULT_FORMATS, ENCODER_FORMATS, TOKENIZER_MODEL, EncoderFormat
-from geneformer_triton.contract import ISP_REDUCED_GRAPH
 from export.isp_reduction_export import export_isp_reduction_onnx
 from export.model_configs import repository_configs, stale_configs, write_configs
 from export.onnx_export import OPSET, export_onnx
+from export.packed_export import export_packed_onnx
 from export.torchscript_export import export_torchscript
 from geneformer_triton import __version__
-from geneformer_triton.contract import ISP_MODEL, ServedShape
+from geneformer_triton.contract import ISP_MODEL, ISP_REDUCED_GRAPH, PACKED_GRAPH, ServedShape
 from geneformer_triton.loading import LoadedGeneformer
 
 LOGGER = logging.getLogger(__name__)
@@ -166,6 +166,8 @@ def export_model_repository(
         started = time.perf_counter()
         if fmt.graph == ISP_REDUCED_GRAPH:
             written[name] = export_isp_reduction_onnx(encoder, version_dir, precision=fmt.precision)
+        elif fmt.graph == PACKED_GRAPH:
+            written[name] = export_packed_onnx(encoder, version_dir, precision=fmt.precision)
         elif fmt.kind == "onnx":
             written[name] = export_onnx(encoder, version_dir, precision=fmt.precision)
         elif fmt.precision == "bf16":

@@ -85,9 +85,13 @@ BACKENDS = {
 #: export/isp_reduction_export.py) takes two more inputs, each row's ``original_offset`` [1] (rows back to its
 #: original in the same request) and ``position_map`` [L] (each position's position in that original, -1 =
 #: none), and returns only ``token_mean`` [H] and ``gene_cos`` [L] (the per-gene cosines upstream scores)
-TOKENS_GRAPH, ISP_REDUCED_GRAPH = "tokens", "isp_reduced"
+#: ``packed`` (padding-free, export/packed_export.py) takes ragged inputs (``allow_ragged_batch``: Triton
+#: concatenates the rows of a batch, so its dynamic batcher merges cells of any lengths) plus Triton's
+#: ``batch_input`` :data:`PACKED_ITEM_WIDTH` (each row's width, [cells, 1] int32) and returns ``cell_embedding`` only
+TOKENS_GRAPH, ISP_REDUCED_GRAPH, PACKED_GRAPH = "tokens", "isp_reduced", "packed"
 ISP_REDUCED_INPUTS = ("original_offset", "position_map")
 ISP_REDUCED_OUTPUTS = ("token_mean", "gene_cos")
+PACKED_ITEM_WIDTH = "item_width"
 
 
 # ------------------------------------------------------------------------------------------- sizes
@@ -127,8 +131,8 @@ class EncoderVariant:
     helical emb_layer of the variant (None: the export's ``--emb-layer``; -2 = hidden_states[n_layers - 1]);
     a fixed-layer variant serves ISP only and has no ensemble. ``exported`` is False for a variant built
     elsewhere (the TensorRT plan, built on the serving GPU by deploy/build_trt.sh). ``graph``:
-    :data:`TOKENS_GRAPH` or :data:`ISP_REDUCED_GRAPH` (its extra tensors: :data:`ISP_REDUCED_INPUTS` /
-    :data:`ISP_REDUCED_OUTPUTS`).
+    :data:`TOKENS_GRAPH`, :data:`ISP_REDUCED_GRAPH` (its extra tensors: :data:`ISP_REDUCED_INPUTS` /
+    :data:`ISP_REDUCED_OUTPUTS`) or :data:`PACKED_GRAPH` (ragged, padding-free; ``cell_embedding`` only).
     """
 
     name: str
@@ -182,6 +186,9 @@ ENCODER_VARIANTS: dict[str, EncoderVariant] = {
         EncoderVariant("onnx_isp_reduced_int8", "onnx", "int8", emb_layer=-2, isp=True, graph=ISP_REDUCED_GRAPH),
         EncoderVariant("onnx_fp16", "onnx", "fp16", isp=True),
         EncoderVariant("onnx_int8", "onnx", "int8"),
+        # padding-free: ragged batches of cells of any lengths (block-diagonal attention in the graph)
+        EncoderVariant("onnx_packed", "onnx", "fp32", graph=PACKED_GRAPH),
+        EncoderVariant("onnx_int8_packed", "onnx", "int8", graph=PACKED_GRAPH),
         EncoderVariant("torchscript", "torchscript", "fp32", isp=True),
         EncoderVariant("torchscript_bf16", "torchscript", "bf16"),
         EncoderVariant("trt", "tensorrt", "fp16", exported=False, isp=True),
@@ -218,6 +225,12 @@ class ServedModel:
             return "ensemble"
         variant = VARIANT_OF_MODEL.get(self.encoder)
         return variant.kind if variant else "onnx"
+
+    @property
+    def ragged(self) -> bool:
+        """A packed encoder (or its ensemble): requests of any lengths merged, no padding computed."""
+        variant = VARIANT_OF_MODEL.get(self.encoder)
+        return variant is not None and variant.graph == PACKED_GRAPH
 
 
 #: every embedding model of the contract: each embedding encoder and its ensemble

@@ -13,6 +13,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from geneformer_triton.contract import PACKED_ITEM_WIDTH, PLAIN_TENSORS
+
 EncodeFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
@@ -47,11 +49,29 @@ def torchscript_encode_fn(path: str | Path) -> EncodeFn:
 
 
 def onnx_encode_fn(path: str | Path, threads: int = 0) -> EncodeFn:
-    """Load an ONNX encoder (``model.onnx``) in an onnxruntime CPU session."""
+    """Load an ONNX encoder (``model.onnx``) in an onnxruntime CPU session (a packed encoder is handed
+    each padded batch flattened, as Triton's ragged batching does, and returns no token embeddings)."""
     from export.onnx_export import onnx_session, run_onnx
 
     session = onnx_session(path, threads)
-    return lambda input_ids, attention_mask: run_onnx(session, input_ids, attention_mask)
+    run = run_packed_onnx if is_packed_session(session) else run_onnx
+    return lambda input_ids, attention_mask: run(session, input_ids, attention_mask)
+
+
+def is_packed_session(session) -> bool:
+    """Whether an onnxruntime session runs a packed encoder (it takes Triton's ``item_width`` batch input)."""
+    return PACKED_ITEM_WIDTH in {i.name for i in session.get_inputs()}
+
+
+def run_packed_onnx(session, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, None]:
+    """Run a packed encoder session on a right-padded batch, flattened as Triton's ragged batching hands
+    over one request: int64 [B, L] -> (cell_embedding [B, H], None: no token embeddings)."""
+    batch, width = input_ids.shape
+    (cell,) = session.run([PLAIN_TENSORS.cell_embedding], {
+        PLAIN_TENSORS.input_ids: np.ascontiguousarray(input_ids, dtype=np.int64).reshape(-1),
+        PLAIN_TENSORS.attention_mask: np.ascontiguousarray(attention_mask, dtype=np.int64).reshape(-1),
+        PACKED_ITEM_WIDTH: np.full((batch, 1), width, dtype=np.int32)})
+    return cell, None
 
 
 def embed_token_cells(
