@@ -330,7 +330,6 @@ def test_fp16_rank_agreement_reported(oracle, ours, cells, v1_vocabulary, capsys
 # V2 (12 layers, the smallest V2 architecture) runs on the N_SHORT perturbench cells only (CPU time).
 
 V2_MODEL = "gf-12L-38M-i4096"
-V2_SERVED = ("geneformer_isp", "geneformer_onnx_isp", "geneformer_onnx", "geneformer_tokenizer")
 DRIVER = REPO_ROOT / "tests" / "upstream_isp_driver.py"
 KLF1 = "KLF1"
 V2_ROWS = list(range(N_SHORT))
@@ -365,15 +364,10 @@ def v2_tokens(cells, v2_vocabulary) -> list[np.ndarray]:
 @pytest.fixture(scope="session")
 def v2_server(tmp_path_factory, v2_model):
     """A real tritonserver serving the V2 ISP model on our exported V2 encoders (hidden_states[n-1] and [n])."""
-    import shutil
-
     from export.repository import export_model_repository
     from geneformer_triton.server import LocalTritonServer
 
-    repository = tmp_path_factory.mktemp("exported_v2") / "model_repository"
-    for name in V2_SERVED:
-        shutil.copytree(REPO_ROOT / "model_repository" / name, repository / name,
-                        ignore=shutil.ignore_patterns("*.onnx", "*.pt", "*.plan", "*.json", "__pycache__"))
+    repository = tmp_path_factory.mktemp("exported_v2") / "model_repository"  # empty: export writes all of it
     export_model_repository(v2_model, repository, formats=("onnx_isp", "onnx"))
     with LocalTritonServer(repository, model_config_name="cpu") as server:
         yield server
