@@ -1,6 +1,6 @@
 """Real cells for the benchmarks and their cost in FLOPs.
 
-Cells are the celltypist sample (559 real cells, raw counts; ``geneformer_triton.data.celltypist_sample``)
+Cells are the celltypist sample (559 real cells, raw counts; ``geneformer_triton.core.data.celltypist_sample``)
 tokenized with the model's dictionaries (rank-value encoding, helical-identical). The tokenization of the
 whole sample is cached in the data cache folder (``$GFTRITON_DATA_DIR``), keyed by the dictionaries'
 hash and the model input size. More cells than the sample holds are drawn by resampling real cells
@@ -38,7 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def data_cache_dir() -> Path:
-    """``$GFTRITON_DATA_DIR`` or ``~/.cache/geneformer_triton`` (as geneformer_triton.data, without importing
+    """``$GFTRITON_DATA_DIR`` or ``~/.cache/geneformer_triton`` (as geneformer_triton.core.data, without importing
     anndata: a GPU host may not have it)."""
     return Path(os.environ.get("GFTRITON_DATA_DIR", Path.home() / ".cache" / "geneformer_triton"))
 
@@ -172,7 +172,7 @@ class CompactSample:
 
 def save_sample(path: str | Path, vocabulary) -> Path:
     """Write the sample compactly (for a host without the data, network or anndata: ``$GFTRITON_BENCH_SAMPLE``)."""
-    from geneformer_triton.data.celltypist_sample import load_celltypist_sample
+    from geneformer_triton.core.data.celltypist_sample import load_celltypist_sample
 
     adata = load_celltypist_sample(symbol_to_ensembl=vocabulary.gene_name_to_id)
     import scipy.sparse as sp
@@ -190,7 +190,7 @@ def _load_sample(vocabulary):
     compact = os.environ.get(SAMPLE_ENV)
     if compact:
         return CompactSample(compact)
-    from geneformer_triton.data.celltypist_sample import load_celltypist_sample
+    from geneformer_triton.core.data.celltypist_sample import load_celltypist_sample
 
     return load_celltypist_sample(symbol_to_ensembl=vocabulary.gene_name_to_id)
 
@@ -200,7 +200,7 @@ def sample_tokens(vocabulary, input_size: int = 2048, special_tokens: bool = Fal
 
     ``$GFTRITON_BENCH_SAMPLE`` (a file written by ``save_sample``) replaces the download: the sample
     then loads without network, CSV or anndata (GPU hosts)."""
-    from geneformer_triton.tokenizer import RankValueTokenizer
+    from geneformer_triton.core.tokenizer import RankValueTokenizer
 
     adata = _load_sample(vocabulary)
     folder = Path(cache_dir) if cache_dir is not None else data_cache_dir()
@@ -271,12 +271,12 @@ def raw_count_inputs(cellset: CellSet) -> list[tuple[np.ndarray, np.ndarray, flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.cells --save-sample FILE --dictionaries DIR``: the compact sample for GPU hosts."""
+    """``python -m geneformer_triton.bench.cells --save-sample FILE --dictionaries DIR``: the compact sample for GPU hosts."""
     import argparse
 
-    from geneformer_triton.dictionaries import load_vocabulary
+    from geneformer_triton.core.dictionaries import load_vocabulary
 
-    parser = argparse.ArgumentParser(prog="python -m bench.cells")
+    parser = argparse.ArgumentParser(prog="python -m geneformer_triton.bench.cells")
     parser.add_argument("--save-sample", type=Path, required=True)
     parser.add_argument("--dictionaries", type=Path, default=default_dictionaries())
     args = parser.parse_args(argv)

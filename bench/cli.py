@@ -4,10 +4,10 @@
     gftriton bench --mode full                  # CPU figures: 60 real cells, all methods, Triton sweep, scaling
     gftriton bench --mode gpu                   # on a GPU host (bench/gpu.sh): < 8 minutes
     gftriton bench --perf-input-only            # just bench/data/perf_input.json for docker-compose's sdk
-    python -m bench.cli --mode quick --out /tmp/bench
+    python -m geneformer_triton.bench.cli --mode quick --out /tmp/bench
 
-Results: ``bench/results/<date>-<host>[-mode]/`` (``--out``): see ``bench.report``. The exported model
-repository (unless ``--repository``: every variant of ``export.formats``) and the serving repository live in
+Results: ``bench/results/<date>-<host>[-mode]/`` (``--out``): see ``geneformer_triton.bench.report``. The exported model
+repository (unless ``--repository``: every variant of ``geneformer_triton.export.formats``) and the serving repository live in
 ``--work-dir`` (default: ``$GFTRITON_DATA_DIR/bench_work/<model>-<weights hash>``, reused across runs).
 """
 
@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
-    from bench.triton_bench import TritonRunOptions
+    from geneformer_triton.bench.triton_bench import TritonRunOptions
 
-from geneformer_triton.contract import TOKENIZER_MODEL
+from geneformer_triton.core.contract import TOKENIZER_MODEL
 
 LOGGER = logging.getLogger("bench")
 
@@ -100,7 +100,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from geneformer_triton.model_args import add_model_arguments
+    from geneformer_triton.model.args import add_model_arguments
 
     add_model_arguments(parser)
     parser.set_defaults(random_weights=True)  # cost and fidelity do not depend on the weights' values
@@ -134,9 +134,9 @@ def _csv(text: str | None, cast=str) -> list | None:
 
 
 def load_model(args: argparse.Namespace):
-    from bench.cells import default_dictionaries
-    from geneformer_triton.model_args import load_model_from_args
-    from geneformer_triton.model_specs import MODEL_SPECS
+    from geneformer_triton.bench.cells import default_dictionaries
+    from geneformer_triton.model.args import load_model_from_args
+    from geneformer_triton.model.specs import MODEL_SPECS
 
     if not args.dictionaries and not args.vocabulary_from_sample:
         spec = MODEL_SPECS.get(str(args.model))
@@ -147,14 +147,14 @@ def load_model(args: argparse.Namespace):
 
 
 def _default_work_dir(loaded) -> Path:
-    from bench.cells import data_cache_dir
+    from geneformer_triton.bench.cells import data_cache_dir
 
     return data_cache_dir() / "bench_work" / f"{loaded.name}-{loaded.weights_sha256[:12]}"
 
 
 def _repository_matches(repository: Path, loaded, formats) -> list[str]:
     """Formats whose export in ``repository`` is missing or from other weights."""
-    from export.formats import ENCODER_FORMATS
+    from geneformer_triton.export.formats import ENCODER_FORMATS
 
     stale = []
     for name in formats:
@@ -170,7 +170,7 @@ def prepare_repository(args: argparse.Namespace, loaded, work_dir: Path, formats
     """The repository to benchmark: ``--repository`` if its exports match the model, else our own export."""
     import shutil
 
-    from export.repository import export_model_repository
+    from geneformer_triton.export.repository import export_model_repository
 
     if args.repository is not None:
         stale = _repository_matches(args.repository, loaded, formats)
@@ -192,9 +192,9 @@ def prepare_repository(args: argparse.Namespace, loaded, work_dir: Path, formats
 
 def mode_plan(mode: str) -> dict:
     """What ``mode`` runs, resolved against the catalogues (ValueError naming what is unknown)."""
-    from bench.methods import cpu_methods, gpu_methods, select
-    from bench.triton_bench import SERVED, inprocess_method
-    from export.formats import ENCODER_FORMATS
+    from geneformer_triton.bench.methods import cpu_methods, gpu_methods, select
+    from geneformer_triton.bench.triton_bench import SERVED, inprocess_method
+    from geneformer_triton.export.formats import ENCODER_FORMATS
 
     cfg = MODES[mode]
     catalogue = cpu_methods() if cfg.device == "cpu" else gpu_methods()
@@ -223,10 +223,10 @@ def _terminate(signum, frame) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench import report
-    from bench.cells import Architecture, real_cells, sample_cells
-    from bench.methods import BuildContext, cpu_methods, gpu_methods, helical_python, select
-    from bench.scaling import resample
+    from geneformer_triton.bench import report
+    from geneformer_triton.bench.cells import Architecture, real_cells, sample_cells
+    from geneformer_triton.bench.methods import BuildContext, cpu_methods, gpu_methods, helical_python, select
+    from geneformer_triton.bench.scaling import resample
 
     started = time.perf_counter()
     cfg = MODES[args.mode]
@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
 
     pool = sample_cells(vocabulary, input_size, loaded.special_tokens)  # the whole sample, untruncated
     if args.perf_input_only:
-        from bench import perf
+        from geneformer_triton.bench import perf
 
         cells = pool.select(range(min(n_cells, len(pool))))
         path = perf.write_json(perf.encoder_input_data(cells.tokens, "onnx", 1, vocabulary.pad_id), perf.COMPOSE_INPUT)
@@ -286,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
                 results["triton_metrics"] = kept.get("triton_metrics", [])
                 results["triton_info"] = kept.get("triton_info", {})
             if stage == "inprocess":
-                from bench.inprocess import add_ratios
+                from geneformer_triton.bench.inprocess import add_ratios
 
                 add_ratios(results["inprocess"])
             LOGGER.info("keeping the %s figures already in %s", stage, out_dir)
@@ -303,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
         specs = [s for s in specs if s.backend != "helical"]
 
     # the serving repository: the source's configs with its exported weights linked
-    from bench.triton_bench import prepare_serving_repository
+    from geneformer_triton.bench.triton_bench import prepare_serving_repository
 
     triton_models = _csv(args.triton_models) or cfg.triton_models
     serving = prepare_serving_repository(repository, work_dir / "repository")
@@ -315,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
                          pool=pool, arch=arch, out_dir=out_dir, results=results, save=save, triton_models=triton_models,
                          max_length=max_length, input_size=input_size))
     except KeyboardInterrupt:
-        from bench.inprocess import add_ratios
+        from geneformer_triton.bench.inprocess import add_ratios
 
         LOGGER.warning("interrupted: writing what was measured")
         add_ratios(results["inprocess"])
@@ -359,7 +359,7 @@ class BenchRun:
 
 
 def _inprocess_stage(run: BenchRun) -> None:
-    from bench.inprocess import run_inprocess
+    from geneformer_triton.bench.inprocess import run_inprocess
 
     run.results["inprocess"] = []
     rows, _ = run_inprocess(run.specs, run.ctx, run.cells, run.arch, run.repeats, on_row=run.results["inprocess"].append)
@@ -369,7 +369,7 @@ def _inprocess_stage(run: BenchRun) -> None:
 
 def triton_options(args: argparse.Namespace, cfg: ModeConfig) -> "TritonRunOptions":
     """The Triton stage's options: the command line's, else the mode's."""
-    from bench.triton_bench import TritonRunOptions
+    from geneformer_triton.bench.triton_bench import TritonRunOptions
 
     return TritonRunOptions(
         protocols=_csv(args.protocols) or cfg.protocols, concurrencies=_csv(args.concurrency, int) or cfg.concurrencies,
@@ -380,7 +380,7 @@ def triton_options(args: argparse.Namespace, cfg: ModeConfig) -> "TritonRunOptio
 
 
 def _triton_stage(run: BenchRun) -> None:
-    from bench.triton_bench import TritonResults, run_triton
+    from geneformer_triton.bench.triton_bench import TritonResults, run_triton
 
     by_name = {s.name: s for s in run.catalogue}
     triton_cells = run.cells.select(range(min(run.cfg.triton_cells, len(run.cells))))
@@ -394,8 +394,8 @@ def _triton_stage(run: BenchRun) -> None:
 
 
 def _scaling_stage(run: BenchRun) -> None:
-    from bench.methods import select
-    from bench.scaling import run_scaling
+    from geneformer_triton.bench.methods import select
+    from geneformer_triton.bench.scaling import run_scaling
 
     cfg = run.cfg
     scaling_pool = run.pool.truncate(run.max_length) if run.max_length else run.pool
@@ -416,7 +416,7 @@ def _stages(run: BenchRun) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.cli", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m geneformer_triton.bench.cli", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     add_arguments(parser)
     args = parser.parse_args(argv)

@@ -9,7 +9,7 @@ runs the whole screen afresh (``--overwrite``) and is timed from submission to t
 (median, min, max over ``--repeats``), speed-up over 1 server and scaling efficiency
 speed-up / S. On a 2-core machine both servers share the same cores, so expect ~1x.
 
-    python -m bench.dask_scaling --repository model_repository --out bench/results/DATE-vm
+    python -m geneformer_triton.bench.dask_scaling --repository model_repository --out bench/results/DATE-vm
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from geneformer_triton.contract import ISP_DEFAULT_ENCODER, ISP_MODEL, TOKENIZER_MODEL
+from geneformer_triton.core.contract import ISP_DEFAULT_ENCODER, ISP_MODEL, TOKENIZER_MODEL
 
-LOGGER = logging.getLogger("bench.dask_scaling")
+LOGGER = logging.getLogger("geneformer_triton.bench.dask_scaling")
 MODELS = (ISP_MODEL, ISP_DEFAULT_ENCODER, TOKENIZER_MODEL)
 
 
@@ -36,9 +36,9 @@ def cut_cells(n_cells: int, n_genes: int, dictionaries: Path, path: Path) -> Pat
     """The first ``n_cells`` celltypist cells cut to their ``n_genes`` top-ranked genes, as .h5ad."""
     import scipy.sparse as sp
 
-    from geneformer_triton.data.celltypist_sample import load_celltypist_sample
-    from geneformer_triton.dictionaries import load_vocabulary
-    from geneformer_triton.tokenizer import RankValueTokenizer
+    from geneformer_triton.core.data.celltypist_sample import load_celltypist_sample
+    from geneformer_triton.core.dictionaries import load_vocabulary
+    from geneformer_triton.core.tokenizer import RankValueTokenizer
 
     adata = load_celltypist_sample(n_cells=n_cells)
     vocabulary = load_vocabulary(dictionaries)
@@ -72,11 +72,11 @@ def _timed(run) -> float:
 
 def measure(options: argparse.Namespace, h5ad: Path, work: Path) -> list[dict]:
     """One result row per setup (plain client, Dask with each server count); see the module docstring."""
-    from client.dask_jobs import run_isp_on_cluster
-    from client.dask_engine import ClusterOptions, open_cluster
-    from client.isp_cli import main as isp_main
+    from geneformer_triton.client.dask_jobs import run_isp_on_cluster
+    from geneformer_triton.client.dask_engine import ClusterOptions, open_cluster
+    from geneformer_triton.client.isp_cli import main as isp_main
     from geneformer_triton.cli import build_parser
-    from geneformer_triton.server import LocalTritonServer
+    from geneformer_triton.serving.server import LocalTritonServer
 
     results = []
     for n_servers in options.servers:
@@ -142,7 +142,7 @@ def write(out: Path, summary: dict, meta: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.dask_scaling", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m geneformer_triton.bench.dask_scaling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repository", default="model_repository", help="exported model repository")
     parser.add_argument("--out", default="bench/results/dask", help="folder for dask_scaling.json / .md")
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     LOGGER.setLevel(logging.INFO)
-    from bench.report import environment
+    from geneformer_triton.bench.report import environment
 
     with tempfile.TemporaryDirectory(prefix="gftriton-dask-bench-") as tmp:
         work = Path(tmp)

@@ -29,7 +29,7 @@ PY=${PYTHON:-python3}
 
 if [ "${1:-}" = "--dry-run" ]; then
   shift
-  PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "${VPY:-$PY}" -m bench.cli --mode gpu --plan-only "$@"
+  PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "${VPY:-$PY}" -m geneformer_triton.bench.cli --mode gpu --plan-only "$@"
   exit $?
 fi
 
@@ -38,11 +38,11 @@ if [ "${1:-}" = "--prepare" ]; then
   VPY=${VPY:-.venv/bin/python}
   mkdir -p "$BUNDLE"
   grep -qx "/$BUNDLE/" .git/info/exclude 2>/dev/null || echo "/$BUNDLE/" >> .git/info/exclude
-  dicts=${DICTIONARIES:-$("$VPY" -c 'from bench.cells import default_dictionaries; print(default_dictionaries() or "")')}
+  dicts=${DICTIONARIES:-$("$VPY" -c 'from geneformer_triton.bench.cells import default_dictionaries; print(default_dictionaries() or "")')}
   [ -n "$dicts" ] || { echo "gpu.sh: no V1 dictionaries found (set DICTIONARIES=...)" >&2; exit 2; }
   mkdir -p "$BUNDLE/geneformer_v1"
   cp "$dicts"/{token_dictionary,gene_median_dictionary,ensembl_mapping_dict,gene_name_id_dict}.json "$BUNDLE/geneformer_v1/"
-  "$VPY" -m bench.cells --save-sample "$BUNDLE/celltypist_sample.npz" --dictionaries "$dicts"
+  "$VPY" -m geneformer_triton.bench.cells --save-sample "$BUNDLE/celltypist_sample.npz" --dictionaries "$dicts"
   site=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   stage=$(mktemp -d)
   mkdir -p "$stage/site/pytriton/tritonserver/python_backend_stubs" "$stage/site/nvidia_pytriton.libs" "$stage/bin"
@@ -95,7 +95,7 @@ fi
 
 out=bench/results/$(date +%Y-%m-%d)-$(hostname | tr -c 'A-Za-z0-9_\n-' '-')-gpu
 status=0
-PYTHONUNBUFFERED=1 timeout --signal=TERM "${GPU_BENCH_TIMEOUT:-450}" "$PY" -m bench.cli "${args[@]}" --out "$out" "$@" || status=$?
+PYTHONUNBUFFERED=1 timeout --signal=TERM "${GPU_BENCH_TIMEOUT:-450}" "$PY" -m geneformer_triton.bench.cli "${args[@]}" --out "$out" "$@" || status=$?
 [ "$status" = 124 ] && echo "gpu.sh: cut after ${GPU_BENCH_TIMEOUT:-450} s; partial figures in $out" >&2
 if [ -n "${OUT:-}" ] && [ -d "$out" ]; then
   mkdir -p "$OUT/gpu"

@@ -9,7 +9,7 @@
 # (ignored by git: written by --prepare, carried to a GPU host that has neither the data nor network);
 # without that file the celltypist sample and ../shared/geneformer/v1 dictionaries must be present.
 # Python: $PYTHON, else .venv/bin/python, else python3; needs torch with CUDA, transformers, numpy, pandas, scipy.
-# Extra arguments go to `python -m bench.isp_bench` (e.g. --cells 4 --no-compile). Results:
+# Extra arguments go to `python -m geneformer_triton.bench.isp_bench` (e.g. --cells 4 --no-compile). Results:
 # bench/results/<date>-<host>/isp/ (and copied to $OUT when set). The run is cut at $ISP_BENCH_TIMEOUT
 # seconds (default 175); figures are written after every method, so a cut run keeps what it measured.
 #
@@ -29,7 +29,7 @@ else py=python3; fi
 
 if [ "${1:-}" = "--prepare" ]; then
   shift
-  exec "$py" -m bench.isp_bench --prepare-cells "$CELLS" --cells 16 --length 2048 "$@"
+  exec "$py" -m geneformer_triton.bench.isp_bench --prepare-cells "$CELLS" --cells 16 --length 2048 "$@"
 fi
 
 if [ "${1:-}" = "--upstream" ]; then
@@ -59,7 +59,7 @@ PY
   [ -f "$CELLS" ] && args+=(--cells-file "$CELLS")
   out=bench/results/$(date +%Y-%m-%d)-$(hostname | tr -c 'A-Za-z0-9_\n-' '-')/isp-upstream-gpu
   status=0
-  timeout --signal=TERM "${ISP_BENCH_TIMEOUT:-540}" "$py" -m bench.isp_upstream_bench "${args[@]}" --out "$out" "$@" || status=$?
+  timeout --signal=TERM "${ISP_BENCH_TIMEOUT:-540}" "$py" -m geneformer_triton.bench.isp_upstream_bench "${args[@]}" --out "$out" "$@" || status=$?
   [ "$status" = 124 ] && echo "gpu_isp.sh --upstream: cut after ${ISP_BENCH_TIMEOUT:-540} s" >&2
   if [ "$dry" = 0 ] && [ -n "${OUT:-}" ] && [ -d "$out" ]; then mkdir -p "$OUT/isp-upstream" && cp -r "$out"/. "$OUT/isp-upstream/"; fi
   exit "$status"
@@ -83,7 +83,7 @@ else echo "gpu_isp.sh: $CELLS not found; loading the celltypist sample (needs it
 
 out=bench/results/$(date +%Y-%m-%d)-$(hostname | tr -c 'A-Za-z0-9_\n-' '-')/isp
 status=0
-timeout --signal=TERM "${ISP_BENCH_TIMEOUT:-175}" "$py" -m bench.isp_bench "${args[@]}" --out "$out" "$@" || status=$?
+timeout --signal=TERM "${ISP_BENCH_TIMEOUT:-175}" "$py" -m geneformer_triton.bench.isp_bench "${args[@]}" --out "$out" "$@" || status=$?
 [ "$status" = 124 ] && echo "gpu_isp.sh: cut after ${ISP_BENCH_TIMEOUT:-175} s; partial figures in $out" >&2
 if [ -n "${OUT:-}" ] && [ -d "$out" ]; then mkdir -p "$OUT/isp" && cp -r "$out"/. "$OUT/isp/"; fi
 exit "$status"

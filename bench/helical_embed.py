@@ -2,7 +2,7 @@
 
     $GFTRITON_HELICAL_PYTHON bench/helical_embed.py --model gf-6L-10M-i2048 --h5ad cells.h5ad --out out.npz
 
-``CACHE_DIR_HELICAL_PREFIX`` must point at a helical cache holding the model (``bench.methods``
+``CACHE_DIR_HELICAL_PREFIX`` must point at a helical cache holding the model (``geneformer_triton.bench.methods``
 writes one from the benchmarked weights); helical runs offline from it. Prints ``BENCH_EMBED_START`` /
 ``BENCH_EMBED_END`` around the timed get_embeddings calls so the caller samples CPU/RSS over that part
 only. After a warm-up call on the first batch, get_embeddings runs ``--repeats`` times on all cells. Writes

@@ -1,6 +1,6 @@
 """In-process benchmark: every method on the same real cells, timed, sampled, checked against fp32.
 
-Per method: cells/s, tokens/s, useful and executed FLOP/s (``bench.cells.Architecture``), CPU% and
+Per method: cells/s, tokens/s, useful and executed FLOP/s (``geneformer_triton.bench.cells.Architecture``), CPU% and
 peak RSS (psutil), GPU utilization and memory (NVML, torch's allocator peak), fidelity (min/mean cosine
 of cell embeddings against the fp32 PyTorch encoder reference), ratio to the original baseline and to
 helical's path. CPU seconds per cell are recorded too: on a shared machine they show a method's own
@@ -19,11 +19,11 @@ from typing import Callable
 import numpy as np
 import psutil
 
-from bench.cells import Architecture, CellSet
-from bench.methods import BASELINE, HELICAL, HELICAL_STYLE, REFERENCE, BuildContext, MethodSpec, build_method, plan_batches, run_helical
-from bench.sampler import ResourceSampler, cpu_times
-from bench.stats import summarize
-from geneformer_triton.fidelity import embedding_fidelity, min_cosine_threshold
+from geneformer_triton.bench.cells import Architecture, CellSet
+from geneformer_triton.bench.methods import BASELINE, HELICAL, HELICAL_STYLE, REFERENCE, BuildContext, MethodSpec, build_method, plan_batches, run_helical
+from geneformer_triton.bench.sampler import ResourceSampler, cpu_times
+from geneformer_triton.bench.stats import summarize
+from geneformer_triton.core.fidelity import embedding_fidelity, min_cosine_threshold
 
 LOGGER = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def measure_method(
 ) -> tuple[dict, np.ndarray | None]:
     """Build, warm up and time one method ``repeats`` times (baselines alike); returns (row, embeddings).
 
-    The row gives the median over repeats with min-max (``bench.stats.summarize``), CPU seconds of this
+    The row gives the median over repeats with min-max (``geneformer_triton.bench.stats.summarize``), CPU seconds of this
     process (of helical's process for helical), and the 1-minute load before and after."""
     cells = cellset.tokens
     lengths = cellset.lengths

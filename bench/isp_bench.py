@@ -3,18 +3,18 @@
 Measured in the same run, on the same cells (real celltypist cells, truncated to ``--length`` tokens):
 
 * ``baseline``: Geneformer's ``InSilicoPerturber`` compute (``BertForMaskedLM`` fp32, eager attention,
-  ``output_hidden_states=True``, forward batch 100, one cell at a time; :func:`bench.isp_fastpath.baseline_delete_all`);
+  ``output_hidden_states=True``, forward batch 100, one cell at a time; :func:`geneformer_triton.bench.isp_fastpath.baseline_delete_all`);
 * ``ours``: encoder only, cell shift only, token-budget chunks built on the device, no padding/mask,
   bf16 where the device supports it (CUDA; CPUs with AVX512-BF16/AMX), optionally ``torch.compile``
-  (:class:`bench.isp_fastpath.DeleteAllRunner`);
+  (:class:`geneformer_triton.bench.isp_fastpath.DeleteAllRunner`);
 * ``triton`` (``--triton``, CPU): the served ``geneformer_isp`` model calling the fp32 ONNX encoder
   through a real local tritonserver, cell-shift-only requests, ``--triton-concurrency`` cells in flight.
 
 Every method's ``cell_shift`` is compared with the baseline's on the baseline's cells (max abs diff).
 Results: ``bench/results/<date>-<host>/isp/isp_bench.{csv,json,md}``; the ratio is printed.
 
-    python -m bench.isp_bench --mode quick            # 2 cells x 64 tokens, CPU, < 1 minute
-    python -m bench.isp_bench --mode cpu --triton     # CPU figures incl. the Triton path
+    python -m geneformer_triton.bench.isp_bench --mode quick            # 2 cells x 64 tokens, CPU, < 1 minute
+    python -m geneformer_triton.bench.isp_bench --mode cpu --triton     # CPU figures incl. the Triton path
     bash bench/gpu_isp.sh                             # H100: 2,048-token cells (target >= 10,000/s)
 
 Cells come from the celltypist sample (needs the gene dictionaries) or from ``--cells-file`` written by
@@ -73,8 +73,8 @@ def default_dictionaries() -> Optional[Path]:
 
 def celltypist_cells(vocabulary, count: int, length: int, special_tokens: bool = False) -> list[np.ndarray]:
     """The first ``count`` celltypist cells with at least ``length`` tokens, truncated to ``length``."""
-    from geneformer_triton.data.celltypist_sample import load_celltypist_sample
-    from geneformer_triton.tokenizer import RankValueTokenizer
+    from geneformer_triton.core.data.celltypist_sample import load_celltypist_sample
+    from geneformer_triton.core.tokenizer import RankValueTokenizer
 
     tokenizer = RankValueTokenizer(vocabulary, 4096 if special_tokens else 2048, special_tokens)
     chosen: list[np.ndarray] = []
@@ -202,9 +202,9 @@ def triton_delete_all(loaded, cells: list[np.ndarray], concurrency: int, work_di
     import shutil
     from concurrent.futures import ThreadPoolExecutor
 
-    from client.triton_client import GeneformerClient
-    from export.repository import export_model_repository
-    from geneformer_triton.server import LocalTritonServer
+    from geneformer_triton.client.triton_client import GeneformerClient
+    from geneformer_triton.export.repository import export_model_repository
+    from geneformer_triton.serving.server import LocalTritonServer
 
     repository = work_dir / "model_repository"
     if repository.exists():
@@ -242,9 +242,9 @@ def run(args: argparse.Namespace, report: Callable[[list[Measurement]], None] = 
     """Measure every method; ``report(results)`` is called after each one (results survive a timeout)."""
     import torch
 
-    from bench.isp_fastpath import DeleteAllRunner, baseline_delete_all
-    from geneformer_triton.dictionaries import load_vocabulary
-    from geneformer_triton.loading import load_geneformer
+    from geneformer_triton.bench.isp_fastpath import DeleteAllRunner, baseline_delete_all
+    from geneformer_triton.core.dictionaries import load_vocabulary
+    from geneformer_triton.model.loading import load_geneformer
 
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -352,7 +352,7 @@ def write_results(results: list[Measurement], args: argparse.Namespace, out_dir:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.isp_bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m geneformer_triton.bench.isp_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=sorted(MODES), default="quick")
     parser.add_argument("--cells", type=int, help="cells for our path")

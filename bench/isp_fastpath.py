@@ -2,7 +2,7 @@
 
 Ours (:class:`DeleteAllRunner`): encoder only (no LM head, no other hidden states), cell-embedding
 shift only, perturbed sequences built on the device by one gather per chunk, chunks sized by a token
-budget (:func:`geneformer_triton.perturbation.chunk_by_token_budget`), bf16 where the device supports
+budget (:func:`geneformer_triton.core.perturbation.chunk_by_token_budget`), bf16 where the device supports
 it. Every sequence of a ``delete all`` run has the same length (n - 1 tokens), so chunks carry no
 padding and attention runs without a mask (SDPA may then pick flash attention); optionally
 ``torch.compile`` with one static chunk shape.
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from geneformer_triton.encoder import GeneformerEncoder
-from geneformer_triton.perturbation import chunk_by_token_budget, plan_perturbations
-from geneformer_triton.tokenizer import pad_token_batch
+from geneformer_triton.model.encoder import GeneformerEncoder
+from geneformer_triton.core.perturbation import chunk_by_token_budget, plan_perturbations
+from geneformer_triton.core.tokenizer import pad_token_batch
 
 
 def _layout(tokens: np.ndarray, special_ids: Sequence[int]) -> tuple[int, int]:

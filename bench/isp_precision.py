@@ -1,6 +1,6 @@
 """ISP at lower precision: do the int8 reduced ISP encoder's numbers rank genes like fp32?
 
-    python -m bench.isp_precision --cells 4 --length 500 --out bench/results/<date>-<host>/isp-packed
+    python -m geneformer_triton.bench.isp_precision --cells 4 --length 500 --out bench/results/<date>-<host>/isp-packed
 
 Exports ``geneformer_onnx_isp_reduced`` (fp32) and ``geneformer_onnx_isp_reduced_int8`` (onnxruntime
 dynamic quantization of the same graph; export/isp_reduction_export.py) for gf-6L-10M-i2048 with seeded
@@ -24,17 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
-LOGGER = logging.getLogger("bench.isp_precision")
+LOGGER = logging.getLogger("geneformer_triton.bench.isp_precision")
 TOP = 20
 PRECISIONS = ("fp32", "int8")
 
 
 def run_delete_all(session, cells: list[np.ndarray], vocabulary, max_tokens: int) -> tuple[float, list[dict]]:
     """(seconds, per-cell outputs) of upstream-semantics delete-all of ``cells`` packed through ``session``."""
-    from export.isp_reduction_export import run_isp_reduction
-    from geneformer_triton.isp_upstream import plan_upstream
-    from geneformer_triton.isp_upstream_service import UpstreamJob
-    from geneformer_triton.perturbation import run_packed
+    from geneformer_triton.export.isp_reduction_export import run_isp_reduction
+    from geneformer_triton.core.isp_upstream import plan_upstream
+    from geneformer_triton.core.isp_upstream_service import UpstreamJob
+    from geneformer_triton.core.perturbation import run_packed
 
     jobs = []
     for cell in cells:
@@ -63,12 +63,12 @@ def compare(reference: dict, other: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    from bench.isp_bench import celltypist_cells, default_dictionaries
-    from bench.isp_upstream_bench import machine_state
-    from export.isp_reduction_export import export_isp_reduction_onnx
-    from export.onnx_export import onnx_session
-    from geneformer_triton.dictionaries import load_vocabulary
-    from geneformer_triton.loading import random_geneformer
+    from geneformer_triton.bench.isp_bench import celltypist_cells, default_dictionaries
+    from geneformer_triton.bench.isp_upstream_bench import machine_state
+    from geneformer_triton.export.isp_reduction_export import export_isp_reduction_onnx
+    from geneformer_triton.export.onnx_export import onnx_session
+    from geneformer_triton.core.dictionaries import load_vocabulary
+    from geneformer_triton.model.loading import random_geneformer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", type=int, default=4)

@@ -6,22 +6,22 @@ Same run, same real cells, same checkpoint, same numbers:
   ``--mode cpu``: for each ``--lengths`` target the sample cell whose full length is closest (untruncated);
   ``--mode quick``: the first ``--quick-cells`` (1) cells cut to their top ``--quick-length`` (64) ranked genes;
 * checkpoint: ``gf-6L-10M-i2048`` with seeded random weights (``--seed``), written with
-  ``save_pretrained`` (:func:`export.checkpoint.save_checkpoint`); upstream loads it as
+  ``save_pretrained`` (:func:`geneformer_triton.export.checkpoint.save_checkpoint`); upstream loads it as
   ``BertForMaskedLM``, our in-process method loads the same folder, the served encoder is exported from it;
 * perturbation: delete all, ``emb_layer=-1`` (upstream's default), ``emb_mode`` ``cell`` and ``cell_and_gene``.
 
 Methods (each in its own process, running the emb modes one after the other; the peak RSS of its process
-tree is sampled with psutil and attributed to the emb mode running at the time, :mod:`bench.proc_memory`):
+tree is sampled with psutil and attributed to the emb mode running at the time, :mod:`geneformer_triton.bench.proc_memory`):
 
 * ``upstream``: upstream's unmodified ``InSilicoPerturber`` via the oracle runner
   ``../shared/reference/oracle/run_oracle.py`` (CPU shim without CUDA) in helical's venv + the oracle overlay
   (``tests/oracle_env.py``), or in ``$GFTRITON_UPSTREAM_PYTHON`` (a Python with upstream's own pins, e.g. on
-  a GPU host), repeats in one process (:mod:`bench.upstream_driver`); perturbations/s
+  a GPU host), repeats in one process (:mod:`geneformer_triton.bench.upstream_driver`); perturbations/s
   is upstream's own ``perturb_data`` timing (model loading included, interpreter start-up not);
   forward batch 100 (upstream's default) up to ``--full-batch-max-length`` tokens, else ``--long-batch``;
 * ``inprocess``: our numpy planner/reducer with upstream semantics over the PyTorch fp32 encoder
-  (:mod:`bench.isp_worker`);
-* ``served``: ``client.isp.run_isp`` (what ``gftriton isp`` runs) against a real local tritonserver
+  (:mod:`geneformer_triton.bench.isp_worker`);
+* ``served``: ``geneformer_triton.client.isp.run_isp`` (what ``gftriton isp`` runs) against a real local tritonserver
   (``geneformer_isp`` -> ``geneformer_onnx_isp``); the report records which onnxruntime backend served.
 
 Every method's values are compared with upstream's of the same ``emb_mode`` (max abs diff of the
@@ -31,9 +31,9 @@ Medians of ``--repeats`` (>= 3) repeats, min-max shown. Results (``--out``, defa
 ``bench/results/<date>-<host>/isp`` for ``cpu``): ``isp_upstream.csv``, ``isp_upstream.json``,
 ``report.md``, ``isp_upstream.png``.
 
-    python -m bench.isp_upstream_bench --mode quick --out /tmp/q     # 1 cell x 64 tokens, ~1 minute
-    python -m bench.isp_upstream_bench --mode cpu                    # one ~500-token cell (~10 minutes)
-    python -m bench.isp_upstream_bench --mode cpu --lengths 500,1000 # longer (upstream ~4/s at 1,000 tokens)
+    python -m geneformer_triton.bench.isp_upstream_bench --mode quick --out /tmp/q     # 1 cell x 64 tokens, ~1 minute
+    python -m geneformer_triton.bench.isp_upstream_bench --mode cpu                    # one ~500-token cell (~10 minutes)
+    python -m geneformer_triton.bench.isp_upstream_bench --mode cpu --lengths 500,1000 # longer (upstream ~4/s at 1,000 tokens)
     bash bench/gpu_isp.sh --upstream [--dry-run]                     # GPU host: 2,048-token cell, on CUDA
 """
 
@@ -57,7 +57,7 @@ from typing import Optional
 
 import numpy as np
 
-from bench.proc_memory import TreeMemorySampler
+from geneformer_triton.bench.proc_memory import TreeMemorySampler
 
 LOGGER = logging.getLogger("bench.isp_upstream")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ class BenchOptions:
     atol: float = 1e-5
     timeout_s: float = 3600.0
     device: str = "cpu"  # ours in process (and upstream, which uses CUDA by itself where there is one)
-    cells_file: Optional[str] = None  # token cells from `bench.isp_bench --prepare-cells` (hosts without the data)
+    cells_file: Optional[str] = None  # token cells from `geneformer_triton.bench.isp_bench --prepare-cells` (hosts without the data)
     dry_run: bool = False  # prepare everything, print each method's command, run nothing
     out: Optional[str] = None
     work: Optional[str] = None
@@ -175,8 +175,8 @@ def default_dictionaries() -> Path:
 
 def select_cells(vocabulary, options: BenchOptions) -> list[BenchCell]:
     """Real celltypist cells (first 160 of the sample, or ``cells_file``), see the module docstring."""
-    from geneformer_triton.data.celltypist_sample import load_celltypist_sample
-    from geneformer_triton.tokenizer import RankValueTokenizer
+    from geneformer_triton.core.data.celltypist_sample import load_celltypist_sample
+    from geneformer_triton.core.tokenizer import RankValueTokenizer
 
     if options.cells_file:
         with np.load(options.cells_file) as data:
@@ -201,8 +201,8 @@ def select_cells(vocabulary, options: BenchOptions) -> list[BenchCell]:
 
 def prepare_checkpoint(vocabulary, folder: Path, seed: int) -> Path:
     """The seeded random checkpoint both sides load (``save_pretrained``: config.json + model.safetensors)."""
-    from export.checkpoint import save_checkpoint
-    from geneformer_triton.loading import random_geneformer
+    from geneformer_triton.export.checkpoint import save_checkpoint
+    from geneformer_triton.model.loading import random_geneformer
 
     return save_checkpoint(random_geneformer(MODEL_NAME, seed=seed, vocabulary=vocabulary), folder)
 
@@ -210,8 +210,8 @@ def prepare_checkpoint(vocabulary, folder: Path, seed: int) -> Path:
 def export_repository(checkpoint: Path, folder: Path) -> Path:
     """A copy of ``model_repository/`` with the ISP encoders at upstream's emb_layer -1 exported
     (``geneformer_onnx_isp`` and ``geneformer_onnx_isp_reduced``, which geneformer_isp prefers)."""
-    from export.repository import export_model_repository
-    from geneformer_triton.loading import load_checkpoint
+    from geneformer_triton.export.repository import export_model_repository
+    from geneformer_triton.model.loading import load_checkpoint
 
     if folder.exists():
         shutil.rmtree(folder)
@@ -329,7 +329,7 @@ def run_upstream(context: "BenchContext") -> dict[str, tuple[MethodResult, dict]
 
 def worker_run(context: "BenchContext", method: str, emb_modes: Optional[tuple[str, ...]] = None,
                emb_layer: Optional[int] = None) -> MethodRun:
-    """Plan our ``inprocess`` or ``served`` method (every emb_mode) in a worker process (:mod:`bench.isp_worker`)."""
+    """Plan our ``inprocess`` or ``served`` method (every emb_mode) in a worker process (:mod:`geneformer_triton.bench.isp_worker`)."""
     options = context.options
     layer = options.emb_layer if emb_layer is None else emb_layer
     modes = tuple(emb_modes or options.emb_modes)
@@ -344,7 +344,7 @@ def worker_run(context: "BenchContext", method: str, emb_modes: Optional[tuple[s
             "work_dir": str(folder), "output": str(folder / "summary.json"), "phase_file": str(folder / "phase")}
     (folder / "plan.json").write_text(json.dumps(plan))
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": str(options.threads)}
-    command = [sys.executable, "-m", "bench.isp_worker", str(folder / "plan.json")]
+    command = [sys.executable, "-m", "geneformer_triton.bench.isp_worker", str(folder / "plan.json")]
     return MethodRun(method, modes, layer, command, env, folder)
 
 
@@ -466,7 +466,7 @@ class BenchContext:
 
 def prepare(options: BenchOptions) -> BenchContext:
     """Cells, checkpoint, upstream's token file and (when served) the exported repository."""
-    from geneformer_triton.dictionaries import load_vocabulary
+    from geneformer_triton.core.dictionaries import load_vocabulary
 
     dictionaries = Path(options.dictionaries) if options.dictionaries else default_dictionaries()
     vocabulary = load_vocabulary(dictionaries)
@@ -504,7 +504,7 @@ def run_benchmark(options: BenchOptions, context: Optional[BenchContext] = None)
 
     ``context``: from :func:`prepare` (made here when absent; a caller that passes it can rerun single
     methods afterwards, e.g. a negative control with :func:`run_ours`)."""
-    from bench.isp_upstream_report import write_report
+    from geneformer_triton.bench.isp_upstream_report import write_report
 
     started = time.perf_counter()
     before = machine_state()
@@ -540,7 +540,7 @@ def dry_run(context: BenchContext) -> dict:
 
 
 def parse_args(argv=None) -> BenchOptions:
-    parser = argparse.ArgumentParser(prog="python -m bench.isp_upstream_bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m geneformer_triton.bench.isp_upstream_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = BenchOptions()
     parser.add_argument("--mode", choices=sorted(MODES), default="quick")
@@ -554,7 +554,7 @@ def parse_args(argv=None) -> BenchOptions:
                         help="negative control: run OUR side at another emb_layer (the agreement check must fail)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", help="our in-process method's torch device (gpu mode: cuda)")
-    parser.add_argument("--cells-file", help="token cells (.npz from `python -m bench.isp_bench --prepare-cells`)")
+    parser.add_argument("--cells-file", help="token cells (.npz from `python -m geneformer_triton.bench.isp_bench --prepare-cells`)")
     parser.add_argument("--dry-run", action="store_true", help="prepare and print every method's command; run nothing")
     parser.add_argument("--long-batch", type=int, default=defaults.long_batch,
                         help=f"upstream forward batch on cells longer than --full-batch-max-length (default {defaults.long_batch})")

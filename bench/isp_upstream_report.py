@@ -1,4 +1,4 @@
-"""Results of :mod:`bench.isp_upstream_bench`: ``isp_upstream.csv|json``, ``report.md``, ``isp_upstream.png``.
+"""Results of :mod:`geneformer_triton.bench.isp_upstream_bench`: ``isp_upstream.csv|json``, ``report.md``, ``isp_upstream.png``.
 
 Ratios are medians over medians: ``x upstream`` = median perturbations/s of a method / median perturbations/s
 of upstream in the same ``emb_mode``. The CPU target (issue 15): served >= 5x upstream at equal numbers.
@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 if TYPE_CHECKING:
-    from bench.isp_upstream_bench import BenchContext, MethodResult
+    from geneformer_triton.bench.isp_upstream_bench import BenchContext, MethodResult
 
 CPU_TARGET = 5.0
 CSV_NAME, JSON_NAME, REPORT_NAME, PLOT_NAME = "isp_upstream.csv", "isp_upstream.json", "report.md", "isp_upstream.png"

@@ -1,8 +1,8 @@
 """Our ISP methods for the upstream benchmark, one per process (so each method's peak memory is its own).
 
-    python -m bench.isp_worker PLAN.json
+    python -m geneformer_triton.bench.isp_worker PLAN.json
 
-PLAN.json (written by :mod:`bench.isp_upstream_bench`): ``method`` (``inprocess`` | ``served``),
+PLAN.json (written by :mod:`geneformer_triton.bench.isp_upstream_bench`): ``method`` (``inprocess`` | ``served``),
 ``checkpoint`` (the BertForMaskedLM folder upstream also loads), ``cells`` (lists of V1 token ids),
 ``emb_modes`` (``cell`` and/or ``cell_and_gene``, run one after the other; the current one is written to
 ``phase_file``), ``emb_layer`` (upstream's convention), ``repeats``, ``threads``, ``device``,
@@ -12,7 +12,7 @@ PLAN.json (written by :mod:`bench.isp_upstream_bench`): ``method`` (``inprocess`
 * ``inprocess``: our numpy planner/reducer with upstream semantics (``plan_upstream`` + ``UpstreamJob``,
   every cell's rows packed into shared batches by ``perturbation.run_packed``) over the PyTorch fp32
   encoder at ``hidden_states[n_layers + emb_layer]`` (token embeddings reduced by ``reduce_token_rows``).
-* ``served``: ``client.isp.run_isp`` (what ``gftriton isp`` runs) against a real local tritonserver
+* ``served``: ``geneformer_triton.client.isp.run_isp`` (what ``gftriton isp`` runs) against a real local tritonserver
   serving ``geneformer_isp`` -> ``geneformer_onnx_isp_reduced`` (the reduction inside the ONNX graph);
   one warm-up request first (not timed).
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-LOGGER = logging.getLogger("bench.isp_worker")
+LOGGER = logging.getLogger("geneformer_triton.bench.isp_worker")
 #: the encoder geneformer_isp picks for upstream's emb_layer -1 (the reduced graph, export/isp_reduction_export.py)
 ISP_ENCODER = "geneformer_onnx_isp_reduced"
 
@@ -49,11 +49,11 @@ def set_phase(plan: dict, phase: str) -> None:
 def run_inprocess(plan: dict) -> dict[str, tuple[dict, dict]]:
     import torch
 
-    from geneformer_triton.isp_upstream import plan_upstream
-    from geneformer_triton.isp_upstream_service import UpstreamJob
-    from geneformer_triton.loading import load_checkpoint
-    from geneformer_triton.perturbation import run_packed, token_reduced_encode
-    from geneformer_triton.runtimes import torch_encode_fn
+    from geneformer_triton.core.isp_upstream import plan_upstream
+    from geneformer_triton.core.isp_upstream_service import UpstreamJob
+    from geneformer_triton.model.loading import load_checkpoint
+    from geneformer_triton.core.perturbation import run_packed, token_reduced_encode
+    from geneformer_triton.model.runtimes import torch_encode_fn
 
     torch.set_num_threads(plan["threads"])
     loaded = load_checkpoint(plan["checkpoint"])
@@ -129,11 +129,11 @@ def _pack(cell_keys, cell_cos, gene_keys, gene_cos) -> dict:
 
 
 def served_cell_table(vocabulary, cells: list[np.ndarray]):
-    """A :class:`client.isp.CellTable` whose cells tokenize back to exactly ``cells`` (rank-preserving counts)."""
+    """A :class:`geneformer_triton.client.isp.CellTable` whose cells tokenize back to exactly ``cells`` (rank-preserving counts)."""
     import scipy.sparse as sp
 
-    from bench.isp_bench import rank_preserving_counts
-    from client.isp import CellTable
+    from geneformer_triton.bench.isp_bench import rank_preserving_counts
+    from geneformer_triton.client.isp import CellTable
 
     per_cell = [rank_preserving_counts(vocabulary, c) for c in cells]
     ids = sorted({g.decode() for genes, _, _ in per_cell for g in genes})
@@ -152,7 +152,7 @@ def backend_kind(server) -> str:
     if (folder / "libtriton_onnxruntime.so").is_file():
         return "C++ onnxruntime backend (libtriton_onnxruntime.so)"
     if (folder / "model.py").is_file():
-        return "Python stand-in onnxruntime backend (geneformer_triton/local_backends/onnxruntime, onnxruntime in a python stub)"
+        return "Python stand-in onnxruntime backend (geneformer_triton/serving/local_backends/onnxruntime, onnxruntime in a python stub)"
     return f"unknown (no onnxruntime backend found under {folder})"
 
 
@@ -173,11 +173,11 @@ def stub_import_root(server_dir: Path) -> Path:
 
 
 def run_served(plan: dict) -> dict[str, tuple[dict, dict]]:
-    from bench.triton_metrics import breakdown, scrape
-    from client.isp import IspSpec, ResultStore, run_isp
-    from client.triton_client import GeneformerClient
-    from geneformer_triton.dictionaries import load_vocabulary
-    from geneformer_triton.server import LocalTritonServer
+    from geneformer_triton.bench.triton_metrics import breakdown, scrape
+    from geneformer_triton.client.isp import IspSpec, ResultStore, run_isp
+    from geneformer_triton.client.triton_client import GeneformerClient
+    from geneformer_triton.core.dictionaries import load_vocabulary
+    from geneformer_triton.serving.server import LocalTritonServer
 
     vocabulary = load_vocabulary(Path(plan["checkpoint"]))
     cells = [np.asarray(c, dtype=np.int64) for c in plan["cells"]]
@@ -244,5 +244,5 @@ def main(plan_path: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m bench.isp_worker PLAN.json")
+        sys.exit("usage: python -m geneformer_triton.bench.isp_worker PLAN.json")
     main(sys.argv[1])

@@ -13,7 +13,7 @@ Baselines (what users run today):
   (``$GFTRITON_HELICAL_PYTHON``), timed around ``get_embeddings`` only (``bench/helical_embed.py``).
 
 Our encoder paths (encoder only, no LM head, only the layers needed, masked mean pooling):
-- PyTorch (``geneformer_triton.encoder``), SDPA attention, fp32 / bf16 / fp16, int8 dynamic quantization
+- PyTorch (``geneformer_triton.model.encoder``), SDPA attention, fp32 / bf16 / fp16, int8 dynamic quantization
   of the Linear layers, optionally ``torch.compile``; TorchScript (the exported ``model.pt``);
 - ONNX Runtime on the exported files: fused fp32 ``model.onnx`` (onnxruntime's transformer optimizer:
   Attention, SkipLayerNormalization), fp16, int8 dynamic quantization of the fused graph
@@ -166,7 +166,7 @@ class Method:
 class BuildContext:
     """What methods are built from: the loaded model, the exported repository, a work folder."""
 
-    loaded: object  # geneformer_triton.loading.LoadedGeneformer (fp32, on CPU: never modified)
+    loaded: object  # geneformer_triton.model.loading.LoadedGeneformer (fp32, on CPU: never modified)
     repository: Path | None
     work_dir: Path
     device: str = "cpu"
@@ -317,7 +317,7 @@ def ort_session_options(threads: int = 0, spinning: bool | None = None):
 def _onnxruntime(ctx: BuildContext, spec: MethodSpec) -> EncodeFn:
     import onnxruntime as ort
 
-    from export.packed_export import is_packed_session, run_packed
+    from geneformer_triton.export.packed_export import is_packed_session, run_packed
 
     path = onnx_file(ctx, spec.options.get("variant", spec.precision))
     options = ort_session_options(ctx.threads, spec.options.get("spinning"))
@@ -339,7 +339,7 @@ def _onnxruntime(ctx: BuildContext, spec: MethodSpec) -> EncodeFn:
 def _packed(ctx: BuildContext, spec: MethodSpec) -> EncodeFn:
     import torch
 
-    from bench.packed import PackedEncoder
+    from geneformer_triton.bench.packed import PackedEncoder
 
     encoder = copy.deepcopy(ctx.loaded.encoder(emb_layer=ctx.emb_layer, attention="sdpa"))
     module = PackedEncoder(encoder.to(device=ctx.device, dtype=_torch_dtype(spec.precision)).eval())
@@ -478,7 +478,7 @@ def write_helical_cache(prefix: Path, loaded) -> Path:
     """Lay the loaded model out the way helical's cache expects (weights, config, dictionaries)."""
     import torch
 
-    from geneformer_triton.model_specs import get_model_spec
+    from geneformer_triton.model.specs import get_model_spec
 
     version = get_model_spec(loaded.name).dictionary_version
     folder = prefix / ".cache" / "helical" / "models" / "geneformer" / version

@@ -4,7 +4,7 @@ Projections and feed-forward layers run on the packed tokens only (no padded row
 cell: on CUDA with flash attention's variable-length kernel (``torch.nn.attention.varlen.varlen_attn``,
 bf16/fp16, cumulative sequence offsets, no mask: flash attention refuses a padding mask, this needs
 none), elsewhere with one SDPA call per cell (no mask either). Same weights and same arithmetic as
-``geneformer_triton.encoder.GeneformerEncoder`` (it wraps one), cell embedding = masked mean.
+``geneformer_triton.model.encoder.GeneformerEncoder`` (it wraps one), cell embedding = masked mean.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from geneformer_triton.encoder import _ACTIVATIONS, GeneformerEncoder
+from geneformer_triton.model.encoder import _ACTIVATIONS, GeneformerEncoder
 
 
 def _varlen():

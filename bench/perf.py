@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geneformer_triton.contract import INPUT_SIGNATURES
+from geneformer_triton.core.contract import INPUT_SIGNATURES
 
 LOGGER = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def perf_analyzer_env(lib_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     lib_dir.mkdir(parents=True, exist_ok=True)
     try:
-        from geneformer_triton.server import pytriton_server_dir
+        from geneformer_triton.serving.server import pytriton_server_dir
 
         libs = pytriton_server_dir().parent.parent / "nvidia_pytriton.libs"
     except Exception:  # noqa: BLE001 - the system may have the libraries

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.inprocess import INPROCESS_COLUMNS
-from bench.methods import BASELINE, HELICAL as SEED, REFERENCE
-from bench.stats import range_text
-from bench.scaling import SCALING_COLUMNS, fit_cells_cost, fit_length_cost
-from bench.triton_bench import TRITON_COLUMNS
+from geneformer_triton.bench.inprocess import INPROCESS_COLUMNS
+from geneformer_triton.bench.methods import BASELINE, HELICAL as SEED, REFERENCE
+from geneformer_triton.bench.stats import range_text
+from geneformer_triton.bench.scaling import SCALING_COLUMNS, fit_cells_cost, fit_length_cost
+from geneformer_triton.bench.triton_bench import TRITON_COLUMNS
 
 LOGGER = logging.getLogger(__name__)
 
@@ -333,7 +333,7 @@ def _md_table(frame: pd.DataFrame, columns: list[tuple[str, str, int]]) -> str:
 
 
 def write_results(out_dir: Path, results: dict) -> dict[str, Path]:
-    """Write every table, the plots and report.md from ``results`` (see bench.cli); returns the paths."""
+    """Write every table, the plots and report.md from ``results`` (see geneformer_triton.bench.cli); returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     inprocess = write_table(results.get("inprocess", []), INPROCESS_COLUMNS, out_dir, "inprocess")
     triton = write_table(results["triton"], TRITON_COLUMNS, out_dir, "triton") if results.get("triton") else None
@@ -523,14 +523,14 @@ def load_tables(out_dir: Path) -> dict:
 def rewrite(out_dir: Path) -> dict[str, Path]:
     """Re-read a results folder's tables and write its report again (ratios recomputed): for folders
     written by an older version, or after editing or merging tables."""
-    from bench.inprocess import add_ratios
+    from geneformer_triton.bench.inprocess import add_ratios
 
     results = json.loads((out_dir / "summary.json").read_text())
     results.pop("targets", None)
     results.pop("scaling_fits", None)
     results.update(load_tables(out_dir))
     add_ratios(results["inprocess"])
-    from bench.triton_bench import _set_efficiency, select_throughput
+    from geneformer_triton.bench.triton_bench import _set_efficiency, select_throughput
 
     for row in results["triton"]:
         if row.get("error"):

@@ -3,7 +3,7 @@
 - cells: N real cells (resampled beyond the sample's 559), the method's own batching: total time should
   grow linearly in N (constant cells/s); with length-sorted batches, more cells also pad less.
 - length: cells truncated to their first L tokens (only cells with at least L tokens): the cost of a
-  cell is a·L + b·L² (projections vs attention; ``bench.cells``); the fit and the crossover L = a/b are
+  cell is a·L + b·L² (projections vs attention; ``geneformer_triton.bench.cells``); the fit and the crossover L = a/b are
   reported, with the log-log slope between consecutive lengths.
 - batch: the same cells at batch sizes B (length-sorted).
 """
@@ -15,9 +15,9 @@ import logging
 
 import numpy as np
 
-from bench.cells import Architecture, CellSet
-from bench.inprocess import measure_method
-from bench.methods import BuildContext, MethodSpec
+from geneformer_triton.bench.cells import Architecture, CellSet
+from geneformer_triton.bench.inprocess import measure_method
+from geneformer_triton.bench.methods import BuildContext, MethodSpec
 
 LOGGER = logging.getLogger(__name__)
 

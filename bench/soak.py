@@ -1,6 +1,6 @@
 """Bounded soak test: many concurrent clients mixing good and bad requests against every public model.
 
-    python -m bench.soak --repository /path/to/exported/model_repository --seconds 60
+    python -m geneformer_triton.bench.soak --repository /path/to/exported/model_repository --seconds 60
 
 Public models (the validated entry points): the embedding ensembles, the tokenizer and the ISP model.
 ``--clients`` threads (half gRPC, half HTTP, each its own connection) send requests drawn from a fixed
@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from client.triton_client import GeneformerClient, InferenceError, RetryPolicy
-from geneformer_triton.contract import ISP_MODEL, TOKENIZER_MODEL
-from geneformer_triton.dictionaries import load_vocabulary
+from geneformer_triton.client.triton_client import GeneformerClient, InferenceError, RetryPolicy
+from geneformer_triton.core.contract import ISP_MODEL, TOKENIZER_MODEL
+from geneformer_triton.core.dictionaries import load_vocabulary
 
-LOGGER = logging.getLogger("bench.soak")
+LOGGER = logging.getLogger("geneformer_triton.bench.soak")
 
 ENSEMBLES = ("geneformer_embed_onnx", "geneformer_embed_onnx_fp16", "geneformer_embed_torchscript")
 TOKENIZER = TOKENIZER_MODEL
@@ -252,7 +252,7 @@ def write_report(report: SoakReport, out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from geneformer_triton.server import LocalTritonServer
+    from geneformer_triton.serving.server import LocalTritonServer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repository", required=True, help="an exported model repository (gftriton export)")

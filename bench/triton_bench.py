@@ -9,7 +9,7 @@ and after each run: the per-model deltas give the server-side breakdown (queue, 
 output, average dynamic batch) for the served model and each model an ensemble composes.
 
 The bench serves its own repository (``<work>/repository``): the configs of the source repository with
-the weights linked (every variant of ``export.formats``, exported by ``gftriton export``), so the
+the weights linked (every variant of ``geneformer_triton.export.formats``, exported by ``gftriton export``), so the
 source repository is never modified.
 
 Every (model, protocol, concurrency) point is measured ``repeats`` times (separate perf_analyzer runs of
@@ -30,13 +30,13 @@ from typing import Sequence
 
 import numpy as np
 
-from bench import perf, triton_metrics
-from bench.cells import CellSet, raw_count_inputs
-from bench.inprocess import measure_method
-from bench.methods import BuildContext, MethodSpec
-from bench.sampler import ResourceSampler, cpu_times
-from bench.stats import range_text, summarize_rates
-from geneformer_triton.contract import EMBEDDING_MODELS, TOKENIZER_MODEL, VARIANT_OF_MODEL, ServedModel
+from geneformer_triton.bench import perf, triton_metrics
+from geneformer_triton.bench.cells import CellSet, raw_count_inputs
+from geneformer_triton.bench.inprocess import measure_method
+from geneformer_triton.bench.methods import BuildContext, MethodSpec
+from geneformer_triton.bench.sampler import ResourceSampler, cpu_times
+from geneformer_triton.bench.stats import range_text, summarize_rates
+from geneformer_triton.core.contract import EMBEDDING_MODELS, TOKENIZER_MODEL, VARIANT_OF_MODEL, ServedModel
 
 LOGGER = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def run_triton(
     ``options.backends``, one after the other on the same cells and inputs (``real``: Triton's C++
     onnxruntime/pytorch backends, ``stand-in``: the Python stand-ins, ``auto``: real when built); each
     row's ``backend`` says which served it. ``results`` is filled as runs finish and returned."""
-    from geneformer_triton.server import LocalTritonServer
+    from geneformer_triton.serving.server import LocalTritonServer
 
     enc_cells, full_cells = cells
     served = [SERVED[m] for m in models]
@@ -303,7 +303,7 @@ def served_flops(model: ServedModel, cells: CellSet, batch_size: int, arch) -> t
 
 
 def _arch(ctx: BuildContext):
-    from bench.cells import Architecture
+    from geneformer_triton.bench.cells import Architecture
 
     return Architecture.from_config(ctx.loaded.config)
 
@@ -387,9 +387,9 @@ def _one_run(model: ServedModel, method: str, server, binary: Path, env: dict, u
 
 def _client_run(model: ServedModel, method: str, server, protocol: str, concurrency: int, cells: CellSet, pad_id: int,
                 repeats: int, arch) -> dict:
-    """The project's own client (``client.triton_client.GeneformerClient``) embedding every cell, one cell
+    """The project's own client (``geneformer_triton.client.triton_client.GeneformerClient``) embedding every cell, one cell
     per request, ``concurrency`` requests in flight, ``repeats`` times: protocol ``<protocol>+client``."""
-    from client.triton_client import GeneformerClient, pack_cells
+    from geneformer_triton.client.triton_client import GeneformerClient, pack_cells
 
     row = {c: float("nan") for c in TRITON_COLUMNS}
     row.update(model=model.name, kind=model.kind, protocol=f"{protocol}+client", concurrency=concurrency, batch_size=1,

@@ -5,7 +5,7 @@
 Runs in helical's venv plus the oracle overlay (``tests/oracle_env.py``), not in the project's venv.
 PLAN.json: ``{"oracle_dir", "model_dir", "dict_dir", "tokens", "work_dir", "phase_file",
 "runs": [{"argv": [...], "output": PATH, "phase": NAME}]}``; ``NAME`` is written to ``phase_file`` before
-each run (the benchmark attributes its memory samples to it: :class:`bench.proc_memory.TreeMemorySampler`).
+each run (the benchmark attributes its memory samples to it: :class:`geneformer_triton.bench.proc_memory.TreeMemorySampler`).
 Each run is ``run_oracle.main`` of ``ORACLE_DIR/run_oracle.py`` (upstream's unmodified code on CPU; it
 times ``perturb_data`` itself and reports ``perturbations_per_s``) with ``--output PATH``; the driver adds
 ``wall_s`` (the whole call, incl. its JSON writing) to each output. Repeats share the process so that

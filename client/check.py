@@ -2,7 +2,7 @@
 
 Every served encoder (token ids in) and ensemble (raw counts in) is found from the server's ready models
 and their configs, embeds the same real celltypist cells as the reference, and is compared with
-``geneformer_triton.fidelity`` (centred cosine, error relative to the spread between cells, nearest-neighbour
+``geneformer_triton.core.fidelity`` (centred cosine, error relative to the spread between cells, nearest-neighbour
 identity, kNN-10 overlap; thresholds per precision from ``fidelity.gate_for``). The served
 tokenizer's token ids are compared with local tokenization too. Where a local copy of the served
 repository is given, its manifests' weights hash must equal the reference's; without it, other weights
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from client.triton_client import GeneformerClient, pack_cells
-from geneformer_triton.contract import (
+from geneformer_triton.client.triton_client import GeneformerClient, pack_cells
+from geneformer_triton.core.contract import (
     GENE_IDS,
     TOKENIZER_MODEL,
     VARIANT_OF_MODEL,
@@ -29,12 +29,12 @@ from geneformer_triton.contract import (
     cell_embedding_outputs,
     is_encoder_signature,
 )
-from geneformer_triton.fidelity import FidelityResult, compare_variant
-from geneformer_triton.runtimes import embed_token_cells, torch_encode_fn
-from geneformer_triton.tokenizer import RankValueTokenizer
+from geneformer_triton.core.fidelity import FidelityResult, compare_variant
+from geneformer_triton.model.runtimes import embed_token_cells, torch_encode_fn
+from geneformer_triton.core.tokenizer import RankValueTokenizer
 
 if TYPE_CHECKING:
-    from geneformer_triton.loading import LoadedGeneformer
+    from geneformer_triton.model.loading import LoadedGeneformer
 
 LOGGER = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def check_server(
     batch_size: int | None = None,
 ) -> CheckReport:
     """Embed ``n_cells`` celltypist cells with every served model and with the reference; compare."""
-    from geneformer_triton.data.celltypist_sample import load_celltypist_sample
+    from geneformer_triton.core.data.celltypist_sample import load_celltypist_sample
 
     manifests = manifests or {}
     models = models if models is not None else discover_models(client, manifests)

@@ -15,12 +15,12 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from client.dask_engine import add_cluster_arguments, cluster_requested
-from client.triton_client import GeneformerClient, RetryPolicy, ServerUnavailableError
-from geneformer_triton.contract import TOKENIZER_MODEL
+from geneformer_triton.client.dask_engine import add_cluster_arguments, cluster_requested
+from geneformer_triton.client.triton_client import GeneformerClient, RetryPolicy, ServerUnavailableError
+from geneformer_triton.core.contract import TOKENIZER_MODEL
 
 if TYPE_CHECKING:
-    from geneformer_triton.cell_inputs import CellMatrix
+    from geneformer_triton.core.cell_inputs import CellMatrix
 
 LOGGER = logging.getLogger(__name__)
 
@@ -71,9 +71,9 @@ def _dictionary_folders(args: argparse.Namespace) -> list[Path]:
 
 
 def read_embed_input(args: argparse.Namespace) -> "CellMatrix":
-    """The cells of ``gftriton embed`` (``geneformer_triton.cell_inputs``: symbols mapped with the
+    """The cells of ``gftriton embed`` (``geneformer_triton.core.cell_inputs``: symbols mapped with the
     gene_name_id_dict.json of --dictionaries or of the --repository's tokenizer)."""
-    from geneformer_triton.cell_inputs import InputOptions, find_symbol_map, read_cells
+    from geneformer_triton.core.cell_inputs import InputOptions, find_symbol_map, read_cells
 
     return read_cells(args.input, InputOptions.from_args(args), find_symbol_map(args.dictionaries, args.repository))
 
@@ -105,13 +105,13 @@ def _tokenizer_settings(args: argparse.Namespace, client: GeneformerClient, read
 
 def run_embed(args: argparse.Namespace) -> int:
     if cluster_requested(args):  # Dask scale-out (client/dask_jobs.py)
-        from client.dask_jobs import run_embed_on_cluster
+        from geneformer_triton.client.dask_jobs import run_embed_on_cluster
 
         return run_embed_on_cluster(args)
-    from client.embed_job import EmbedRun
-    from client.outputs import PartialStore, output_format, write_embeddings
-    from geneformer_triton.dictionaries import TOKEN_DICTIONARY_FILE, load_vocabulary
-    from geneformer_triton.tokenizer import RankValueTokenizer
+    from geneformer_triton.client.embed_job import EmbedRun
+    from geneformer_triton.client.outputs import PartialStore, output_format, write_embeddings
+    from geneformer_triton.core.dictionaries import TOKEN_DICTIONARY_FILE, load_vocabulary
+    from geneformer_triton.core.tokenizer import RankValueTokenizer
 
     output_format(args.output)  # fail on an unsupported suffix before any work
     folders = _dictionary_folders(args)
@@ -154,9 +154,9 @@ def run_embed(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from client.check import check_server, discover_models, local_manifests
-    from geneformer_triton.fidelity import format_fidelity_table, write_fidelity_report
-    from geneformer_triton.model_args import load_model_from_args
+    from geneformer_triton.client.check import check_server, discover_models, local_manifests
+    from geneformer_triton.core.fidelity import format_fidelity_table, write_fidelity_report
+    from geneformer_triton.model.args import load_model_from_args
 
     manifests = local_manifests(args.repository)
     with _client(args) as client:
@@ -205,7 +205,7 @@ def _positive(text: str) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from geneformer_triton.cell_inputs import add_input_arguments
+    from geneformer_triton.core.cell_inputs import add_input_arguments
 
     embed = subparsers.add_parser(
         "embed", help="embed cells (.h5ad / CSV raw counts) through a Triton server; resumable",
@@ -233,7 +233,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check = subparsers.add_parser(
         "check", help="served encoders and ensembles vs the local fp32 PyTorch reference on real cells")
     _connection_arguments(check)
-    from geneformer_triton.model_args import add_model_arguments
+    from geneformer_triton.model.args import add_model_arguments
 
     add_model_arguments(check)
     check.add_argument("--cells", type=_positive, default=16, help="number of celltypist cells")

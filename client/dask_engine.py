@@ -5,19 +5,19 @@ dask-jobqueue's ``SLURMCluster`` or dask-kubernetes), ``--cluster local:N`` (a :
 of N worker processes, one thread each, on loopback) or ``--servers URL,URL`` use this module:
 
 * **Servers.** Without ``--servers``, every worker starts its own ``tritonserver`` on its node
-  (``client.triton_worker_plugin.TritonServerPlugin``, a Dask ``WorkerPlugin``): ``LocalTritonServer`` serving
+  (``geneformer_triton.client.triton_worker_plugin.TritonServerPlugin``, a Dask ``WorkerPlugin``): ``LocalTritonServer`` serving
   ``--repository`` on free loopback ports, health-checked before the worker takes tasks, stopped at
-  teardown, and stopped by a watchdog process (``client.triton_watchdog``) if the worker is killed.
+  teardown, and stopped by a watchdog process (``geneformer_triton.client.triton_watchdog``) if the worker is killed.
   With ``--servers``, tasks send their shard to the given URLs (``http://host:8000``,
   ``grpc://host:8001`` or ``host:port`` with ``--protocol``); shard *i* starts at URL *i mod n* and
   moves to the next URL when one is unreachable.
 * **Tasks.** :func:`run_shards` submits one task per shard not yet done (at most a few per worker in
   flight), with ``retries`` for task errors; a task on a worker that dies is rerun on another one by
   the scheduler. Each finished task's result goes to a callback in the client process (which writes the
-  shard's pieces atomically, see :mod:`client.shards`) and advances the progress bar (tqdm, cells).
+  shard's pieces atomically, see :mod:`geneformer_triton.client.shards`) and advances the progress bar (tqdm, cells).
 
-Task functions live in :mod:`client.dask_jobs` (the adapter to the single-server job code).
-The watchdog is :mod:`client.triton_watchdog`; shards and their store are :mod:`client.shards`.
+Task functions live in :mod:`geneformer_triton.client.dask_jobs` (the adapter to the single-server job code).
+The watchdog is :mod:`geneformer_triton.client.triton_watchdog`; shards and their store are :mod:`geneformer_triton.client.shards`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
-from client.shards import Shard
+from geneformer_triton.client.shards import Shard
 
 LOGGER = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def server_targets(servers: Sequence[ServerTarget], protocol: str, shard_index: 
 
 def with_failover(targets: Sequence[ServerTarget], call: Callable[[ServerTarget], T]) -> T:
     """``call(target)`` on the first target that is reachable (ServerUnavailableError moves on)."""
-    from client.triton_client import ServerUnavailableError
+    from geneformer_triton.client.triton_client import ServerUnavailableError
 
     last: Optional[BaseException] = None
     for target in targets:
@@ -198,7 +198,7 @@ def open_cluster(options: ClusterOptions) -> Iterator[Any]:
     the workers start their own servers; everything it started is closed on exit."""
     from distributed import Client, LocalCluster
 
-    from client.triton_worker_plugin import TritonServerPlugin
+    from geneformer_triton.client.triton_worker_plugin import TritonServerPlugin
 
     n_local = local_workers(options.cluster) if options.cluster else len(options.servers)
     with contextlib.ExitStack() as stack:

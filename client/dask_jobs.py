@@ -1,11 +1,11 @@
 """The adapter between the Dask engine and the single-server jobs: ``gftriton isp`` / ``embed`` on a cluster.
 
-This is the ONE place that knows the single-server job code (``client.isp.run_isp`` + ``ResultStore``,
-``client.embed_job.EmbedRun`` + ``PartialStore``, the option handling of ``client.isp_cli`` /
-``client.cli``): when that code changes, re-point the functions here. A shard task runs the
+This is the ONE place that knows the single-server job code (``geneformer_triton.client.isp.run_isp`` + ``ResultStore``,
+``geneformer_triton.client.embed_job.EmbedRun`` + ``PartialStore``, the option handling of ``geneformer_triton.client.isp_cli`` /
+``geneformer_triton.client.cli``): when that code changes, re-point the functions here. A shard task runs the
 unchanged job on its cells against one Triton server, into a temporary store on the worker, and
 returns the finished results; the client process writes them as the shard's pieces
-(:class:`client.shards.ShardStore`) and, when every shard is done, assembles the output in cell order
+(:class:`geneformer_triton.client.shards.ShardStore`) and, when every shard is done, assembles the output in cell order
 with the same writers as a single-server run:
 
 * ISP: the rows (and rejected cells) of each shard are appended, shard by shard, to the output's
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from client.dask_engine import (
+from geneformer_triton.client.dask_engine import (
     ClusterError,
     ClusterOptions,
     ServerTarget,
@@ -39,7 +39,7 @@ from client.dask_engine import (
     server_targets,
     with_failover,
 )
-from client.shards import Shard, ShardStore, fingerprint, plan_shards
+from geneformer_triton.client.shards import Shard, ShardStore, fingerprint, plan_shards
 
 LOGGER = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Connection:
     wait_s: float
 
     def client(self, target: ServerTarget):
-        from client.triton_client import GeneformerClient, RetryPolicy
+        from geneformer_triton.client.triton_client import GeneformerClient, RetryPolicy
 
         return GeneformerClient(target.url, target.protocol, concurrency=self.concurrency, timeout_s=self.timeout_s,
                                 retry=RetryPolicy(attempts=max(1, self.retries)))
@@ -81,7 +81,7 @@ def _run_on_a_server(connection: Connection, shard: Shard, model: str, job) -> A
 class IspShardJob:
     """What every ISP shard task needs besides its cells (sent to each worker once)."""
 
-    spec: Any  # client.isp.IspSpec
+    spec: Any  # geneformer_triton.client.isp.IspSpec
     gene_ids: np.ndarray
     symbols: dict
     connection: Connection
@@ -90,8 +90,8 @@ class IspShardJob:
 
 def isp_shard_task(job: IspShardJob, shard: Shard, cells: tuple) -> dict[str, pd.DataFrame]:
     """Dask task: perturb the shard's cells (``cells`` = CSR counts, totals, cell ids) with
-    ``client.isp.run_isp``; returns ``{"rows": ..., "errors": ...}`` frames."""
-    from client.isp import CellTable, ResultStore, run_isp
+    ``geneformer_triton.client.isp.run_isp``; returns ``{"rows": ..., "errors": ...}`` frames."""
+    from geneformer_triton.client.isp import CellTable, ResultStore, run_isp
 
     counts, n_counts, cell_ids = cells
     table = CellTable(counts, job.gene_ids, n_counts, list(cell_ids), job.symbols)
@@ -106,9 +106,9 @@ def isp_shard_task(job: IspShardJob, shard: Shard, cells: tuple) -> dict[str, pd
 
 
 def _isp_spec(args: argparse.Namespace, cells, name_to_id: dict, options: ClusterOptions):
-    """The run's IspSpec (``client.isp_cli.build_spec``); states are embedded through the first given server."""
-    from client.isp import IspRunError
-    from client.isp_cli import _states_option, build_spec
+    """The run's IspSpec (``geneformer_triton.client.isp_cli.build_spec``); states are embedded through the first given server."""
+    from geneformer_triton.client.isp import IspRunError
+    from geneformer_triton.client.isp_cli import _states_option, build_spec
 
     wants_state = any(getattr(args, f"{w}_cells") for w in ("goal", "start")) or _states_option(args) is not None
     if wants_state and not options.servers:
@@ -137,8 +137,8 @@ def _rows_in_cell_order(rows: pd.DataFrame, order: dict[str, int]) -> pd.DataFra
 def run_isp_on_cluster(args: argparse.Namespace, client: Any = None) -> int:
     """``gftriton isp`` with ``--cluster`` / ``--servers``; ``client``: an open ``distributed.Client``
     to use instead of opening the cluster of the options (tests, notebooks)."""
-    from client.isp import IspRunError, ResultStore
-    from client.isp_cli import _report, gene_name_map, load_isp_cells, selected_rows
+    from geneformer_triton.client.isp import IspRunError, ResultStore
+    from geneformer_triton.client.isp_cli import _report, gene_name_map, load_isp_cells, selected_rows
 
     options = ClusterOptions.from_args(args)
     name_to_id = gene_name_map(args)
@@ -213,11 +213,11 @@ class EmbedShardJob:
 
 
 def embed_shard_task(job: EmbedShardJob, shard: Shard, cells: tuple) -> dict[str, np.ndarray]:
-    """Dask task: embed the shard's cells with ``client.embed_job.EmbedRun`` (server-side
+    """Dask task: embed the shard's cells with ``geneformer_triton.client.embed_job.EmbedRun`` (server-side
     tokenization); returns ``{"embeddings": float32 [n_cells, hidden]}`` (NaN rows: not embeddable)."""
-    from client.embed_job import EmbedRun
-    from client.outputs import PartialStore
-    from geneformer_triton.cell_inputs import CellMatrix
+    from geneformer_triton.client.embed_job import EmbedRun
+    from geneformer_triton.client.outputs import PartialStore
+    from geneformer_triton.core.cell_inputs import CellMatrix
 
     counts, n_counts, cell_ids = cells
     matrix = CellMatrix(counts, job.gene_ids, list(cell_ids), n_counts, adata=None, source=shard.name)
@@ -236,9 +236,9 @@ def embed_shard_task(job: EmbedShardJob, shard: Shard, cells: tuple) -> dict[str
 
 def run_embed_on_cluster(args: argparse.Namespace, client: Any = None) -> int:
     """``gftriton embed`` with ``--cluster`` / ``--servers`` (server-side tokenization)."""
-    from client.cli import _dictionary_folders, read_embed_input
-    from client.outputs import output_format, write_embeddings
-    from geneformer_triton.dictionaries import TOKEN_DICTIONARY_FILE, load_vocabulary
+    from geneformer_triton.client.cli import _dictionary_folders, read_embed_input
+    from geneformer_triton.client.outputs import output_format, write_embeddings
+    from geneformer_triton.core.dictionaries import TOKEN_DICTIONARY_FILE, load_vocabulary
 
     if args.client_tokenize:
         raise ClusterError("--client-tokenize runs on one server only; drop it (the servers tokenize) or drop --cluster/--servers")

@@ -1,7 +1,7 @@
 """In-silico perturbation over many cells through the ``geneformer_isp`` Triton model.
 
 One request per cell (its expressed genes with Ensembl ids and raw counts + the perturbation spec),
-``concurrency`` requests in flight (:class:`client.triton_client.GeneformerClient`: one connection per
+``concurrency`` requests in flight (:class:`geneformer_triton.client.triton_client.GeneformerClient`: one connection per
 worker thread, retries while the server is unreachable). Results are appended as cells finish:
 
 * Parquet (default): ``OUT.parquet/`` is a Parquet dataset of part files ``part-<batch>.parquet``, each
@@ -29,10 +29,10 @@ computed), ``cell_emb_shift`` (upstream Geneformer's ``cell_emb`` value, semanti
 per flushed block of cells, committed with those cells' rows). :func:`summarize` ranks genes by mean shift
 over cells; :func:`plot_top_shifts` draws them.
 
-Modules (this one holds the input cells and re-exports every public name): :mod:`client.isp_schema`
-(names, columns, folders), :mod:`client.isp_spec` (:class:`IspSpec`, state embeddings),
-:mod:`client.isp_store` (:class:`ResultStore`), :mod:`client.isp_run` (:func:`run_isp`),
-:mod:`client.isp_summary` (:func:`summarize`, :func:`plot_top_shifts`).
+Modules (this one holds the input cells and re-exports every public name): :mod:`geneformer_triton.client.isp_schema`
+(names, columns, folders), :mod:`geneformer_triton.client.isp_spec` (:class:`IspSpec`, state embeddings),
+:mod:`geneformer_triton.client.isp_store` (:class:`ResultStore`), :mod:`geneformer_triton.client.isp_run` (:func:`run_isp`),
+:mod:`geneformer_triton.client.isp_summary` (:func:`summarize`, :func:`plot_top_shifts`).
 """
 
 from __future__ import annotations
@@ -46,14 +46,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from client.isp_run import RunStats, cell_rows, gene_rows, run_isp
-from client.isp_schema import (
+from geneformer_triton.client.isp_run import RunStats, cell_rows, gene_rows, run_isp
+from geneformer_triton.client.isp_schema import (
     COLUMNS, COMMIT_FOLDER, EMBED_MODEL_FOR, ERROR_COLUMNS, GENE_COLUMNS, GENE_FOLDER, ISP_MODEL, PERTURBATIONS,
     RANK_BY, SCORE_OUTPUTS, STATE_PREFIX, UPSTREAM_SCORE, IspRunError,
 )
-from client.isp_spec import IspSpec, state_embedding, upstream_state_embedding
-from client.isp_store import ResultStore
-from client.isp_summary import format_summary, plot_top_shifts, summarize
+from geneformer_triton.client.isp_spec import IspSpec, state_embedding, upstream_state_embedding
+from geneformer_triton.client.isp_store import ResultStore
+from geneformer_triton.client.isp_summary import format_summary, plot_top_shifts, summarize
 
 LOGGER = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def load_cells(h5ad: Optional[str], n_cells: Optional[int] = None, gene_column: 
                allow_non_integer: bool = False) -> CellTable:
     """Cells of an .h5ad file (``None``: the celltypist sample, 559 real PBMC cells)."""
     if h5ad is None:
-        from geneformer_triton.data.celltypist_sample import load_celltypist_sample
+        from geneformer_triton.core.data.celltypist_sample import load_celltypist_sample
 
         adata = load_celltypist_sample(n_cells=n_cells, symbol_to_ensembl=symbol_to_ensembl)
     else:

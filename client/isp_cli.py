@@ -17,8 +17,8 @@ from typing import Optional
 
 import numpy as np
 
-from client.dask_engine import add_cluster_arguments, cluster_requested
-from client.isp import (
+from geneformer_triton.client.dask_engine import add_cluster_arguments, cluster_requested
+from geneformer_triton.client.isp import (
     EMBED_MODEL_FOR,
     ISP_MODEL,
     PERTURBATIONS,
@@ -35,7 +35,7 @@ from client.isp import (
     summarize,
     upstream_state_embedding,
 )
-from geneformer_triton.contract import ISP_DEFAULT_ENCODER, TOKENIZER_MODEL
+from geneformer_triton.core.contract import ISP_DEFAULT_ENCODER, TOKENIZER_MODEL
 
 LOGGER = logging.getLogger("gftriton.isp")
 
@@ -117,10 +117,10 @@ def _report(store: ResultStore, args) -> None:
 
 
 def run_isp_command(args: argparse.Namespace) -> int:
-    from client.triton_client import GeneformerClient, RetryPolicy, ServerUnavailableError
+    from geneformer_triton.client.triton_client import GeneformerClient, RetryPolicy, ServerUnavailableError
 
     if not args.summary_only and cluster_requested(args):  # Dask scale-out (client/dask_jobs.py)
-        from client.dask_jobs import run_isp_on_cluster
+        from geneformer_triton.client.dask_jobs import run_isp_on_cluster
 
         return run_isp_on_cluster(args)
 
@@ -166,21 +166,21 @@ def gene_name_map(args: argparse.Namespace) -> dict:
     dictionaries = args.dictionaries or _repository_dictionaries(args.repository)
     if not dictionaries:
         return {}
-    from geneformer_triton.dictionaries import load_vocabulary
+    from geneformer_triton.core.dictionaries import load_vocabulary
 
     return load_vocabulary(dictionaries).gene_name_to_id or {}
 
 
 def load_isp_cells(args: argparse.Namespace, name_to_id: dict) -> CellTable:
     """The input cells of an ``isp`` run (--h5ad, else the celltypist sample), read by the input layer
-    (``geneformer_triton.cell_inputs``: the same gene, total-count and integer rules as ``embed``)."""
-    from geneformer_triton.cell_inputs import InputOptions, SymbolMap, cells_from_anndata, read_cells
+    (``geneformer_triton.core.cell_inputs``: the same gene, total-count and integer rules as ``embed``)."""
+    from geneformer_triton.core.cell_inputs import InputOptions, SymbolMap, cells_from_anndata, read_cells
 
     symbols = SymbolMap(name_to_id, "the tokenizer's gene_name_id_dict.json") if name_to_id else None
     options = InputOptions(layer=args.counts_layer, gene_column=args.gene_column, n_counts_key=args.n_counts_key,
                            allow_non_integer=args.allow_non_integer, max_cells=args.n_cells)
     if args.h5ad is None:
-        from geneformer_triton.data.celltypist_sample import load_celltypist_sample
+        from geneformer_triton.core.data.celltypist_sample import load_celltypist_sample
 
         sample = load_celltypist_sample(n_cells=args.n_cells, symbol_to_ensembl=name_to_id or None)
         matrix = cells_from_anndata(sample, options, symbols, "celltypist sample")
@@ -194,7 +194,7 @@ def load_isp_cells(args: argparse.Namespace, name_to_id: dict) -> CellTable:
 
 def selected_rows(args: argparse.Namespace, cells: CellTable) -> list[int]:
     """Rows to perturb: ``--cells`` filters (plus the start state with cell states), ``--max-cells``,
-    ``--cell-index-range`` (:func:`client.isp.select_cells`)."""
+    ``--cell-index-range`` (:func:`geneformer_triton.client.isp.select_cells`)."""
     states = _states_option(args)
     filters = list(args.cells or [])
     if states is not None:  # upstream perturbs only start-state cells
@@ -326,7 +326,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                                       "(upstream cell_inds_to_perturb, in file order)")
     data.add_argument("--allow-non-integer", action="store_true",
                       help="tokenize non-integer X as counts when raw counts cannot be recovered (log1p-normalized X "
-                           "with uns['log1p'] is converted back to counts where that is exact; geneformer_triton.cell_inputs)")
+                           "with uns['log1p'] is converted back to counts where that is exact; geneformer_triton.core.cell_inputs)")
 
     pert = parser.add_argument_group("perturbation")
     pert.add_argument("--perturbation", choices=PERTURBATIONS, default="delete")
@@ -378,11 +378,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Optional[list] = None) -> int:
-    """``python -m client.isp_cli ...``: the ``isp`` subcommand alone (starts faster than ``gftriton``,
+    """``python -m geneformer_triton.client.isp_cli ...``: the ``isp`` subcommand alone (starts faster than ``gftriton``,
     which imports every subcommand's dependencies)."""
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m client.isp_cli")
+    parser = argparse.ArgumentParser(prog="python -m geneformer_triton.client.isp_cli")
     parser.add_argument("-v", "--verbose", action="store_true")
     subparsers = parser.add_subparsers(dest="command", required=True)
     register(subparsers)
@@ -394,7 +394,7 @@ def main(argv: Optional[list] = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (ValueError, FileNotFoundError, RuntimeError, ConnectionError) as error:
-        from client.cli import EXIT_UNAVAILABLE, server_unavailable
+        from geneformer_triton.client.cli import EXIT_UNAVAILABLE, server_unavailable
 
         LOGGER.error("%s", error)
         return EXIT_UNAVAILABLE if server_unavailable(error) else 2

@@ -1,5 +1,5 @@
 """The ``gftriton isp`` run driver: one request per cell, ``concurrency`` in flight, finished cells
-appended to a :class:`client.isp_store.ResultStore` in whole-cell blocks."""
+appended to a :class:`geneformer_triton.client.isp_store.ResultStore` in whole-cell blocks."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from client.isp_schema import ERROR_COLUMNS, SCORE_OUTPUTS, STATE_PREFIX, UPSTREAM_SCORE, IspRunError
-from client.isp_spec import IspSpec
-from client.isp_store import ResultStore, empty_frame
-from client.triton_client import GeneformerClient, InferenceError
+from geneformer_triton.client.isp_schema import ERROR_COLUMNS, SCORE_OUTPUTS, STATE_PREFIX, UPSTREAM_SCORE, IspRunError
+from geneformer_triton.client.isp_spec import IspSpec
+from geneformer_triton.client.isp_store import ResultStore, empty_frame
+from geneformer_triton.client.triton_client import GeneformerClient, InferenceError
 
 if TYPE_CHECKING:
-    from client.isp import CellTable
+    from geneformer_triton.client.isp import CellTable
 
 LOGGER = logging.getLogger(__name__)
 

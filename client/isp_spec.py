@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
-from client.isp_schema import COLUMNS, ISP_MODEL, PERTURBATIONS, STATE_PREFIX, IspRunError
-from client.triton_client import GeneformerClient
+from geneformer_triton.client.isp_schema import COLUMNS, ISP_MODEL, PERTURBATIONS, STATE_PREFIX, IspRunError
+from geneformer_triton.client.triton_client import GeneformerClient
 
 if TYPE_CHECKING:
-    from client.isp import CellTable
+    from geneformer_triton.client.isp import CellTable
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def upstream_state_embedding(client: GeneformerClient, cells: CellTable, rows: S
 
 def state_embedding(client: GeneformerClient, cells: CellTable, rows: Sequence[int], embed_model: str) -> np.ndarray:
     """Mean cell embedding of reference cells (a start or goal state) through an embedding ensemble."""
-    from client.triton_client import pack_cells
+    from geneformer_triton.client.triton_client import pack_cells
 
     if len(rows) == 0:
         raise IspRunError("no reference cell selected for the state embedding")

@@ -2,7 +2,7 @@
 
 Parquet: part files renamed into place whole; a flushed block of cells (a batch) is committed by a marker
 ``_commits/<batch>`` once all its parts are written; uncommitted parts are never read and are deleted on
-reopen (see :mod:`client.isp`). CSV: whole-cell appends + fsync; torn tails and partial cells repaired.
+reopen (see :mod:`geneformer_triton.client.isp`). CSV: whole-cell appends + fsync; torn tails and partial cells repaired.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
-from client.isp_schema import COLUMNS, COMMIT_FOLDER, ERROR_COLUMNS, GENE_COLUMNS, GENE_FOLDER, IspRunError
-from client.outputs import fsync_dir
+from geneformer_triton.client.isp_schema import COLUMNS, COMMIT_FOLDER, ERROR_COLUMNS, GENE_COLUMNS, GENE_FOLDER, IspRunError
+from geneformer_triton.client.outputs import fsync_dir
 
 LOGGER = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ place, and then a marker ``shard-00003.done`` (JSON naming the pieces) the same 
 exactly when its marker is there. A rerun skips done shards; a shard finished twice (a task rerun after
 its worker was thought lost) is written once. ``_plan.json`` records what the shards are of (input,
 settings, shard size); resuming another plan is refused. The final output is assembled from the pieces
-in cell order by the job (``client.dask_jobs``) and the folder removed.
+in cell order by the job (``geneformer_triton.client.dask_jobs``) and the folder removed.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping, Union
 import numpy as np
 import pandas as pd
 
-from client.outputs import fsync_dir
+from geneformer_triton.client.outputs import fsync_dir
 
 LOGGER = logging.getLogger(__name__)
 

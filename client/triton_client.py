@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Literal, Sequence, TypeVar
 import numpy as np
 import scipy.sparse as sp
 
-from geneformer_triton.contract import SERVED_MODELS, TORCHSCRIPT_TENSORS
+from geneformer_triton.core.contract import SERVED_MODELS, TORCHSCRIPT_TENSORS
 
 LOGGER = logging.getLogger(__name__)
 
@@ -399,7 +399,7 @@ class GeneformerClient:
 
     def embed_tokens_batch(self, cells: Sequence[np.ndarray], model: str = "geneformer_onnx", pad_id: int = 0) -> np.ndarray:
         """One request to an encoder: token arrays (B <= max_batch_size), right-padded -> float32 [B, H]."""
-        from geneformer_triton.tokenizer import pad_token_batch
+        from geneformer_triton.core.tokenizer import pad_token_batch
 
         cells = [np.asarray(c) for c in cells]
         if any(len(c) == 0 for c in cells):

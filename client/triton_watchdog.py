@@ -2,7 +2,7 @@
 
 A Dask worker plugin (:class:`client.distributed.TritonServerPlugin`) starts its server in a process
 group of its own, so the server outlives a killed worker. This watchdog (a separate small process,
-``python -m client.triton_watchdog --parent PID --group PGID ...``) polls the worker every
+``python -m geneformer_triton.client.triton_watchdog --parent PID --group PGID ...``) polls the worker every
 ``--interval`` seconds; when the worker is gone it sends SIGTERM to the server's group, SIGKILL after
 ``--grace`` seconds, and removes the server's python-backend shared-memory files and work folder.
 It exits by itself once the server group is gone (a normal teardown stopped it).
@@ -71,7 +71,7 @@ def watch(parent: int, pgid: int, interval_s: float, grace_s: float, shm_prefix:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m client.triton_watchdog", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m geneformer_triton.client.triton_watchdog", description=__doc__)
     parser.add_argument("--parent", type=int, required=True, help="pid of the Dask worker process")
     parser.add_argument("--group", type=int, required=True, help="process-group id of the tritonserver")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between checks")

@@ -1,11 +1,11 @@
 """Dask worker plugin: each worker starts its own ``tritonserver`` and stops it at teardown.
 
-``setup`` starts ``geneformer_triton.server.LocalTritonServer`` on free loopback ports (in a thread, so
+``setup`` starts ``geneformer_triton.serving.server.LocalTritonServer`` on free loopback ports (in a thread, so
 the worker's event loop keeps its heartbeats), waits until the requested models are READY, and starts
-a watchdog process (``client.triton_watchdog``) that stops the server if the worker dies without a
+a watchdog process (``geneformer_triton.client.triton_watchdog``) that stops the server if the worker dies without a
 teardown (SIGKILL). ``teardown`` stops the server (SIGTERM, then its process group) and removes its
 work folder. Tasks find the server with ``get_worker().plugins[PLUGIN_NAME]``
-(``client.dask_engine.server_targets``).
+(``geneformer_triton.client.dask_engine.server_targets``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 from distributed import WorkerPlugin
 
-from client.dask_engine import PLUGIN_NAME, ClusterError, ServerTarget
+from geneformer_triton.client.dask_engine import PLUGIN_NAME, ClusterError, ServerTarget
 
 LOGGER = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class TritonServerPlugin(WorkerPlugin):
         self.__init__(state["repository"], state["model_config_name"], state["models"], state["start_timeout_s"])
 
     def _start(self) -> None:
-        from geneformer_triton.server import LocalTritonServer
+        from geneformer_triton.serving.server import LocalTritonServer
 
         self.work_dir = Path(tempfile.mkdtemp(prefix="gftriton-worker-"))
         server = LocalTritonServer(self.repository, models=self.models, model_config_name=self.model_config_name,
@@ -69,7 +69,7 @@ class TritonServerPlugin(WorkerPlugin):
             raise
         self.server = server
         self._watchdog = subprocess.Popen(
-            [sys.executable, "-m", "client.triton_watchdog", "--parent", str(os.getpid()), "--group", str(server.pid),
+            [sys.executable, "-m", "geneformer_triton.client.triton_watchdog", "--parent", str(os.getpid()), "--group", str(server.pid),
              "--shm-prefix", server.shm_prefix, "--remove", str(self.work_dir)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
         self._ready.set()

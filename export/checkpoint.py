@@ -13,7 +13,7 @@ import json
 import logging
 from pathlib import Path
 
-from geneformer_triton.loading import LoadedGeneformer
+from geneformer_triton.model.loading import LoadedGeneformer
 
 LOGGER = logging.getLogger(__name__)
 

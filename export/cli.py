@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 
-from export.formats import DEFAULT_FORMATS, ENCODER_FORMATS, PRECISIONS, formats_for
-from geneformer_triton.model_args import add_model_arguments, load_model_from_args
+from geneformer_triton.export.formats import DEFAULT_FORMATS, ENCODER_FORMATS, PRECISIONS, formats_for
+from geneformer_triton.model.args import add_model_arguments, load_model_from_args
 
 LOGGER = logging.getLogger(__name__)
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from export.repository import RepositoryConflictError, export_model_repository
+    from geneformer_triton.export.repository import RepositoryConflictError, export_model_repository
 
     loaded = load_model_from_args(args)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
@@ -27,7 +27,7 @@ def run_export(args: argparse.Namespace) -> int:
     for name, path in written.items():
         LOGGER.info("%-12s -> %s", name, path)
     if args.save_checkpoint:
-        from export.checkpoint import save_checkpoint
+        from geneformer_triton.export.checkpoint import save_checkpoint
 
         save_checkpoint(loaded, args.save_checkpoint)
     if loaded.random_weights:
@@ -36,7 +36,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_export_tensorrt(args: argparse.Namespace) -> int:
-    from export import tensorrt_build
+    from geneformer_triton.export import tensorrt_build
 
     return tensorrt_build.main(["build", "--onnx", args.onnx, "--plan", args.plan, "--precision", args.precision])
 

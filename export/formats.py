@@ -1,14 +1,14 @@
 """Exported encoder variants, as the export CLI sees them (no heavy imports: used by CLI parsers).
 
-The variants themselves are stated once, in :mod:`geneformer_triton.contract`; this module keeps the
+The variants themselves are stated once, in :mod:`geneformer_triton.core.contract`; this module keeps the
 names the export, the bench and the fidelity checks import (``ENCODER_FORMATS``: the variants
 ``gftriton export`` writes) and the precision filter of ``gftriton export --precision``.
 """
 
 from __future__ import annotations
 
-from geneformer_triton.contract import EXPORTED_VARIANTS, ISP_REDUCED_GRAPH, PRECISIONS, TOKENIZER_MODEL
-from geneformer_triton.contract import EncoderVariant as EncoderFormat
+from geneformer_triton.core.contract import EXPORTED_VARIANTS, ISP_REDUCED_GRAPH, PRECISIONS, TOKENIZER_MODEL
+from geneformer_triton.core.contract import EncoderVariant as EncoderFormat
 
 ENCODER_FORMATS: dict[str, EncoderFormat] = EXPORTED_VARIANTS
 DEFAULT_FORMATS = tuple(ENCODER_FORMATS)

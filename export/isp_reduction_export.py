@@ -1,11 +1,11 @@
 """ISP encoder graphs that reduce token embeddings where the encoder runs (ONNX).
 
-The in-silico perturbation (ISP) scores of upstream Geneformer (``geneformer_triton/isp_upstream.py``)
+The in-silico perturbation (ISP) scores of upstream Geneformer (``geneformer_triton/core/isp_upstream.py``)
 need, per perturbed sequence, the cosine of every compared gene's embedding with the same gene's
 embedding in the original cell, and the means over all tokens of both sequences. A plain encoder ships
 ``token_embeddings`` [rows, length, hidden] (32 MB per 16 x 2,048-token batch) to the ISP model, which
 reduces them on the host. The graph exported here takes the packed batch of
-:class:`geneformer_triton.perturbation.PackedBatch` and returns only the reduced values:
+:class:`geneformer_triton.core.perturbation.PackedBatch` and returns only the reduced values:
 
 inputs
     ``input_ids``, ``attention_mask`` INT64 [B, L]; ``original_offset`` INT64 [B, 1] (rows back from each
@@ -16,9 +16,9 @@ outputs
     [B, L] (cos(token, the aligned original token), den = max(|a| |b|, 1e-8); 0 where the map is -1).
 
 Relative offsets keep a batch valid when a batcher concatenates several requests. Numbers: the same
-reduction as :func:`geneformer_triton.perturbation.reduce_token_rows`, in float32 inside the graph
+reduction as :func:`geneformer_triton.core.perturbation.reduce_token_rows`, in float32 inside the graph
 (measured against it in ``tests/test_isp_reduction.py``). There is no TorchScript ISP encoder in
-``export.formats`` yet, so only ONNX is exported.
+``geneformer_triton.export.formats`` yet, so only ONNX is exported.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import onnx
 import torch
 from torch import nn
 
-from export.onnx_export import OPSET, optimize_for_onnxruntime, quantize_onnx_int8
-from geneformer_triton.encoder import GeneformerEncoder
+from geneformer_triton.export.onnx_export import OPSET, optimize_for_onnxruntime, quantize_onnx_int8
+from geneformer_triton.model.encoder import GeneformerEncoder
 
 LOGGER = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import torch
 
-from geneformer_triton.encoder import GeneformerEncoder
+from geneformer_triton.model.encoder import GeneformerEncoder
 
 LOGGER = logging.getLogger(__name__)
 

@@ -12,13 +12,13 @@ inputs
   ``input_ids`` (C = number of cells in the batch, over all requests).
 output
   ``cell_embedding`` float32 [C, H]: mean over each cell's own tokens (``attention_mask`` 1, the model's
-  excluded ids left out), like ``geneformer_triton.encoder.GeneformerEncoder``.
+  excluded ids left out), like ``geneformer_triton.model.encoder.GeneformerEncoder``.
 
 Inside the graph the pad elements are dropped first (NonZero + Gather): the embeddings, the Q/K/V and
 output projections, the feed-forward layers and the LayerNorms run on the T real tokens only. Attention is
 block-diagonal: an ONNX ``Loop`` over the cells (:func:`block_attention`, scripted) computes one
 [heads, L_i, L_i] score block per cell, so no token attends to another cell's tokens and nothing is
-computed for padding: executed FLOPs = useful FLOPs (``bench.cells.Architecture`` counts them). Same
+computed for padding: executed FLOPs = useful FLOPs (``geneformer_triton.bench.cells.Architecture`` counts them). Same
 weights and arithmetic as the padded encoder: fp32 outputs agree with it to float rounding.
 """
 
@@ -34,9 +34,9 @@ import onnx
 import torch
 from torch import nn
 
-from export.onnx_export import OPSET
-from geneformer_triton.contract import PACKED_ITEM_WIDTH, PLAIN_TENSORS
-from geneformer_triton.encoder import _ACTIVATIONS, GeneformerEncoder
+from geneformer_triton.export.onnx_export import OPSET
+from geneformer_triton.core.contract import PACKED_ITEM_WIDTH, PLAIN_TENSORS
+from geneformer_triton.model.encoder import _ACTIVATIONS, GeneformerEncoder
 
 LOGGER = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Write a Geneformer model into a complete Triton model repository (an empty folder is fine).
 
-Configs are generated for the model's sizes (export/model_configs.py, from geneformer_triton/contract.py);
+Configs are generated for the model's sizes (export/model_configs.py, from geneformer_triton/core/contract.py);
 the python models (tokenizer, ISP) are copied from the checked-in ``model_repository/``. For each
 requested format the encoder goes into ``<repository>/<model>/1/`` with a ``manifest.json`` (model name,
 config hash, precision, opset, source weights hash, tool versions). Tokenizer dictionaries (and the
@@ -25,15 +25,15 @@ import onnxruntime
 import torch
 import transformers
 
-from export.formats import DEFAULT_FORMATS, ENCODER_FORMATS, TOKENIZER_MODEL, EncoderFormat
-from export.isp_reduction_export import export_isp_reduction_onnx
-from export.model_configs import repository_configs, stale_configs, write_configs
-from export.onnx_export import OPSET, export_onnx
-from export.packed_export import export_packed_onnx
-from export.torchscript_export import export_torchscript
+from geneformer_triton.export.formats import DEFAULT_FORMATS, ENCODER_FORMATS, TOKENIZER_MODEL, EncoderFormat
+from geneformer_triton.export.isp_reduction_export import export_isp_reduction_onnx
+from geneformer_triton.export.model_configs import repository_configs, stale_configs, write_configs
+from geneformer_triton.export.onnx_export import OPSET, export_onnx
+from geneformer_triton.export.packed_export import export_packed_onnx
+from geneformer_triton.export.torchscript_export import export_torchscript
 from geneformer_triton import __version__
-from geneformer_triton.contract import ISP_MODEL, ISP_REDUCED_GRAPH, PACKED_GRAPH, ServedShape
-from geneformer_triton.loading import LoadedGeneformer
+from geneformer_triton.core.contract import ISP_MODEL, ISP_REDUCED_GRAPH, PACKED_GRAPH, ServedShape
+from geneformer_triton.model.loading import LoadedGeneformer
 
 LOGGER = logging.getLogger(__name__)
 

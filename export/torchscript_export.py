@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from geneformer_triton.encoder import GeneformerEncoder
+from geneformer_triton.model.encoder import GeneformerEncoder
 
 LOGGER = logging.getLogger(__name__)
 

@@ -51,9 +51,9 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 PY="$VENV/bin/python"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # this checkout's stamp code, whatever the venv installed
 
-NEW_STAMP=$("$PY" -m geneformer_triton.backend_build stamp --source "$SRC" --script "$ROOT/scripts/build_backends.sh")
+NEW_STAMP=$("$PY" -m geneformer_triton.serving.backend_build stamp --source "$SRC" --script "$ROOT/scripts/build_backends.sh")
 if [ "$FORCE" = 0 ] && [ -f "$OUT/stamp.json" ] && [ "$NEW_STAMP" = "$(cat "$OUT/stamp.json")" ] \
-   && "$PY" -m geneformer_triton.backend_build check --folder "$OUT" >/dev/null; then
+   && "$PY" -m geneformer_triton.serving.backend_build check --folder "$OUT" >/dev/null; then
   echo "backends up to date: $OUT/backends (stamp matches; --force rebuilds)"
   exit 0
 fi
@@ -124,5 +124,5 @@ install -m755 "$B/ort/libtriton_onnxruntime.so" "$BK/onnxruntime/"
 patchelf --replace-needed libtritonserver.so "$TS_LIB" "$BK/onnxruntime/libtriton_onnxruntime.so"
 ln -sf "$ORT_LIB" "$BK/onnxruntime/libonnxruntime.so.1"
 echo "$NEW_STAMP" >"$OUT/stamp.json"
-"$PY" -m geneformer_triton.backend_build check --folder "$OUT"
+"$PY" -m geneformer_triton.serving.backend_build check --folder "$OUT"
 echo "backends ready: $BK (pass as --backend-directory; gftriton serve, the tests and the bench use it)"

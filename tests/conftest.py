@@ -150,14 +150,14 @@ def pytest_runtest_makereport(item: pytest.Item, call):
 
 @pytest.fixture(scope="session")
 def v1_vocabulary():
-    from geneformer_triton.dictionaries import load_vocabulary
+    from geneformer_triton.core.dictionaries import load_vocabulary
 
     return load_vocabulary(SHARED / "geneformer" / "v1")
 
 
 @pytest.fixture(scope="session")
 def v2_vocabulary():
-    from geneformer_triton.dictionaries import load_vocabulary
+    from geneformer_triton.core.dictionaries import load_vocabulary
 
     return load_vocabulary(SHARED / "geneformer" / "v2")
 
@@ -165,7 +165,7 @@ def v2_vocabulary():
 @pytest.fixture(scope="session")
 def loaded_model(v1_vocabulary):
     """gf-6L-10M-i2048 with seeded random weights and the real V1 dictionaries."""
-    from geneformer_triton.loading import random_geneformer
+    from geneformer_triton.model.loading import random_geneformer
 
     return random_geneformer(MODEL_NAME, seed=0, vocabulary=v1_vocabulary)
 
@@ -173,7 +173,7 @@ def loaded_model(v1_vocabulary):
 @pytest.fixture(scope="session")
 def reference_encoder(loaded_model):
     """fp32 PyTorch reference encoder (numpy callable)."""
-    from geneformer_triton.runtimes import torch_encode_fn
+    from geneformer_triton.model.runtimes import torch_encode_fn
 
     return torch_encode_fn(loaded_model.encoder())
 
@@ -181,14 +181,14 @@ def reference_encoder(loaded_model):
 @pytest.fixture(scope="session")
 def celltypist_cells(v1_vocabulary):
     """The first N_CELLS real cells of the celltypist sample (raw counts, Ensembl ids in var)."""
-    from geneformer_triton.data.celltypist_sample import load_celltypist_sample
+    from geneformer_triton.core.data.celltypist_sample import load_celltypist_sample
 
     return load_celltypist_sample(n_cells=N_CELLS, symbol_to_ensembl=v1_vocabulary.gene_name_to_id)
 
 
 @pytest.fixture(scope="session")
 def celltypist_tokens(celltypist_cells, v1_vocabulary) -> list[np.ndarray]:
-    from geneformer_triton.tokenizer import RankValueTokenizer
+    from geneformer_triton.core.tokenizer import RankValueTokenizer
 
     tokenizer = RankValueTokenizer(v1_vocabulary, 2048, False)
     adata = celltypist_cells
@@ -199,7 +199,7 @@ def celltypist_tokens(celltypist_cells, v1_vocabulary) -> list[np.ndarray]:
 def exported_repository(tmp_path_factory, loaded_model) -> Path:
     """Every encoder format, the tokenizer, the ensembles and the ISP model exported into an empty folder
     (export_model_repository writes a complete repository: generated configs, python models, weights)."""
-    from export.repository import export_model_repository
+    from geneformer_triton.export.repository import export_model_repository
 
     repository = tmp_path_factory.mktemp("exported") / "model_repository"
     export_model_repository(loaded_model, repository)
@@ -209,7 +209,7 @@ def exported_repository(tmp_path_factory, loaded_model) -> Path:
 @pytest.fixture(scope="session")
 def triton_server(exported_repository):
     """A real tritonserver (nvidia-pytriton wheel) serving the exported repository, CPU configs."""
-    from geneformer_triton.server import LocalTritonServer
+    from geneformer_triton.serving.server import LocalTritonServer
 
     with LocalTritonServer(exported_repository, model_config_name="cpu") as server:
         yield server

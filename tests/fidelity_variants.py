@@ -19,9 +19,9 @@ from google.protobuf import text_format
 from onnx import numpy_helper
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.onnx_export import export_onnx
-from geneformer_triton.contract import ENCODER_VARIANTS
-from geneformer_triton.encoder import GeneformerEncoder
+from geneformer_triton.export.onnx_export import export_onnx
+from geneformer_triton.core.contract import ENCODER_VARIANTS
+from geneformer_triton.model.encoder import GeneformerEncoder
 
 ENCODER_MODEL = ENCODER_VARIANTS["onnx"].model
 #: The last LayerNorm of the graph (the encoder's output LayerNorm): a shift there moves every token

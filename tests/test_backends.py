@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from geneformer_triton.backend_build import (
+from geneformer_triton.serving.backend_build import (
     BACKEND_LIBRARIES,
     BackendsNotBuiltError,
     build_dir,
@@ -62,7 +62,7 @@ def test_every_model_of_the_repository_is_ready_and_encoders_run_in_cpp(triton_s
 
 def test_forced_stand_ins_say_so_in_the_log(exported_repository, tmp_path):
     """Negative control of the two tests above: GFTRITON_BACKENDS=stand-in serves through model.py."""
-    from geneformer_triton.server import LocalTritonServer
+    from geneformer_triton.serving.server import LocalTritonServer
 
     with LocalTritonServer(exported_repository, models=["geneformer_onnx"], model_config_name="cpu",
                            work_dir=tmp_path / "work", backends="stand-in") as server:
@@ -74,7 +74,7 @@ def test_forced_stand_ins_say_so_in_the_log(exported_repository, tmp_path):
 
 def test_auto_without_a_build_warns_and_real_without_a_build_fails(tmp_path, caplog):
     empty = tmp_path / "no-build"
-    with caplog.at_level(logging.WARNING, logger="geneformer_triton.backend_build"):
+    with caplog.at_level(logging.WARNING, logger="geneformer_triton.serving.backend_build"):
         choice = choose_backends("auto", folder=empty)
     assert choice.kind == "stand-in" and choice.directory is None
     assert "SERVING THROUGH PYTHON STAND-INS" in caplog.text and "make backends" in caplog.text
@@ -140,7 +140,7 @@ def test_build_script_skips_a_current_build_and_names_missing_sources(tmp_path):
 
 
 def test_gpu_configs_never_get_the_cpu_only_build(caplog):
-    with caplog.at_level(logging.WARNING, logger="geneformer_triton.backend_build"):
+    with caplog.at_level(logging.WARNING, logger="geneformer_triton.serving.backend_build"):
         assert choose_backends("auto", gpu=True).kind == "stand-in"
     assert "CPU-only" in caplog.text
     with pytest.raises(BackendsNotBuiltError, match="CPU-only"):
@@ -148,7 +148,7 @@ def test_gpu_configs_never_get_the_cpu_only_build(caplog):
 
 
 def test_a_reused_backend_directory_switches_kind_cleanly(tmp_path):
-    from geneformer_triton.server import build_backend_directory
+    from geneformer_triton.serving.server import build_backend_directory
 
     dest = tmp_path / "backends"
     build_backend_directory(dest, real_backends=build_dir() / "backends")

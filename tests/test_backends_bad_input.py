@@ -12,7 +12,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from geneformer_triton.contract import ENCODER_VARIANTS
+from geneformer_triton.core.contract import ENCODER_VARIANTS
 
 MODELS = {kind: (v.model, v.tensors.input_ids, v.tensors.attention_mask, v.tensors.cell_embedding)
           for kind, v in ((k, ENCODER_VARIANTS[k]) for k in ("onnx", "torchscript"))}

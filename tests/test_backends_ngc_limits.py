@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from export.serving_limits import (
+from geneformer_triton.export.serving_limits import (
     ONNX_LIMITS,
     TORCHSCRIPT_MAX_FILE_FORMAT,
     check_file,

@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from client.triton_client import GeneformerClient, InferenceError, RetryPolicy, ServerUnavailableError
-from geneformer_triton.server import free_port
+from geneformer_triton.client.triton_client import GeneformerClient, InferenceError, RetryPolicy, ServerUnavailableError
+from geneformer_triton.serving.server import free_port
 
 ENSEMBLE = "geneformer_embed_onnx"
 GOOD_IDS = np.array([[b"ENSG00000141510", b"ENSG00000133703", b"ENSG00000111640"]], dtype=object)  # TP53 KRAS GAPDH
@@ -213,7 +213,7 @@ TOKEN_CASES = {
 @pytest.fixture(scope="module")
 def stand_in_server(exported_repository):
     """The same repository served through the Python stand-ins (they validate; the C++ backends cannot)."""
-    from geneformer_triton.server import LocalTritonServer
+    from geneformer_triton.serving.server import LocalTritonServer
 
     with LocalTritonServer(exported_repository, model_config_name="cpu", backends="stand-in",
                            models=["geneformer_onnx", "geneformer_torchscript"]) as server:

@@ -11,8 +11,8 @@ import pytest
 
 pd = pytest.importorskip("pandas")
 
-from bench import perf  # noqa: E402
-from bench.methods import BASELINE, MethodSpec, plan_batches  # noqa: E402
+from geneformer_triton.bench import perf  # noqa: E402
+from geneformer_triton.bench.methods import BASELINE, MethodSpec, plan_batches  # noqa: E402
 
 PLOTS = ("throughput_by_method.png", "speedup_over_baseline.png", "fidelity_by_method.png",
          "latency_percentiles.png", "triton_throughput.png", "scaling.png")
@@ -47,8 +47,8 @@ def test_packed_encoder_matches_padded(loaded_model, celltypist_tokens):
     """The padding-free encoder (GPU method torch_bf16_packed; CPU fallback here) equals the padded one."""
     import torch
 
-    from bench.packed import PackedEncoder
-    from geneformer_triton.tokenizer import pad_token_batch
+    from geneformer_triton.bench.packed import PackedEncoder
+    from geneformer_triton.core.tokenizer import pad_token_batch
 
     encoder = loaded_model.encoder()
     ids, mask = pad_token_batch([c[:n] for c, n in zip(celltypist_tokens[:3], (40, 17, 64))])
@@ -60,7 +60,7 @@ def test_packed_encoder_matches_padded(loaded_model, celltypist_tokens):
 
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory, exported_repository):
-    from bench.cli import main
+    from geneformer_triton.bench.cli import main
 
     out = tmp_path_factory.mktemp("bench") / "results"
     work = tmp_path_factory.mktemp("bench_work")
@@ -158,7 +158,7 @@ def test_quick_triton_consistent(quick_results):
 def test_targets_use_every_concurrency_and_the_seed():
     """The efficiency target must hold at every concurrency >= 2 (one dip fails it), and the served ratio is
     against the seed baseline (helical get_embeddings): a run without it does not meet the target."""
-    from bench.report import add_served_ratios, evaluate_targets
+    from geneformer_triton.bench.report import add_served_ratios, evaluate_targets
 
     inprocess = pd.DataFrame([
         {"method": "helical_get_embeddings", "family": "helical", "cells_per_s": 0.5, "cells_per_s_min": 0.4,
@@ -201,7 +201,7 @@ def test_quick_scaling(quick_results):
 @pytest.mark.parametrize("mode", ["quick", "full", "gpu"])
 def test_mode_plans_resolve(mode):
     """Every mode names methods, served models and exports that exist (the GPU one cannot run here)."""
-    from bench.cli import mode_plan
+    from geneformer_triton.bench.cli import mode_plan
 
     plan = mode_plan(mode)
     assert plan["headline"] in plan["served"] and plan["repeats"] >= 3

@@ -1,4 +1,4 @@
-"""The one input layer (geneformer_triton.cell_inputs) on real files: the shared perturbench h5ad
+"""The one input layer (geneformer_triton.core.cell_inputs) on real files: the shared perturbench h5ad
 (log1p-normalized, symbols, obs ncounts) and small .h5ad / CSV / TSV files written from it with
 symbols or Ensembl ids, a .raw, a layer, obs n_counts present or absent.
 
@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from geneformer_triton.cell_inputs import (
+from geneformer_triton.core.cell_inputs import (
     InputError,
     InputOptions,
     SymbolMap,

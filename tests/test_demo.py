@@ -1,11 +1,11 @@
-"""The demo's in-silico perturbation plan (``geneformer_triton.demo.isp_plan``): the shortest cells, genes
+"""The demo's in-silico perturbation plan (``geneformer_triton.cli.demo.isp_plan``): the shortest cells, genes
 every one of them expresses, best ranked first. The served run itself: tests/test_readme.py (gftriton demo)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from geneformer_triton.demo import DemoIsp, isp_plan
+from geneformer_triton.cli.demo import DemoIsp, isp_plan
 
 
 def test_plan_takes_the_shortest_cells_and_genes_they_all_express(celltypist_cells, celltypist_tokens, loaded_model):

@@ -20,9 +20,9 @@ import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export import tensorrt_build as tb
-from export.model_configs import trt_config
-from geneformer_triton.contract import DEFAULT_SHAPE, SERVED_MODELS
+from geneformer_triton.export import tensorrt_build as tb
+from geneformer_triton.export.model_configs import trt_config
+from geneformer_triton.core.contract import DEFAULT_SHAPE, SERVED_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -68,7 +68,7 @@ def tiny_encoder_onnx(tmp_path_factory) -> Path:
     """The real GeneformerEncoder around a tiny random BertModel, exported to ONNX with the contract's names."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from geneformer_triton.encoder import GeneformerEncoder
+    from geneformer_triton.model.encoder import GeneformerEncoder
 
     config = transformers.BertConfig(
         vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -232,7 +232,7 @@ def test_onnx_gpu_configs_use_the_tensorrt_accelerator():
 
 def test_trt_config_matches_onnx_encoder_and_profiles():
     path = ROOT / "deploy" / "geneformer_trt" / "config.pbtxt"
-    assert path.read_text() == trt_config(DEFAULT_SHAPE).text(), "regenerate: python -m export.model_configs --write"
+    assert path.read_text() == trt_config(DEFAULT_SHAPE).text(), "regenerate: python -m geneformer_triton.export.model_configs --write"
     config = load_config(path)
     onnx_default = load_config(ROOT / "model_repository" / "geneformer_onnx" / "config.pbtxt")
     assert config.name == tb.TRT_MODEL_NAME and config.platform == "tensorrt_plan"

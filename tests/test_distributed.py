@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.dask_engine import (
+from geneformer_triton.client.dask_engine import (
     ClusterError,
     ClusterOptions,
     ServerTarget,
@@ -26,7 +26,7 @@ from client.dask_engine import (
     parse_server_url,
     worker_server_info,
 )
-from client.shards import ShardPlanMismatchError, ShardStore, plan_shards
+from geneformer_triton.client.shards import ShardPlanMismatchError, ShardStore, plan_shards
 
 N_ISP_CELLS, N_ISP_GENES = 12, 10
 N_EMBED_CELLS = 24
@@ -56,7 +56,7 @@ def cut_cells(tmp_path_factory, celltypist_cells, v1_vocabulary):
     """Real celltypist cells cut to their top N_ISP_GENES ranked genes (short cells: fast delete-all)."""
     import scipy.sparse as sp
 
-    from geneformer_triton.tokenizer import RankValueTokenizer
+    from geneformer_triton.core.tokenizer import RankValueTokenizer
 
     tokenizer = RankValueTokenizer(v1_vocabulary, 2048, False)
     adata = celltypist_cells[:N_EMBED_CELLS].copy()
@@ -185,8 +185,8 @@ def _read_isp(folder: Path) -> pd.DataFrame:
 
 
 def test_isp_screen_survives_a_killed_worker_and_equals_one_server(cluster, cut_cells, exported_repository, tmp_path):
-    from client.dask_jobs import run_isp_on_cluster
-    from client.isp_cli import main as isp_main
+    from geneformer_triton.client.dask_jobs import run_isp_on_cluster
+    from geneformer_triton.client.isp_cli import main as isp_main
 
     h5ad = cut_cells / "isp.h5ad"
     servers = cluster.servers()
@@ -224,7 +224,7 @@ def test_isp_screen_survives_a_killed_worker_and_equals_one_server(cluster, cut_
 
 
 def test_embed_survives_a_killed_worker_and_equals_one_server(cluster, cut_cells, exported_repository, tmp_path):
-    from client.dask_jobs import run_embed_on_cluster
+    from geneformer_triton.client.dask_jobs import run_embed_on_cluster
     from geneformer_triton.cli import main as gftriton_main
 
     h5ad = cut_cells / "embed.h5ad"
@@ -249,7 +249,7 @@ def test_cli_with_given_servers(cluster, cut_cells, tmp_path):
     """``gftriton isp --cluster local:1 --servers URL,URL`` (the CLI's own entry point): one worker, no
     server of its own, a live and a closed server URL: the shards starting at the closed one must fail
     over to the live one, or they fail and the command returns non-zero."""
-    from client.isp_cli import main as isp_main
+    from geneformer_triton.client.isp_cli import main as isp_main
 
     server = next(iter(cluster.servers().values()))
     output = tmp_path / "given.parquet"
@@ -320,7 +320,7 @@ def test_options_are_checked(tmp_path):
 
 
 def test_watchdog_stops_the_group_only_when_the_parent_dies(tmp_path):
-    """client.triton_watchdog on stand-in processes: killing the 'worker' does not stop a 'server' group
+    """geneformer_triton.client.triton_watchdog on stand-in processes: killing the 'worker' does not stop a 'server' group
     in its own session (sleep; the leak the watchdog exists for); with the watchdog it is stopped."""
     import subprocess
     import sys
@@ -342,7 +342,7 @@ def test_watchdog_stops_the_group_only_when_the_parent_dies(tmp_path):
     worker, server = spawn_pair()
     folder = tmp_path / "work"
     folder.mkdir()
-    watchdog = subprocess.Popen([sys.executable, "-m", "client.triton_watchdog", "--parent", str(worker.pid),
+    watchdog = subprocess.Popen([sys.executable, "-m", "geneformer_triton.client.triton_watchdog", "--parent", str(worker.pid),
                                  "--group", str(server.pid), "--interval", "0.1", "--grace", "2",
                                  "--remove", str(folder)])
     try:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from geneformer_triton.evaluate_backends import (
+from geneformer_triton.evaluation.backends import (
     REFERENCE,
     EvaluationOptions,
     LabelledCells,
@@ -23,8 +23,8 @@ from geneformer_triton.evaluate_backends import (
     load_labelled_cells,
     stratified_subsample,
 )
-from geneformer_triton.evaluation import METRIC_DIRECTIONS
-from geneformer_triton.fidelity import FP32_MIN_COSINE, REDUCED_MIN_COSINE
+from geneformer_triton.evaluation.metrics import METRIC_DIRECTIONS
+from geneformer_triton.core.fidelity import FP32_MIN_COSINE, REDUCED_MIN_COSINE
 
 from conftest import MODEL_NAME, SHARED
 
@@ -42,7 +42,7 @@ def pbmc_cells(v1_vocabulary) -> LabelledCells:
 @pytest.fixture(scope="module")
 def served(triton_server, exported_repository, loaded_model, v1_vocabulary, pbmc_cells, tmp_path_factory):
     """One served evaluation (gRPC, every backend, N_SERVED cells) shared by the tests below."""
-    from client.triton_client import GeneformerClient
+    from geneformer_triton.client.triton_client import GeneformerClient
 
     cells = pbmc_cells.subset(stratified_subsample(pbmc_cells.labels, N_SERVED, seed=0))
     out = tmp_path_factory.mktemp("evaluate_served")
@@ -146,7 +146,7 @@ def small_h5ad(pbmc_cells, tmp_path_factory):
     """N_SMALL pbmc cells as a user .h5ad: gene symbols as var_names, counts in X, n_counts in obs."""
     import anndata as ad
 
-    from geneformer_triton.data.pbmc68k import load_pbmc68k_counts
+    from geneformer_triton.core.data.pbmc68k import load_pbmc68k_counts
 
     adata = load_pbmc68k_counts()
     index = stratified_subsample(adata.obs["bulk_labels"].astype(str).to_numpy(), N_SMALL, seed=0)
@@ -195,7 +195,7 @@ def test_local_mode_runs_exported_files_in_process(exported_repository, loaded_m
 
 
 def test_other_weights_than_the_served_ones_are_refused(exported_repository, v1_vocabulary, pbmc_cells):
-    from geneformer_triton.loading import random_geneformer
+    from geneformer_triton.model.loading import random_geneformer
 
     other = random_geneformer(MODEL_NAME, seed=1, vocabulary=v1_vocabulary)
     cells = pbmc_cells.subset(np.arange(20))

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from geneformer_triton import evaluation as ev
+from geneformer_triton.evaluation import metrics as ev
 
 CLASS_SIZES = {"a": 60, "b": 45, "c": 30, "ctrl": 25}
 
@@ -110,7 +110,7 @@ def test_stratified_split_is_disjoint_complete_and_stratified(blobs):
 
 def test_split_handles_classes_too_small_to_stratify(caplog):
     y = np.array(["a"] * 30 + ["b"] * 20 + ["lonely"])
-    with caplog.at_level(logging.WARNING, logger="geneformer_triton.evaluation"):
+    with caplog.at_level(logging.WARNING, logger="geneformer_triton.evaluation.metrics"):
         tr, te = ev.stratified_split(y)
     assert "lonely" in caplog.text
     assert 50 in tr and 50 not in te  # the singleton stays in training
@@ -408,7 +408,7 @@ def test_pbmc68k_counts():
     pytest.importorskip("scanpy")
     import scanpy as sc
 
-    from geneformer_triton.data.pbmc68k import load_pbmc68k_counts
+    from geneformer_triton.core.data.pbmc68k import load_pbmc68k_counts
 
     adata = load_pbmc68k_counts(symbol_to_ensembl={"CD3E": "ENSG00000198851", "HES4": "ENSG00000188290"})
     assert adata.shape == (700, 765)

@@ -12,12 +12,12 @@ import numpy as np
 import onnx
 import pytest
 
-from export.onnx_export import OPSET, PORTABLE_NAME, onnx_input_names
-from export.formats import EMBEDDING_FORMATS, ENCODER_FORMATS
-from geneformer_triton.contract import PACKED_GRAPH
-from geneformer_triton.fidelity import compare_variant
-from geneformer_triton.runtimes import embed_token_cells, onnx_encode_fn, torchscript_encode_fn
-from geneformer_triton.tokenizer import pad_token_batch
+from geneformer_triton.export.onnx_export import OPSET, PORTABLE_NAME, onnx_input_names
+from geneformer_triton.export.formats import EMBEDDING_FORMATS, ENCODER_FORMATS
+from geneformer_triton.core.contract import PACKED_GRAPH
+from geneformer_triton.core.fidelity import compare_variant
+from geneformer_triton.model.runtimes import embed_token_cells, onnx_encode_fn, torchscript_encode_fn
+from geneformer_triton.core.tokenizer import pad_token_batch
 
 SHAPES = [(1, 2048), (5, 2048), (1, 17), (5, 64)]  # (batch, length): maximum and short lengths
 
@@ -32,7 +32,7 @@ def _runtime(repository, name):
 def test_exported_encoder_fidelity_on_real_cells(exported_repository, reference_encoder, loaded_model, celltypist_tokens, name):
     encode, fmt = _runtime(exported_repository, name)
     if fmt.emb_layer is not None:  # a variant exported at a fixed layer (geneformer_onnx_isp)
-        from geneformer_triton.runtimes import torch_encode_fn
+        from geneformer_triton.model.runtimes import torch_encode_fn
 
         reference_encoder = torch_encode_fn(loaded_model.encoder(emb_layer=fmt.emb_layer))
     cells = celltypist_tokens[:24]
@@ -106,9 +106,9 @@ def test_cli_export_into_a_new_folder_is_served(tmp_path):
     from conftest import REPO_ROOT
     from test_security_lifecycle import _wait_for
 
-    from client.triton_client import GeneformerClient
-    from geneformer_triton.dictionaries import load_vocabulary
-    from geneformer_triton.server import free_port
+    from geneformer_triton.client.triton_client import GeneformerClient
+    from geneformer_triton.core.dictionaries import load_vocabulary
+    from geneformer_triton.serving.server import free_port
 
     repository = tmp_path / "new" / "repo"
     result = _gftriton("export", "--random-weights", "--repository", str(repository), "--formats", "onnx,torchscript")

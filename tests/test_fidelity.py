@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from geneformer_triton.fidelity import (
+from geneformer_triton.core.fidelity import (
     GATES,
     MIN_NEIGHBOUR_CELLS,
     compare_variant,
@@ -73,7 +73,7 @@ def test_knn_overlap_counts_shared_neighbours():
 def test_knn_overlap_needs_enough_neighbours_to_be_gated(cells_like):
     """Below MIN_KNN_K neighbours (N < 11 cells) one changed neighbour moves the overlap by >= 0.2: not gated;
     from N = 11 on it is computed (and a scrambled variant fails it)."""
-    from geneformer_triton.fidelity import MIN_KNN_K
+    from geneformer_triton.core.fidelity import MIN_KNN_K
 
     small = cells_like[: 2 * MIN_KNN_K]
     assert math.isnan(embedding_fidelity(small, small)["knn_overlap"])
@@ -122,7 +122,7 @@ def test_isp_shift_agreement():
 
 # ------------------------------------------------------------------------------- test weights
 def test_test_weights_are_non_trivial_and_seeded(loaded_model, v1_vocabulary):
-    from geneformer_triton.loading import random_geneformer
+    from geneformer_triton.model.loading import random_geneformer
 
     params = dict(loaded_model.model.named_parameters())
     for name, value in params.items():
@@ -142,7 +142,7 @@ def test_test_weights_are_non_trivial_and_seeded(loaded_model, v1_vocabulary):
 def test_cells_are_distinguishable_by_their_genes(reference_encoder, celltypist_tokens):
     """Different cells are far apart (HF's default init gave cosine 0.998-0.9998) and embedding similarity
     follows gene overlap (Jaccard of token sets), not length."""
-    from geneformer_triton.runtimes import embed_token_cells
+    from geneformer_triton.model.runtimes import embed_token_cells
 
     embeddings = embed_token_cells(reference_encoder, celltypist_tokens, batch_size=8)
     unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
@@ -169,7 +169,7 @@ def isp_cell(celltypist_tokens) -> np.ndarray:
 
 def _delete_shifts(encode, cell, perturb_type="delete", rank_shift=None) -> np.ndarray:
     """Per-gene shift of deleting each gene in turn: 1 - cos(original cell, perturbed cell)."""
-    from geneformer_triton.perturbation import run_perturbation
+    from geneformer_triton.core.perturbation import run_perturbation
 
     return 1.0 - run_perturbation(encode, cell, perturb_type, "all", rank_shift=rank_shift).cell_shift
 
@@ -181,7 +181,7 @@ def isp_reference(reference_encoder, isp_cell) -> np.ndarray:
 
 @pytest.mark.parametrize("model, precision", [("geneformer_onnx", "fp32"), ("geneformer_onnx_fp16", "fp16")])
 def test_exported_isp_shifts_match_reference(exported_repository, isp_cell, isp_reference, model, precision):
-    from geneformer_triton.runtimes import onnx_encode_fn
+    from geneformer_triton.model.runtimes import onnx_encode_fn
 
     shifts = _delete_shifts(onnx_encode_fn(exported_repository / model / "1" / "model.onnx"), isp_cell)
     agreement = isp_shift_agreement(shifts, isp_reference)

@@ -25,7 +25,7 @@ MODEL_ARGS = ["--model", MODEL_NAME, "--random-weights", "--dictionaries", str(S
 
 @pytest.fixture(scope="module")
 def variant_server(exported_repository, loaded_model, tmp_path_factory):
-    from geneformer_triton.server import LocalTritonServer
+    from geneformer_triton.serving.server import LocalTritonServer
 
     repository = tmp_path_factory.mktemp("variants") / "model_repository"
     broken = build_variant_repository(exported_repository, loaded_model, repository)

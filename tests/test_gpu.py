@@ -4,8 +4,8 @@ fails, it never skips (docs/testing.md says when it is deselected instead)."""
 
 from __future__ import annotations
 
-from geneformer_triton.fidelity import compare_variant
-from geneformer_triton.runtimes import embed_token_cells, torch_encode_fn
+from geneformer_triton.core.fidelity import compare_variant
+from geneformer_triton.model.runtimes import embed_token_cells, torch_encode_fn
 
 
 def test_bf16_encoder_on_the_gpu_holds_the_bf16_gate(cuda_device, loaded_model, reference_encoder, celltypist_tokens):

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, SHARED, write_helical_cache
-from geneformer_triton.fidelity import compare_variant
-from geneformer_triton.runtimes import embed_token_cells, torch_encode_fn
-from geneformer_triton.tokenizer import RankValueTokenizer
+from geneformer_triton.core.fidelity import compare_variant
+from geneformer_triton.model.runtimes import embed_token_cells, torch_encode_fn
+from geneformer_triton.core.tokenizer import RankValueTokenizer
 
 EMBED_CELLS = 24
 
@@ -46,9 +46,9 @@ def _run_helical(helical_python, tmp_path, loaded, version, adata, embed):
 
 @pytest.mark.parametrize("version, name, input_size", [("v1", "gf-6L-10M-i2048", 2048), ("v2", "gf-12L-38M-i4096", 4096)])
 def test_tokens_and_embeddings_match_helical(helical_python, tmp_path, version, name, input_size):
-    from geneformer_triton.data.celltypist_sample import load_celltypist_sample
-    from geneformer_triton.dictionaries import load_vocabulary
-    from geneformer_triton.loading import random_geneformer
+    from geneformer_triton.core.data.celltypist_sample import load_celltypist_sample
+    from geneformer_triton.core.dictionaries import load_vocabulary
+    from geneformer_triton.model.loading import random_geneformer
 
     vocabulary = load_vocabulary(SHARED / "geneformer" / version)
     adata = load_celltypist_sample(symbol_to_ensembl=vocabulary.gene_name_to_id)

@@ -12,12 +12,12 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from bench.isp_bench import rank_preserving_counts
-from bench.isp_fastpath import DeleteAllRunner, baseline_delete_all
-from geneformer_triton.encoder import GeneformerEncoder
-from geneformer_triton.perturbation import plan_perturbations, run_plan
-from geneformer_triton.runtimes import torch_encode_fn
-from geneformer_triton.tokenizer import RankValueTokenizer
+from geneformer_triton.bench.isp_bench import rank_preserving_counts
+from geneformer_triton.bench.isp_fastpath import DeleteAllRunner, baseline_delete_all
+from geneformer_triton.model.encoder import GeneformerEncoder
+from geneformer_triton.core.perturbation import plan_perturbations, run_plan
+from geneformer_triton.model.runtimes import torch_encode_fn
+from geneformer_triton.core.tokenizer import RankValueTokenizer
 
 
 def reference_shift(encoder, tokens, cls=None, eos=None):
@@ -62,8 +62,8 @@ def test_rank_preserving_counts_tokenize_back_to_the_cell(v1_vocabulary, celltyp
 
 @pytest.fixture(scope="module")
 def upstream_quick(tmp_path_factory):
-    """``bench.isp_upstream_bench --mode quick``: real upstream InSilicoPerturber, ours in process and served."""
-    from bench.isp_upstream_bench import BenchOptions, prepare, run_benchmark
+    """``geneformer_triton.bench.isp_upstream_bench --mode quick``: real upstream InSilicoPerturber, ours in process and served."""
+    from geneformer_triton.bench.isp_upstream_bench import BenchOptions, prepare, run_benchmark
 
     root = tmp_path_factory.mktemp("isp_upstream")
     options = BenchOptions(mode="quick", out=str(root / "out"), work=str(root / "work"))
@@ -111,8 +111,8 @@ def test_quick_report_structure_and_equal_numbers(upstream_quick):
 def test_agreement_check_rejects_wrong_numbers(upstream_quick):
     """Negative controls: our side at the wrong emb_layer (0 = last layer) fails the agreement check, and so
     do values nudged by 1e-4 or missing one perturbation."""
-    from bench.isp_upstream_bench import agreement, load_upstream_values, worker_run
-    from bench.isp_worker import run_inprocess
+    from geneformer_triton.bench.isp_upstream_bench import agreement, load_upstream_values, worker_run
+    from geneformer_triton.bench.isp_worker import run_inprocess
 
     _, context = upstream_quick
     theirs = load_upstream_values(context, "cell_and_gene")
@@ -131,8 +131,8 @@ def test_agreement_check_rejects_wrong_numbers(upstream_quick):
 def test_precision_comparison_scores_rankings(exported_repository, celltypist_tokens, v1_vocabulary):
     """bench/isp_precision.py: int8 vs fp32 reduced ISP encoders on a real cell; the ranking metrics give 1 for
     identical outputs and reject a reversed ranking (negative control)."""
-    from bench.isp_precision import TOP, compare, run_delete_all
-    from export.onnx_export import onnx_session
+    from geneformer_triton.bench.isp_precision import TOP, compare, run_delete_all
+    from geneformer_triton.export.onnx_export import onnx_session
 
     cell = np.asarray(celltypist_tokens[0][:40], dtype=np.int64)
     outputs = {}

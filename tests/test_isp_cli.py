@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from client.isp import CellTable, IspSpec, ResultStore, cell_rows
+from geneformer_triton.client.isp import CellTable, IspSpec, ResultStore, cell_rows
 from geneformer_triton.cli import build_parser
 
 

@@ -2,7 +2,7 @@
 
 The oracle is upstream's unmodified ``InSilicoPerturber`` (+ ``EmbExtractor.get_state_embs`` for cell
 states) run on CPU by ``../shared/reference/oracle/run_oracle.py`` in helical's venv plus a small overlay
-(``scripts/setup_oracle_env.sh``), on our exported weights (``export.checkpoint.save_checkpoint``). Cells:
+(``scripts/setup_oracle_env.sh``), on our exported weights (``geneformer_triton.export.checkpoint.save_checkpoint``). Cells:
 short perturbench cells (counts recovered from the log-normalized file) and one celltypist cell cut to its
 top-ranked genes. Each oracle configuration runs once per session; several configurations are asserted
 on each run. fp32 encoders must match within 1e-5 with identical rankings; where upstream is wrong
@@ -24,11 +24,11 @@ import pytest
 import scipy.sparse as sp
 from scipy import stats
 
-from client.isp import CellTable, IspSpec, ResultStore, cell_table_from_anndata, run_isp, upstream_state_embedding
+from geneformer_triton.client.isp import CellTable, IspSpec, ResultStore, cell_table_from_anndata, run_isp, upstream_state_embedding
 import oracle_env
-from client.triton_client import GeneformerClient
-from geneformer_triton.isp_upstream import plan_upstream, score
-from geneformer_triton.tokenizer import RankValueTokenizer
+from geneformer_triton.client.triton_client import GeneformerClient
+from geneformer_triton.core.isp_upstream import plan_upstream, score
+from geneformer_triton.core.tokenizer import RankValueTokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GFTRITON_SHARED_DIR", REPO_ROOT.parent / "shared"))
@@ -51,7 +51,7 @@ def oracle_python() -> str:
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory, loaded_model) -> Path:
-    from export.checkpoint import save_checkpoint
+    from geneformer_triton.export.checkpoint import save_checkpoint
 
     return save_checkpoint(loaded_model, tmp_path_factory.mktemp("checkpoint") / "gf")
 
@@ -234,7 +234,7 @@ def test_wrong_layer_is_rejected(oracle, ours, cells, v1_vocabulary):
 def test_kept_perturbed_gene_is_rejected(oracle, tokens, loaded_model):
     """Negative control: in-process, the correct plan matches upstream and one that keeps the deleted gene
     in the comparison (positions shifted by one) does not."""
-    from geneformer_triton.runtimes import torch_encode_fn
+    from geneformer_triton.model.runtimes import torch_encode_fn
 
     theirs = oracle_cell_values(oracle("delete_all_-1"))
     encode = torch_encode_fn(loaded_model.encoder(emb_layer=-2))
@@ -337,14 +337,14 @@ V2_ROWS = list(range(N_SHORT))
 
 @pytest.fixture(scope="session")
 def v2_model(v2_vocabulary):
-    from geneformer_triton.loading import random_geneformer
+    from geneformer_triton.model.loading import random_geneformer
 
     return random_geneformer(V2_MODEL, seed=0, vocabulary=v2_vocabulary)
 
 
 @pytest.fixture(scope="session")
 def v2_checkpoint(tmp_path_factory, v2_model) -> Path:
-    from export.checkpoint import save_checkpoint
+    from geneformer_triton.export.checkpoint import save_checkpoint
 
     return save_checkpoint(v2_model, tmp_path_factory.mktemp("checkpoint_v2") / "gf2")
 
@@ -364,8 +364,8 @@ def v2_tokens(cells, v2_vocabulary) -> list[np.ndarray]:
 @pytest.fixture(scope="session")
 def v2_server(tmp_path_factory, v2_model):
     """A real tritonserver serving the V2 ISP model on our exported V2 encoders (hidden_states[n-1] and [n])."""
-    from export.repository import export_model_repository
-    from geneformer_triton.server import LocalTritonServer
+    from geneformer_triton.export.repository import export_model_repository
+    from geneformer_triton.serving.server import LocalTritonServer
 
     repository = tmp_path_factory.mktemp("exported_v2") / "model_repository"  # empty: export writes all of it
     export_model_repository(v2_model, repository, formats=("onnx_isp", "onnx"))
@@ -503,7 +503,7 @@ def test_v2_special_tokens_negative_controls(batch_oracle, v2_tokens, v2_model):
     """In-process, V2 cell 0 (delete all): our plan + <cls> scoring matches upstream; scoring it as a V1 cell
     (mean of gene cosines, <cls> ignored) does not, nor do gene cosines read one position off (<cls> compared
     as the first gene)."""
-    from geneformer_triton.runtimes import torch_encode_fn
+    from geneformer_triton.model.runtimes import torch_encode_fn
 
     theirs = batch_oracle["v2_delete_all_-1"]
     encode = torch_encode_fn(v2_model.encoder(emb_layer=-2))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from client.isp import ResultStore
+from geneformer_triton.client.isp import ResultStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GFTRITON_SHARED_DIR", REPO_ROOT.parent / "shared"))
@@ -26,7 +26,7 @@ EXIT_CODE = 86
 # run the isp CLI, killing the process after the CRASH_BATCH-th part written into folder argv[1]
 CRASHING_CLI = """
 import os, sys
-import client.isp as isp
+import geneformer_triton.client.isp as isp
 folder, batch = sys.argv[1], int(sys.argv[2])
 write, seen = isp.ResultStore._write_parquet, []
 def crashing(self, frame, target, name):
@@ -37,7 +37,7 @@ def crashing(self, frame, target, name):
             os._exit(%d)
     return path
 isp.ResultStore._write_parquet = crashing
-from client.isp_cli import main
+from geneformer_triton.client.isp_cli import main
 sys.exit(main(sys.argv[3:]))
 """ % EXIT_CODE
 
@@ -68,7 +68,7 @@ def _contents(output: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 @pytest.fixture(scope="module")
 def uninterrupted(triton_server, tmp_path_factory) -> tuple[pd.DataFrame, pd.DataFrame]:
     output = tmp_path_factory.mktemp("resume") / "whole.parquet"
-    done = _run([sys.executable, "-m", "client.isp_cli", *_args(triton_server, output)])
+    done = _run([sys.executable, "-m", "geneformer_triton.client.isp_cli", *_args(triton_server, output)])
     assert done.returncode == 0, done.stderr[-3000:]
     rows, genes = _contents(output)
     assert rows["cell_id"].nunique() == N_CELLS and len(genes) > N_CELLS
@@ -82,7 +82,7 @@ def test_killed_mid_batch_resumes_to_the_uninterrupted_result(folder, triton_ser
     assert killed.returncode == EXIT_CODE, killed.stderr[-3000:]
     on_disk = sorted(p.name for p in (output / "_genes").glob("part-*.parquet"))
     assert len(on_disk) == CRASH_BATCH  # the killed batch's gene part is there, uncommitted
-    resumed = _run([sys.executable, "-m", "client.isp_cli", *_args(triton_server, output)])
+    resumed = _run([sys.executable, "-m", "geneformer_triton.client.isp_cli", *_args(triton_server, output)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{CRASH_BATCH - 1} already done" in resumed.stderr
     rows, genes = _contents(output)

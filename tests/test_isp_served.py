@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.isp import COLUMNS, ResultStore
-from client.triton_client import GeneformerClient, InferenceError
-from geneformer_triton.perturbation import cosine, plan_perturbations, run_plan
-from geneformer_triton.tokenizer import RankValueTokenizer, pad_token_batch
+from geneformer_triton.client.isp import COLUMNS, ResultStore
+from geneformer_triton.client.triton_client import GeneformerClient, InferenceError
+from geneformer_triton.core.perturbation import cosine, plan_perturbations, run_plan
+from geneformer_triton.core.tokenizer import RankValueTokenizer, pad_token_batch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GFTRITON_SHARED_DIR", REPO_ROOT.parent / "shared"))
@@ -298,7 +298,7 @@ def test_isp_subcommand_is_registered():
     from geneformer_triton.cli import build_parser
 
     args = build_parser().parse_args(["isp", "--output", "x.csv", "--targets", "GATA1,SPI1", "--target-mode", "set"])
-    assert args.func.__module__ == "client.isp_cli" and args.target_mode == "set"
+    assert args.func.__module__ == "geneformer_triton.client.isp_cli" and args.target_mode == "set"
 
 
 @pytest.fixture(scope="module")
@@ -331,8 +331,8 @@ def read_parts(folder: Path) -> pd.DataFrame:
 
 
 def _isp_cli(triton_server, h5ad, output, *extra):
-    # `python -m client.isp_cli ARGS` == `gftriton isp ARGS` (registration: test_isp_subcommand_is_registered)
-    return [sys.executable, "-m", "client.isp_cli", "--url", triton_server.grpc_url,
+    # `python -m geneformer_triton.client.isp_cli ARGS` == `gftriton isp ARGS` (registration: test_isp_subcommand_is_registered)
+    return [sys.executable, "-m", "geneformer_triton.client.isp_cli", "--url", triton_server.grpc_url,
             "--h5ad", str(h5ad), "--output", str(output), "--concurrency", "2", "--flush-every", "1",
             "--no-progress", "--top", "5", "--semantics", "ours", "--target-mode", "each", *extra]
 
@@ -413,7 +413,7 @@ def test_csv_store_repairs_a_torn_append(tmp_path):
 
 def test_client_goal_state_from_reference_cells(triton_server, small_h5ad, tokenizer, v1_vocabulary, reference_encoder, tmp_path):
     """Goal state = mean embedding of reference cells (via the embedding ensemble); goal shifts == reference."""
-    from client.isp import IspSpec, load_cells, run_isp, state_embedding
+    from geneformer_triton.client.isp import IspSpec, load_cells, run_isp, state_embedding
 
     cells = load_cells(str(small_h5ad))
     rows = [int(r) for r in np.flatnonzero(cells.obs["group"] == "reference")]
@@ -443,9 +443,9 @@ def test_engine_with_special_tokens_in_process(v2_vocabulary, top_gene_cells):
     import torch
     from transformers import BertConfig, BertModel
 
-    from geneformer_triton.encoder import GeneformerEncoder
-    from geneformer_triton.isp_service import IspEngine, parse_request, run_job
-    from geneformer_triton.runtimes import torch_encode_fn
+    from geneformer_triton.model.encoder import GeneformerEncoder
+    from geneformer_triton.core.isp_service import IspEngine, parse_request, run_job
+    from geneformer_triton.model.runtimes import torch_encode_fn
 
     torch.manual_seed(0)
     bert = BertModel(BertConfig(vocab_size=len(v2_vocabulary), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -470,7 +470,7 @@ def test_engine_with_special_tokens_in_process(v2_vocabulary, top_gene_cells):
 
 
 def test_client_records_rejected_and_skipped_cells(triton_server, small_h5ad, tmp_path):
-    from client.isp import IspSpec, load_cells, run_isp
+    from geneformer_triton.client.isp import IspSpec, load_cells, run_isp
 
     cells = load_cells(str(small_h5ad))
     genes_a, _ = cells.cell(0)
@@ -521,7 +521,7 @@ def test_overexpress_absent_gene_in_control_cells(triton_server, exported_reposi
 def test_unknown_target_dropped_and_named_others_run(triton_server, small_h5ad, tmp_path):
     output = tmp_path / "drop.parquet"
     with GeneformerClient(triton_server.grpc_url, concurrency=2) as client:
-        from client.isp import IspSpec, load_cells, run_isp
+        from geneformer_triton.client.isp import IspSpec, load_cells, run_isp
 
         cells = load_cells(str(small_h5ad))
         genes, _ = cells.cell(0)
@@ -547,7 +547,7 @@ def test_run_without_results_exits_nonzero_with_reason(triton_server, small_h5ad
                                       "--max-cells", 1, "--retries", 0, "--retry-backoff", 0.1,
                                       "--dictionaries", SHARED / "geneformer" / "v1"]])
 def test_unreachable_server_exits_3(tmp_path, command):
-    from geneformer_triton.server import free_port
+    from geneformer_triton.serving.server import free_port
 
     args = [tmp_path / "x.parquet" if a == "OUT" else a for a in command]
     done = _gftriton(*args, "--url", f"127.0.0.1:{free_port()}")
@@ -557,7 +557,7 @@ def test_unreachable_server_exits_3(tmp_path, command):
 def test_target_beyond_input_size_is_dropped_in_process(v1_vocabulary, top_gene_cells):
     """A 16-token input: a target ranked beyond it is dropped for that cell with the reason (ours, one at a
     time) while the other targets run; a joint delete (upstream) skips the cell saying why."""
-    from geneformer_triton.isp_service import IspEngine, IspInputError, parse_request
+    from geneformer_triton.core.isp_service import IspEngine, IspInputError, parse_request
 
     engine = IspEngine(v1_vocabulary, 16, False, max_tokens_per_batch=4096)
     gene_ids, counts, n_counts = top_gene_cells[0]

@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from geneformer_triton.isp_stats import (
+from geneformer_triton.core.isp_stats import (
     CELL_EMB, GeneDictionaries, IspStatsError, StatsOptions, benjamini_hochberg, compute_stats,
     rank_sum_two_samples, rank_sum_vs_reference,
 )
-from geneformer_triton.isp_stats_readers import (
+from geneformer_triton.core.isp_stats_readers import (
     ISP_RESULT_COLUMNS, shifts_from_isp_results, shifts_from_oracle_json, shifts_from_upstream_dir,
 )
 
@@ -48,9 +48,9 @@ def _prepare_inputs(folder: Path) -> dict:
     """Tokens (.npz) of real cells, their labels, a seeded random checkpoint; genes for the list runs."""
     import anndata as ad
 
-    from geneformer_triton.dictionaries import load_vocabulary
-    from geneformer_triton.loading import random_geneformer
-    from geneformer_triton.tokenizer import RankValueTokenizer
+    from geneformer_triton.core.dictionaries import load_vocabulary
+    from geneformer_triton.model.loading import random_geneformer
+    from geneformer_triton.core.tokenizer import RankValueTokenizer
 
     vocabulary = load_vocabulary(DICTS)
     adata = ad.read_h5ad(NORMAN, backed="r")
@@ -241,7 +241,7 @@ def _isp_result_rows(oracle: dict, run: str, dictionaries: GeneDictionaries) -> 
 
 def test_our_isp_results_adapter(oracle, dictionaries, tmp_path):
     """Our ISP output's rows carrying upstream's values give upstream's stats (function and CLI --input)."""
-    from client.isp import STATE_PREFIX, UPSTREAM_SCORE
+    from geneformer_triton.client.isp import STATE_PREFIX, UPSTREAM_SCORE
 
     from geneformer_triton.cli import main
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from geneformer_triton.isp_upstream import UpstreamPlanError, cell_vector, plan_upstream, score
+from geneformer_triton.core.isp_upstream import UpstreamPlanError, cell_vector, plan_upstream, score
 
 CLS, EOS = 2, 3
 CELL = np.array([CLS, 10, 11, 12, 13, EOS])

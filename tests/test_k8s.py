@@ -126,7 +126,7 @@ def test_hpa_metric_is_served_by_the_adapter_rule(manifests):
 
 
 def test_client_job_points_at_the_service_and_parses(manifests):
-    from client.dask_engine import ClusterOptions
+    from geneformer_triton.client.dask_engine import ClusterOptions
     from geneformer_triton.cli import build_parser
 
     (container,) = manifests[("Job", "gftriton-isp")]["spec"]["template"]["spec"]["containers"]
@@ -137,7 +137,7 @@ def test_client_job_points_at_the_service_and_parses(manifests):
     ports = {p["port"] for p in service["spec"]["ports"]}
     assert [(t.url, t.protocol) for t in options.servers] == [(f"{service['metadata']['name']}:8000", "http")]
     assert int(options.servers[0].url.rsplit(":", 1)[1]) in ports
-    assert options.cluster == "local:8" and args.func.__module__ == "client.isp_cli"
+    assert options.cluster == "local:8" and args.func.__module__ == "geneformer_triton.client.isp_cli"
     with pytest.raises(SystemExit):  # negative control: the parser does reject an unknown option
         build_parser().parse_args([*container["args"], "--no-such-option"])
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from geneformer_triton.dictionaries import DictionaryError, load_vocabulary
-from geneformer_triton.encoder import GeneformerEncoder, hidden_state_index
-from geneformer_triton.loading import ModelLoadError, load_checkpoint, load_geneformer, random_geneformer
-from geneformer_triton.model_specs import DEPRECATED_NAMES, MODEL_SPECS, get_model_spec
+from geneformer_triton.core.dictionaries import DictionaryError, load_vocabulary
+from geneformer_triton.model.encoder import GeneformerEncoder, hidden_state_index
+from geneformer_triton.model.loading import ModelLoadError, load_checkpoint, load_geneformer, random_geneformer
+from geneformer_triton.model.specs import DEPRECATED_NAMES, MODEL_SPECS, get_model_spec
 
 from conftest import SHARED, write_helical_cache
 
@@ -85,7 +85,7 @@ def test_checkpoint_errors(tmp_path, loaded_model):
 
 def test_encoder_matches_huggingface_hidden_states(loaded_model, celltypist_tokens):
     """Our encoder-only forward equals BertForMaskedLM's hidden_states[emb_layer] masked mean."""
-    from geneformer_triton.tokenizer import pad_token_batch
+    from geneformer_triton.core.tokenizer import pad_token_batch
 
     ids, mask = (torch.from_numpy(a) for a in pad_token_batch(celltypist_tokens[:3]))
     ids, mask = ids[:, :300], mask[:, :300]

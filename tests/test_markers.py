@@ -27,7 +27,7 @@ def _pytest(tmp_path: Path, source: str, *args: str) -> subprocess.CompletedProc
 
 def test_an_unmarked_test_that_starts_a_server_fails(tmp_path):
     result = _pytest(tmp_path, """
-        from geneformer_triton.server import LocalTritonServer
+        from geneformer_triton.serving.server import LocalTritonServer
 
         def test_unmarked(tmp_path):
             (tmp_path / "repo").mkdir()
@@ -41,7 +41,7 @@ def test_an_unmarked_test_that_starts_a_server_fails(tmp_path):
 def test_a_marked_test_that_starts_a_server_passes(tmp_path):
     result = _pytest(tmp_path, """
         import pytest
-        from geneformer_triton.server import LocalTritonServer
+        from geneformer_triton.serving.server import LocalTritonServer
 
         @pytest.mark.e2e
         def test_marked(tmp_path):

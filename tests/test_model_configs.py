@@ -1,7 +1,7 @@
 """Generated Triton configs: the checked-in ones are golden files of export/model_configs.py.
 
 Every config.pbtxt and configs/{cpu,gpu}.pbtxt under model_repository/ (and the TensorRT ones under
-deploy/) is regenerated from geneformer_triton/contract.py and compared byte for byte; a changed spec
+deploy/) is regenerated from geneformer_triton/core/contract.py and compared byte for byte; a changed spec
 must make the comparison fail. Each generated file parses with Triton's own ModelConfig protobuf.
 """
 
@@ -15,9 +15,9 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export import model_configs as gen
-from geneformer_triton import contract, isp_service
-from geneformer_triton.model_specs import DEFAULT_MODEL, MODEL_SPECS
+from geneformer_triton.export import model_configs as gen
+from geneformer_triton.core import contract, isp_service
+from geneformer_triton.model.specs import DEFAULT_MODEL, MODEL_SPECS
 
 ROOT = Path(__file__).resolve().parent.parent
 REPOSITORY = ROOT / "model_repository"
@@ -31,8 +31,8 @@ def parse(text: str) -> mc.ModelConfig:
 @pytest.mark.parametrize("folder,generated", GOLDEN, ids=[g.path for _, g in GOLDEN])
 def test_checked_in_config_is_the_generated_one(folder, generated):
     path = folder / generated.path
-    assert path.is_file(), f"{path} missing: run python -m export.model_configs --write"
-    assert path.read_text() == generated.text(), f"{path} differs from the contract: python -m export.model_configs --write"
+    assert path.is_file(), f"{path} missing: run python -m geneformer_triton.export.model_configs --write"
+    assert path.read_text() == generated.text(), f"{path} differs from the contract: python -m geneformer_triton.export.model_configs --write"
     assert parse(path.read_text()) == generated.config
 
 

@@ -19,14 +19,14 @@ import onnx
 import pytest
 import torch
 
-from client.check import check_server, discover_models, local_manifests
-from client.triton_client import GeneformerClient
-from export.formats import ENCODER_FORMATS
-from geneformer_triton.contract import PACKED_GRAPH
-from export.packed_export import DYNAMIC_AXES, INPUT_NAMES, OUTPUT_NAMES, PackedEncoder, _example_inputs, flat_batch
-from export.repository import export_model_repository
-from geneformer_triton.fidelity import compare_variant
-from geneformer_triton.runtimes import embed_token_cells, onnx_encode_fn
+from geneformer_triton.client.check import check_server, discover_models, local_manifests
+from geneformer_triton.client.triton_client import GeneformerClient
+from geneformer_triton.export.formats import ENCODER_FORMATS
+from geneformer_triton.core.contract import PACKED_GRAPH
+from geneformer_triton.export.packed_export import DYNAMIC_AXES, INPUT_NAMES, OUTPUT_NAMES, PackedEncoder, _example_inputs, flat_batch
+from geneformer_triton.export.repository import export_model_repository
+from geneformer_triton.core.fidelity import compare_variant
+from geneformer_triton.model.runtimes import embed_token_cells, onnx_encode_fn
 
 from conftest import REPO_ROOT
 
@@ -71,7 +71,7 @@ def _served() -> list[str]:
 
 @pytest.fixture(scope="module")
 def packed_server(packed_repository):
-    from geneformer_triton.server import LocalTritonServer
+    from geneformer_triton.serving.server import LocalTritonServer
 
     with LocalTritonServer(packed_repository, models=["geneformer_tokenizer", *_served(), LEAKY],
                            model_config_name="cpu", backends="real") as server:
@@ -165,8 +165,8 @@ def test_dynamic_batcher_merges_cells_of_different_lengths(packed_server, cells,
 def test_served_flops_count_padding_only_for_padded_models():
     """Hand-computed (H=2, I=4, one layer: 32 MACs per token, 2 L H per token of attention): cells of 1 and 3
     tokens in one request cost 2 x 3 x (32 + 12) = 264 FLOPs each padded, 72 and 264 at their own lengths."""
-    from bench.cells import Architecture, CellSet
-    from bench.triton_bench import SERVED, served_flops
+    from geneformer_triton.bench.cells import Architecture, CellSet
+    from geneformer_triton.bench.triton_bench import SERVED, served_flops
 
     Cells = CellSet(tokens=[np.array([5]), np.array([5, 6, 7])], rows=np.arange(2))
 

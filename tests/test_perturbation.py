@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from geneformer_triton.encoder import GeneformerEncoder
-from geneformer_triton.runtimes import torch_encode_fn
-from geneformer_triton.tokenizer import pad_token_batch
-from geneformer_triton.perturbation import (
+from geneformer_triton.model.encoder import GeneformerEncoder
+from geneformer_triton.model.runtimes import torch_encode_fn
+from geneformer_triton.core.tokenizer import pad_token_batch
+from geneformer_triton.core.perturbation import (
     PerturbationError,
     chunk_by_token_budget,
     perturb_sequence,
@@ -296,7 +296,7 @@ def test_encode_may_return_torch_tensors(enc_v1):
 def test_numpy_part_imports_without_torch():
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import geneformer_triton.perturbation as p\n"
+        "import geneformer_triton.core.perturbation as p\n"
         "print(p.perturb_sequence([5, 6, 7, 8], 7, 'overexpress').tolist())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -357,7 +357,7 @@ def test_runner_errors(enc_v1):
 
 
 def test_upstream_all_plans_by_hand():
-    from geneformer_triton.isp_upstream import plan_upstream
+    from geneformer_triton.core.isp_upstream import plan_upstream
 
     cell = np.array([10, 11, 12, 13])
     delete = plan_upstream(cell, "delete", "all").perturbations
@@ -373,7 +373,7 @@ def test_upstream_all_plans_by_hand():
 
 
 def test_upstream_list_plans_by_hand():
-    from geneformer_triton.isp_upstream import UpstreamPlanError, plan_upstream
+    from geneformer_triton.core.isp_upstream import UpstreamPlanError, plan_upstream
 
     cell = np.array([10, 11, 12, 13, 14])
     (joint,) = plan_upstream(cell, "delete", [13, 11]).perturbations
@@ -395,7 +395,7 @@ def test_upstream_list_plans_by_hand():
 
 
 def test_upstream_scores_by_hand():
-    from geneformer_triton.isp_upstream import Perturbation, layer_index, score
+    from geneformer_triton.core.isp_upstream import Perturbation, layer_index, score
 
     original = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     perturbed = np.array([[1.0, 0.0], [1.0, 1.0]])  # gene 1 deleted, gene 0 unchanged, gene 2 unchanged

@@ -128,7 +128,7 @@ class Sandbox:
 
     def serve(self, command: str) -> None:
         """Start the README's ``gftriton serve`` command in the background; wait until it is ready."""
-        from geneformer_triton.server import free_port
+        from geneformer_triton.serving.server import free_port
 
         self.require(EXPORT)
         self.ports = {"http": free_port(), "grpc": free_port()}
@@ -183,7 +183,7 @@ def readme_server(readme_sandbox) -> Sandbox:
 # README commands other commands depend on
 EXPORT = "gftriton export --random-weights --dictionaries ../shared/geneformer/v1"
 SERVE = "gftriton serve --repository model_repository --http-port 8000 --grpc-port 8001 --exit-timeout 60"
-CELLS_H5AD = (""".venv/bin/python -c "from geneformer_triton.data.celltypist_sample import load_celltypist_sample; """
+CELLS_H5AD = (""".venv/bin/python -c "from geneformer_triton.core.data.celltypist_sample import load_celltypist_sample; """
               """load_celltypist_sample(n_cells=8).write_h5ad('cells.h5ad')\"""")
 OE_KLF1 = ("gftriton isp --h5ad ../shared/data/perturbench_norman19_k562.h5ad --cells condition=control --max-cells 12 "
            "--perturbation overexpress --targets KLF1 --allow-non-integer --output oe_klf1.parquet")
@@ -335,7 +335,7 @@ def _embed_h5ad(command: str, server: Sandbox) -> None:
 def _embed_csv(command: str, server: Sandbox) -> None:
     import pandas as pd
 
-    from geneformer_triton.data.celltypist_sample import fetch_celltypist_files
+    from geneformer_triton.core.data.celltypist_sample import fetch_celltypist_files
 
     sample, _ = fetch_celltypist_files()
     with sample.open() as source:  # the celltypist sample's CSV, its first 6 cells
@@ -364,7 +364,7 @@ def _isp_outputs(sandbox: Sandbox, output: str) -> None:
 def _isp_delete_all(command: str, server: Sandbox) -> None:
     import numpy as np
 
-    from geneformer_triton.data.celltypist_sample import load_celltypist_sample
+    from geneformer_triton.core.data.celltypist_sample import load_celltypist_sample
 
     cells = load_celltypist_sample(n_cells=2)
     keep = np.unique(np.concatenate([np.argsort(-cells.X[row].toarray().ravel())[:24] for row in range(2)]))

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.triton_client import GeneformerClient, PermissionDeniedError, RetryPolicy
+from geneformer_triton.client.triton_client import GeneformerClient, PermissionDeniedError, RetryPolicy
 from conftest import one_model_repository
-from geneformer_triton.security import ApiAccess
-from geneformer_triton.server import LocalTritonServer
+from geneformer_triton.serving.security import ApiAccess
+from geneformer_triton.serving.server import LocalTritonServer
 
 ECHO_MODEL = '''
 import json

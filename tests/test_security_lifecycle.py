@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.triton_client import GeneformerClient, RetryPolicy, ServerUnavailableError
+from geneformer_triton.client.triton_client import GeneformerClient, RetryPolicy, ServerUnavailableError
 from conftest import one_model_repository
-from geneformer_triton.leftovers import OWNER_FILE, pid_alive
-from geneformer_triton.server import LocalTritonServer, free_port
+from geneformer_triton.serving.leftovers import OWNER_FILE, pid_alive
+from geneformer_triton.serving.server import LocalTritonServer, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SLOW_MODEL = '''

@@ -1,4 +1,4 @@
-"""A short soak (~20 s, ``GFTRITON_SOAK_SECONDS`` to change) of bench.soak against the suite's real
+"""A short soak (~20 s, ``GFTRITON_SOAK_SECONDS`` to change) of geneformer_triton.bench.soak against the suite's real
 server: 32 concurrent clients, good and bad requests to every public model. Plus the gates' negative
 controls: a wrong reference and a "bad" request that the server accepts must fail the report."""
 
@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from bench.soak import ENSEMBLES, ISP, TOKENIZER, Request, SoakReport, request_mix, run_soak, write_report
+from geneformer_triton.bench.soak import ENSEMBLES, ISP, TOKENIZER, Request, SoakReport, request_mix, run_soak, write_report
 
 MODELS = [*ENSEMBLES, TOKENIZER, ISP]
 

@@ -1,4 +1,4 @@
-"""Real tritonserver tests for geneformer_triton.server and the local stand-in backends.
+"""Real tritonserver tests for geneformer_triton.serving.server and the local stand-in backends.
 
 A tiny encoder with the same tensor names and dtypes as the Geneformer encoders (docs/DESIGN.md)
 is exported to ONNX and TorchScript into a temporary model repository, served by the real
@@ -22,8 +22,8 @@ httpclient = pytest.importorskip("tritonclient.http")
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from geneformer_triton.contract import PLAIN_TENSORS, TORCHSCRIPT_TENSORS  # noqa: E402
-from geneformer_triton.server import (  # noqa: E402
+from geneformer_triton.core.contract import PLAIN_TENSORS, TORCHSCRIPT_TENSORS  # noqa: E402
+from geneformer_triton.serving.server import (  # noqa: E402
     GpuNotAvailableError,
     LocalTritonServer,
     TritonServerError,

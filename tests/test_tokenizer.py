@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from geneformer_triton.dictionaries import GeneVocabulary, build_vocabulary_from_counts
-from geneformer_triton.tokenizer import RankValueTokenizer, TokenizationError, pad_token_batch
+from geneformer_triton.core.dictionaries import GeneVocabulary, build_vocabulary_from_counts
+from geneformer_triton.core.tokenizer import RankValueTokenizer, TokenizationError, pad_token_batch
 
 
 @pytest.fixture()
@@ -100,7 +100,7 @@ def test_shape_mismatches_raise(tiny_vocabulary):
 
 def test_wire_format_equals_matrix_path_on_real_cells(celltypist_cells, v1_vocabulary, celltypist_tokens):
     """Each cell sent as its non-zero genes in var order gives the AnnData path's tokens."""
-    from client.triton_client import pack_cells
+    from geneformer_triton.client.triton_client import pack_cells
 
     adata = celltypist_cells
     ids, counts = pack_cells(adata.X, list(adata.var["ensembl_id"]))

@@ -21,14 +21,14 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from client.check import discover_models
-from client.outputs import OBSM_KEY, PartialStore, ResumeMismatchError, partial_dir
-from client.triton_client import GeneformerClient, pack_cells
-from geneformer_triton.cell_inputs import InputError, read_cells
+from geneformer_triton.client.check import discover_models
+from geneformer_triton.client.outputs import OBSM_KEY, PartialStore, ResumeMismatchError, partial_dir
+from geneformer_triton.client.triton_client import GeneformerClient, pack_cells
+from geneformer_triton.core.cell_inputs import InputError, read_cells
 from geneformer_triton.cli import main
-from geneformer_triton.contract import EMBEDDING_MODELS, VARIANT_OF_MODEL
-from geneformer_triton.fidelity import compare_variant
-from geneformer_triton.runtimes import embed_token_cells
+from geneformer_triton.core.contract import EMBEDDING_MODELS, VARIANT_OF_MODEL
+from geneformer_triton.core.fidelity import compare_variant
+from geneformer_triton.model.runtimes import embed_token_cells
 
 from conftest import MODEL_NAME, SHARED
 
@@ -97,7 +97,7 @@ def test_encoder_matches_reference(client, model, celltypist_tokens, subset_refe
 
 
 def test_discovery_finds_every_encoder_and_ensemble(client, exported_repository):
-    from client.check import local_manifests
+    from geneformer_triton.client.check import local_manifests
 
     found = {m.name: m for m in discover_models(client)}
     expected = {**{n: ("ensemble", p) for n, p in ENSEMBLES.items()}, **{n: ("encoder", p) for n, p in ENCODERS.items()}}
@@ -211,7 +211,7 @@ def test_partial_store_resume_and_torn_record(tmp_path):
 def test_embed_resumes_after_server_crash(triton_server, exported_repository, subset_cells, subset_reference,
                                           tmp_path, caplog):
     """A server killed mid-run: the finished batches survive; a rerun embeds only the rest."""
-    from geneformer_triton.server import LocalTritonServer
+    from geneformer_triton.serving.server import LocalTritonServer
 
     _symbols_h5ad(subset_cells, tmp_path / "cells.h5ad")
     out = tmp_path / "embedded.h5ad"

@@ -2,7 +2,7 @@
 ensemble, manifest) that a real tritonserver serves over HTTP and gRPC and that pass their fidelity gate
 against the fp32 PyTorch reference on real celltypist cells.
 
-Gate: ``client.check.check_server`` with its per-precision thresholds (``geneformer_triton.fidelity``:
+Gate: ``geneformer_triton.client.check.check_server`` with its per-precision thresholds (``geneformer_triton.core.fidelity``:
 min cosine >= 0.999 below fp32). Negative controls: the same served embeddings against the reference of
 other weights must fail the gate, and a manifest of other weights must be reported.
 """
@@ -15,12 +15,12 @@ import shutil
 import onnx
 import pytest
 
-from client.check import check_server, discover_models, local_manifests
-from client.triton_client import GeneformerClient
-from export.formats import ENCODER_FORMATS, formats_for
+from geneformer_triton.client.check import check_server, discover_models, local_manifests
+from geneformer_triton.client.triton_client import GeneformerClient
+from geneformer_triton.export.formats import ENCODER_FORMATS, formats_for
 from geneformer_triton.cli import main
-from geneformer_triton.fidelity import compare_variant
-from geneformer_triton.runtimes import embed_token_cells, torch_encode_fn
+from geneformer_triton.core.fidelity import compare_variant
+from geneformer_triton.model.runtimes import embed_token_cells, torch_encode_fn
 
 from conftest import MODEL_NAME, REPO_ROOT, SHARED
 
@@ -50,7 +50,7 @@ def _served_models() -> list[str]:
 
 @pytest.fixture(scope="module")
 def variant_server(variant_repository):
-    from geneformer_triton.server import LocalTritonServer
+    from geneformer_triton.serving.server import LocalTritonServer
 
     with LocalTritonServer(variant_repository, models=_served_models(), model_config_name="cpu") as server:
         yield server
@@ -100,8 +100,8 @@ def test_served_variants_pass_their_fidelity_gate(variant_server, variant_reposi
 def test_gate_rejects_other_weights(variant_server, variant_repository, celltypist_tokens, v1_vocabulary):
     """Negative control: the served int8 embeddings checked against another model's reference fail, and a
     manifest claiming other weights is reported even when the embeddings would pass."""
-    from geneformer_triton.loading import random_geneformer
-    from client.check import manifest_problems
+    from geneformer_triton.model.loading import random_geneformer
+    from geneformer_triton.client.check import manifest_problems
 
     other = random_geneformer(MODEL_NAME, seed=1, vocabulary=v1_vocabulary)
     cells = celltypist_tokens[:N_CELLS]

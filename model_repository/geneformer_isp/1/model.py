@@ -3,11 +3,11 @@
 Request: a cell (``gene_ids`` + raw ``counts``) and a perturbation spec. The model tokenizes the cell
 in-process (``RankValueTokenizer`` over the dictionary files of ``geneformer_tokenizer/1``, the same
 files and parameters the tokenizer model serves), builds every perturbed token sequence
-(``geneformer_triton.perturbation``), sends them to an encoder model of this server through BLS in
+(``geneformer_triton.core.perturbation``), sends them to an encoder model of this server through BLS in
 chunks of at most ``max_tokens_per_batch`` tokens (original cell first; up to ``max_inflight_batches``
 chunks in flight) and reduces each chunk's embeddings to scores right away. Only
 ``[perturbations]``-sized score vectors leave the server. Contract and semantics:
-``geneformer_triton/isp_service.py``.
+``geneformer_triton/core/isp_service.py``.
 
 Config parameters: ``encoder_model`` (default encoder), ``allowed_encoder_models`` (comma list a
 request's ``encoder_model`` input may choose from), ``dictionary_dir`` (relative to this model's
@@ -24,11 +24,11 @@ are packed together into encoder batches of at most ``max_tokens_per_batch`` tok
 that fails (bad input, a failing batch) fails alone.
 
 Encoder tensor names, max_batch_size and hidden size come from this model's ``encoder_signature.<model>``
-parameters (generated from ``geneformer_triton/contract.py``; TorchScript encoders use ``input_ids__0`` ...
+parameters (generated from ``geneformer_triton/core/contract.py``; TorchScript encoders use ``input_ids__0`` ...
 ``token_embeddings__1``); its
 ``token_embeddings`` output is requested only when the gene-embedding shift is computed. BLS outputs
 are requested in CPU memory. Every bad input fails only its own request with a TritonError naming
-the problem (INVALID_ARGUMENT / HTTP 400; inputs checked by ``geneformer_triton.validation`` first);
+the problem (INVALID_ARGUMENT / HTTP 400; inputs checked by ``geneformer_triton.core.validation`` first);
 encoder failures are INTERNAL / 500; the stub never crashes.
 """
 
@@ -42,13 +42,13 @@ from typing import Optional
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from geneformer_triton import contract
-from geneformer_triton.dictionaries import DictionaryError, load_vocabulary
-from geneformer_triton.isp_service import IspEngine, IspInputError, parse_request, wants_gene_shift
-from geneformer_triton.isp_upstream_service import UpstreamJob
-from geneformer_triton.perturbation import PackedBatch, PackedRun, reduce_token_rows
-from geneformer_triton.triton_errors import error_response
-from geneformer_triton.validation import check_rank_shift, validate_cell_inputs
+from geneformer_triton.core import contract
+from geneformer_triton.core.dictionaries import DictionaryError, load_vocabulary
+from geneformer_triton.core.isp_service import IspEngine, IspInputError, parse_request, wants_gene_shift
+from geneformer_triton.core.isp_upstream_service import UpstreamJob
+from geneformer_triton.core.perturbation import PackedBatch, PackedRun, reduce_token_rows
+from geneformer_triton.core.triton_errors import error_response
+from geneformer_triton.core.validation import check_rank_shift, validate_cell_inputs
 
 LOGGER = logging.getLogger("geneformer_isp")
 PREFIX = "geneformer_isp: "
@@ -89,7 +89,7 @@ def encoder_signatures(config: dict, allowed: set) -> dict:
     if missing:
         raise pb_utils.TritonModelException(
             f"{PREFIX}no {prefix}<model> parameter for allowed encoders {missing}; regenerate this config "
-            "(python -m export.model_configs --write, or gftriton export)"
+            "(python -m geneformer_triton.export.model_configs --write, or gftriton export)"
         )
     return signatures
 

@@ -6,7 +6,7 @@ the longest cell of the request, ``attention_mask`` INT64 [L], ``length`` INT64 
 
 Dictionaries and sizes come from the model config's parameters (files relative to this folder).
 Any bad input (NaN/negative/absurd counts, bad n_counts, non-UTF-8 gene ids, shape mismatch, no
-vocabulary gene, oversize request; ``geneformer_triton.validation``) fails only its own request with
+vocabulary gene, oversize request; ``geneformer_triton.core.validation``) fails only its own request with
 INVALID_ARGUMENT / HTTP 400 and a message naming the tensor and the cell; the other requests of the
 batch are served. Server faults are INTERNAL / 500.
 Needs the ``geneformer_triton`` package importable by the python backend's stub.
@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from geneformer_triton import contract
-from geneformer_triton.dictionaries import load_vocabulary
-from geneformer_triton.tokenizer import RankValueTokenizer, TokenizationError, pad_token_batch
-from geneformer_triton.triton_errors import error_response
-from geneformer_triton.validation import validate_cell_inputs
+from geneformer_triton.core import contract
+from geneformer_triton.core.dictionaries import load_vocabulary
+from geneformer_triton.core.tokenizer import RankValueTokenizer, TokenizationError, pad_token_batch
+from geneformer_triton.core.triton_errors import error_response
+from geneformer_triton.core.validation import validate_cell_inputs
 
 LOGGER = logging.getLogger("geneformer_tokenizer")
 PREFIX = "geneformer_tokenizer: "

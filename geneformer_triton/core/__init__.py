@@ -1,0 +1,1 @@
+"""core layer of geneformer_triton (see docs/DESIGN.md)."""

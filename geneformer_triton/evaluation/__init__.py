@@ -1,0 +1,1 @@
+"""evaluation layer of geneformer_triton (see docs/DESIGN.md)."""

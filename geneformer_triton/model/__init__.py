@@ -1,0 +1,1 @@
+"""model layer of geneformer_triton (see docs/DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""serving layer of geneformer_triton (see docs/DESIGN.md)."""
