@@ -74,8 +74,8 @@ def measure(options: argparse.Namespace, h5ad: Path, work: Path) -> list[dict]:
     """One result row per setup (plain client, Dask with each server count); see the module docstring."""
     from geneformer_triton.client.dask_jobs import run_isp_on_cluster
     from geneformer_triton.client.dask_engine import ClusterOptions, open_cluster
+    from geneformer_triton.client.isp_cli import build_parser
     from geneformer_triton.client.isp_cli import main as isp_main
-    from geneformer_triton.cli import build_parser
     from geneformer_triton.serving.server import LocalTritonServer
 
     results = []

@@ -377,16 +377,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_isp_command)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """A parser with only the ``isp`` subcommand (``parse_args(["isp", ...])``)."""
+    parser = argparse.ArgumentParser(prog="python -m geneformer_triton.client.isp_cli")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
 def main(argv: Optional[list] = None) -> int:
     """``python -m geneformer_triton.client.isp_cli ...``: the ``isp`` subcommand alone (starts faster than ``gftriton``,
     which imports every subcommand's dependencies)."""
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m geneformer_triton.client.isp_cli")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    register(subparsers)
-    args = parser.parse_args(["isp", *(sys.argv[1:] if argv is None else argv)])
+    args = build_parser().parse_args(["isp", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:

@@ -22,12 +22,13 @@ import numpy as np
 import onnx
 import torch
 
+from geneformer_triton.core.contract import PLAIN_TENSORS
 from geneformer_triton.model.encoder import GeneformerEncoder
 
 LOGGER = logging.getLogger(__name__)
 
-INPUT_NAMES = ["input_ids", "attention_mask"]
-OUTPUT_NAMES = ["cell_embedding", "token_embeddings"]
+INPUT_NAMES = list(PLAIN_TENSORS.inputs)
+OUTPUT_NAMES = list(PLAIN_TENSORS.outputs)
 DYNAMIC_AXES = {
     "input_ids": {0: "batch", 1: "sequence"},
     "attention_mask": {0: "batch", 1: "sequence"},
@@ -153,22 +154,6 @@ def export_onnx(
     return target
 
 
-def onnx_session(path: str | Path, threads: int = 0):
-    """An onnxruntime CPU session for ``path`` (``threads`` 0 = onnxruntime's default)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def onnx_input_names(path: str | Path) -> list[str]:
     """Graph input names of an ONNX file (used to check TensorRT profiles and Triton configs)."""
     return [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
-
-
-def run_onnx(session, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Run an encoder session: int64 [B, L] inputs -> (cell_embedding [B, H], token_embeddings [B, L, H])."""
-    cell, tokens = session.run(OUTPUT_NAMES, {"input_ids": input_ids, "attention_mask": attention_mask})
-    return cell, tokens

@@ -198,7 +198,7 @@ def test_scores_match_brute_force(request, v2, ptype, rank_shift, k, targets, an
     goal, start = rng.normal(size=HIDDEN), rng.normal(size=HIDDEN)
     kw = dict(cls_token_id=CLS, eos_token_id=EOS) if v2 else {}
     res = run_perturbation(
-        enc, cell, ptype, targets, anchor=anchor, rank_shift=rank_shift, goal_state=goal, start_state=start,
+        torch_encode_fn(enc), cell, ptype, targets, anchor=anchor, rank_shift=rank_shift, goal_state=goal, start_state=start,
         max_tokens=30, return_gene_cos=True, **kw,
     )
     plan = plan_perturbations(cell, ptype, targets, anchor=anchor, rank_shift=rank_shift, **kw)
@@ -224,7 +224,7 @@ def test_scores_match_brute_force(request, v2, ptype, rank_shift, k, targets, an
 def test_gene_set_scores_match_brute_force(enc_v2):
     cell = [CLS, 9, 11, 4, 20, 17, 30, EOS]
     for ptype in ("delete", "overexpress"):
-        res = run_perturbation(enc_v2, cell, ptype, [20, 11], group=True, cls_token_id=CLS, eos_token_id=EOS)
+        res = run_perturbation(torch_encode_fn(enc_v2), cell, ptype, [20, 11], group=True, cls_token_id=CLS, eos_token_id=EOS)
         ref = _brute_force(enc_v2, cell, [[20, 11]], ptype, 0, {CLS, EOS})
         np.testing.assert_allclose(res.cell_shift, ref["cell"], atol=1e-5)
         np.testing.assert_allclose(res.gene_shift, ref["gene"], atol=1e-5)
@@ -234,7 +234,7 @@ def test_gene_set_scores_match_brute_force(enc_v2):
 def test_scores_detect_wrong_alignment(enc_v1):
     """A positional (not identity) comparison for overexpress gives different numbers: the test has teeth."""
     cell = [9, 11, 4, 20, 17, 30]
-    res = run_perturbation(enc_v1, cell, "overexpress", [17])
+    res = run_perturbation(torch_encode_fn(enc_v1), cell, "overexpress", [17])
     oc, ot = _encode_alone(enc_v1, cell)
     pc, pt = _encode_alone(enc_v1, [17, 9, 11, 4, 20, 30])
     positional = np.mean([_np_cos(ot[i], pt[i]) for i in range(len(cell)) if i != 4])
@@ -269,7 +269,7 @@ def test_chunking_gives_same_scores(enc_v2):
         return base(ids, mask)
 
     kw = dict(cls_token_id=CLS, eos_token_id=EOS, goal_state=goal, return_gene_cos=True)
-    big = run_perturbation(enc_v2, cell, "delete", max_tokens=10**6, **kw)
+    big = run_perturbation(torch_encode_fn(enc_v2), cell, "delete", max_tokens=10**6, **kw)
     assert big.num_forward_passes == 1
     for max_tokens, max_batch in ((1, None), (3 * 22, None), (10**6, 4)):
         calls.clear()
@@ -344,9 +344,9 @@ def test_errors(kwargs, match):
 
 def test_runner_errors(enc_v1):
     with pytest.raises(PerturbationError, match="goal_state has 3 values"):
-        run_perturbation(enc_v1, V1, "delete", goal_state=np.zeros(3))
+        run_perturbation(torch_encode_fn(enc_v1), V1, "delete", goal_state=np.zeros(3))
     with pytest.raises(PerturbationError, match="max_tokens must be >= 1"):
-        run_perturbation(enc_v1, V1, "delete", max_tokens=0)
+        run_perturbation(torch_encode_fn(enc_v1), V1, "delete", max_tokens=0)
     with pytest.raises(PerturbationError, match=r"expected \[B, H\] and \[B, L, H\]"):
         run_perturbation(lambda i, m: (np.zeros((len(i), 4)), np.zeros((len(i), 4))), V1, "delete")
     with pytest.raises(PerturbationError, match="every gene of the cell is an anchor|leaves no unperturbed"):

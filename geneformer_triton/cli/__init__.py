@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import sys
 from typing import Sequence
 
 COMMAND_MODULES = (
@@ -55,6 +54,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("gftriton").error("%s", error)
         return EXIT_UNAVAILABLE if server_unavailable(error) else 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -71,13 +71,12 @@ Batching
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from geneformer_triton.model.runtimes import EncodeFn, to_numpy, torch_encode_fn
+from geneformer_triton.core.encode_fn import EncodeFn, to_numpy
 from geneformer_triton.core.tokenizer import pad_token_batch
 
 PERTURB_TYPES = ("delete", "overexpress", "inhibit", "activate")
@@ -653,9 +652,6 @@ def run_plan(
     return_gene_cos: bool = False,
 ) -> PerturbationResult:
     """Encode the original cell and every perturbation of ``plan`` in token-budget chunks and reduce."""
-    torch_mod = sys.modules.get("torch")
-    if torch_mod is not None and isinstance(encode, torch_mod.nn.Module):
-        encode = torch_encode_fn(encode)
     P, n = plan.num_perturbations, plan.n_genes
     lengths = np.concatenate([[len(plan.original_ids)], plan.lengths()])
     chunks = chunk_by_token_budget(lengths, max_tokens, max_batch)

@@ -9,20 +9,12 @@ torch and onnxruntime are imported only when a runtime of theirs is built.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from geneformer_triton.core.contract import PACKED_ITEM_WIDTH, PLAIN_TENSORS
-
-EncodeFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
-
-
-def to_numpy(x: Any) -> np.ndarray:
-    """A torch tensor or array-like as a float32 numpy array."""
-    if hasattr(x, "detach"):
-        x = x.detach().float().cpu().numpy()
-    return np.asarray(x, dtype=np.float32)
+from geneformer_triton.core.encode_fn import EncodeFn, to_numpy
 
 
 def torch_encode_fn(module: Any, device: Any = None) -> EncodeFn:
@@ -51,8 +43,6 @@ def torchscript_encode_fn(path: str | Path) -> EncodeFn:
 def onnx_encode_fn(path: str | Path, threads: int = 0) -> EncodeFn:
     """Load an ONNX encoder (``model.onnx``) in an onnxruntime CPU session (a packed encoder is handed
     each padded batch flattened, as Triton's ragged batching does, and returns no token embeddings)."""
-    from geneformer_triton.export.onnx_export import onnx_session, run_onnx
-
     session = onnx_session(path, threads)
     run = run_packed_onnx if is_packed_session(session) else run_onnx
     return lambda input_ids, attention_mask: run(session, input_ids, attention_mask)
@@ -72,6 +62,22 @@ def run_packed_onnx(session, input_ids: np.ndarray, attention_mask: np.ndarray) 
         PLAIN_TENSORS.attention_mask: np.ascontiguousarray(attention_mask, dtype=np.int64).reshape(-1),
         PACKED_ITEM_WIDTH: np.full((batch, 1), width, dtype=np.int32)})
     return cell, None
+
+
+def onnx_session(path: str | Path, threads: int = 0):
+    """An onnxruntime CPU session for ``path`` (``threads`` 0 = onnxruntime's default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Run an encoder session: int64 [B, L] inputs -> (cell_embedding [B, H], token_embeddings [B, L, H])."""
+    cell, tokens = session.run(list(PLAIN_TENSORS.outputs), dict(zip(PLAIN_TENSORS.inputs, (input_ids, attention_mask))))
+    return cell, tokens
 
 
 def embed_token_cells(

@@ -87,7 +87,7 @@ class BackendChoice:
 def build_dir() -> Path:
     """The build folder: ``$GFTRITON_BACKEND_BUILD``, else ``.backends`` beside this package's checkout."""
     override = os.environ.get(BUILD_DIR_ENV)
-    return Path(override).resolve() if override else Path(__file__).resolve().parents[1] / ".backends"
+    return Path(override).resolve() if override else Path(__file__).resolve().parents[2] / ".backends"
 
 
 def _site_packages(venv: Path) -> Path:
