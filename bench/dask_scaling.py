@@ -72,8 +72,8 @@ def _timed(run) -> float:
 
 def measure(options: argparse.Namespace, h5ad: Path, work: Path) -> list[dict]:
     """One result row per setup (plain client, Dask with each server count); see the module docstring."""
-    from geneformer_triton.client.dask_jobs import run_isp_on_cluster
     from geneformer_triton.client.dask_engine import ClusterOptions, open_cluster
+    from geneformer_triton.client.dask_jobs import run_isp_on_cluster
     from geneformer_triton.client.isp_cli import build_parser
     from geneformer_triton.client.isp_cli import main as isp_main
     from geneformer_triton.serving.server import LocalTritonServer
@@ -90,12 +90,14 @@ def measure(options: argparse.Namespace, h5ad: Path, work: Path) -> list[dict]:
             client = stack.enter_context(open_cluster(ClusterOptions.from_args(args)))
             if n_servers == 1:  # the plain client against the same server: the engine's overhead
                 plain = work / "plain.parquet"
-                seconds = [_timed(lambda: isp_main(["--url", servers[0].grpc_url, *_isp_args(options, h5ad, plain)]))
+                url = servers[0].grpc_url
+                seconds = [_timed(lambda url=url, plain=plain: isp_main(["--url", url, *_isp_args(options, h5ad, plain)]))
                            for _ in range(options.repeats)]
                 results.append(_result("plain client (no Dask), 1 server", 1, seconds, _rows(plain)))
             seconds = []
             for _ in range(options.repeats):
-                seconds.append(_timed(lambda: run_isp_on_cluster(build_parser().parse_args(argv), client=client)))
+                seconds.append(_timed(lambda argv=argv, client=client: run_isp_on_cluster(build_parser().parse_args(argv),
+                                                                                         client=client)))
             results.append(_result(f"Dask, {n_servers} server(s) + {n_servers} worker(s)", n_servers, seconds,
                                    _rows(work / f"dask{n_servers}.parquet")))
             LOGGER.info("%s", results[-1])

@@ -20,7 +20,17 @@ import numpy as np
 import psutil
 
 from geneformer_triton.bench.cells import Architecture, CellSet
-from geneformer_triton.bench.methods import BASELINE, HELICAL, HELICAL_STYLE, REFERENCE, BuildContext, MethodSpec, build_method, plan_batches, run_helical
+from geneformer_triton.bench.methods import (
+    BASELINE,
+    HELICAL,
+    HELICAL_STYLE,
+    REFERENCE,
+    BuildContext,
+    MethodSpec,
+    build_method,
+    plan_batches,
+    run_helical,
+)
 from geneformer_triton.bench.sampler import ResourceSampler, cpu_times
 from geneformer_triton.bench.stats import summarize
 from geneformer_triton.core.fidelity import embedding_fidelity, min_cosine_threshold
@@ -31,7 +41,8 @@ INPROCESS_COLUMNS = [
     "method", "label", "family", "backend", "precision", "device", "batching", "batch_size", "token_budget",
     "n_cells", "tokens", "padded_tokens", "padding_waste", "batches", "repeats", "setup_s", "warmup_s", "wall_s",
     "wall_s_min", "wall_s_max", "cells_per_s", "cells_per_s_min", "cells_per_s_max", "cells_per_cpu_s",
-    "cells_per_cpu_s_min", "cells_per_cpu_s_max", "loadavg_before", "loadavg_after", "tokens_per_s", "useful_gflop_per_cell", "executed_gflop_per_cell",
+    "cells_per_cpu_s_min", "cells_per_cpu_s_max", "loadavg_before", "loadavg_after", "tokens_per_s",
+    "useful_gflop_per_cell", "executed_gflop_per_cell",
     "useful_tflop_per_s", "executed_tflop_per_s", "cpu_s", "cpu_s_per_cell", "cpu_pct_mean", "cpu_pct_max",
     "rss_before_mb", "rss_peak_mb", "rss_delta_mb", "system_cpu_pct_mean", "loadavg_1m", "gpu_util_mean",
     "gpu_mem_peak_mb", "torch_cuda_peak_mb", "cosine_min", "cosine_mean", "max_abs_err", "fidelity_threshold",

@@ -273,7 +273,7 @@ def run(args: argparse.Namespace, report: Callable[[list[Measurement]], None] = 
     # baseline (fp32, eager, all hidden states, batch 100, one cell at a time)
     model = baseline_model(loaded, device)
     baseline_delete_all(model, cells[0][: min(len(cells[0]), 32)], device, args.baseline_batch, special_ids)  # warm-up
-    seconds, base_shifts = timed(lambda c: baseline_delete_all(model, c, device, args.baseline_batch, special_ids), base_cells, device)
+    seconds, base_shifts = timed(lambda c, m=model: baseline_delete_all(m, c, device, args.baseline_batch, special_ids), base_cells, device)
     total = sum(n_pert[: len(base_cells)])
     results.append(Measurement("baseline", f"BertForMaskedLM fp32 eager, output_hidden_states, batch {args.baseline_batch}, one cell at a time",
                                device, "fp32", len(base_cells), args.length, total, seconds, total / seconds))

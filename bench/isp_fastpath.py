@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from geneformer_triton.model.encoder import GeneformerEncoder
 from geneformer_triton.core.perturbation import chunk_by_token_budget, plan_perturbations
 from geneformer_triton.core.tokenizer import pad_token_batch
+from geneformer_triton.model.encoder import GeneformerEncoder
 
 
 def _layout(tokens: np.ndarray, special_ids: Sequence[int]) -> tuple[int, int]:

@@ -31,10 +31,10 @@ PRECISIONS = ("fp32", "int8")
 
 def run_delete_all(session, cells: list[np.ndarray], vocabulary, max_tokens: int) -> tuple[float, list[dict]]:
     """(seconds, per-cell outputs) of upstream-semantics delete-all of ``cells`` packed through ``session``."""
-    from geneformer_triton.export.isp_reduction_export import run_isp_reduction
     from geneformer_triton.core.isp_upstream import plan_upstream
     from geneformer_triton.core.isp_upstream_service import UpstreamJob
     from geneformer_triton.core.perturbation import run_packed
+    from geneformer_triton.export.isp_reduction_export import run_isp_reduction
 
     jobs = []
     for cell in cells:
@@ -65,10 +65,10 @@ def compare(reference: dict, other: dict) -> dict:
 def main(argv=None) -> int:
     from geneformer_triton.bench.isp_bench import celltypist_cells, default_dictionaries
     from geneformer_triton.bench.isp_upstream_bench import machine_state
-    from geneformer_triton.export.isp_reduction_export import export_isp_reduction_onnx
-    from geneformer_triton.export.onnx_export import onnx_session
     from geneformer_triton.core.dictionaries import load_vocabulary
+    from geneformer_triton.export.isp_reduction_export import export_isp_reduction_onnx
     from geneformer_triton.model.loading import random_geneformer
+    from geneformer_triton.model.runtimes import onnx_session
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", type=int, default=4)

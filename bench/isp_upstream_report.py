@@ -130,7 +130,8 @@ def _markdown(report: dict) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['emb_mode']} | {_fmt_range(r['median_perturbations_per_s'], r['min_perturbations_per_s'], r['max_perturbations_per_s'])} "
+            f"| {r['method']} | {r['emb_mode']} | "
+            f"{_fmt_range(r['median_perturbations_per_s'], r['min_perturbations_per_s'], r['max_perturbations_per_s'])} "
             f"| {_fmt_range(r['median_s'], r['min_s'], r['max_s'], 2)} | {r['x_upstream']:.2f} | {r['peak_rss_mib']:,.0f} "
             f"| {r['max_abs_diff_cell_emb']:.1e} | {r['max_abs_diff_gene_cos']:.1e} | {'yes' if r['agrees_with_upstream'] else 'NO'} |")
     lines += ["", "Methods:", ""] + [f"- `{m}`: {d}" for m, d in report["descriptions"].items()]

@@ -51,8 +51,8 @@ def run_inprocess(plan: dict) -> dict[str, tuple[dict, dict]]:
 
     from geneformer_triton.core.isp_upstream import plan_upstream
     from geneformer_triton.core.isp_upstream_service import UpstreamJob
-    from geneformer_triton.model.loading import load_checkpoint
     from geneformer_triton.core.perturbation import run_packed, token_reduced_encode
+    from geneformer_triton.model.loading import load_checkpoint
     from geneformer_triton.model.runtimes import torch_encode_fn
 
     torch.set_num_threads(plan["threads"])

@@ -419,9 +419,11 @@ def cpu_methods() -> list[MethodSpec]:
                    onnx, ort, "fp16", "sorted", 1, options={"variant": "fp16"}),
         MethodSpec("onnx_int8_b1", "ONNX Runtime fused graph, int8 dynamic quantization (gftriton export --precision int8; VNNI), one cell per call",
                    onnx, ort, "int8", "sorted", 1, options={"variant": "int8"}),
-        MethodSpec("onnx_packed_fp32_b1", "ONNX Runtime packed graph (ragged inputs, attention per cell; served as geneformer_onnx_packed) fp32, one cell per call",
+        MethodSpec("onnx_packed_fp32_b1",
+                   "ONNX Runtime packed graph (ragged inputs, attention per cell; served as geneformer_onnx_packed) fp32, one cell per call",
                    onnx, ort, "fp32", "sorted", 1, options={"variant": "packed"}),
-        MethodSpec("onnx_packed_int8_b1", "ONNX Runtime packed graph, int8 dynamic quantization of the weight MatMuls (geneformer_onnx_int8_packed), one cell per call",
+        MethodSpec("onnx_packed_int8_b1",
+                   "ONNX Runtime packed graph, int8 dynamic quantization of the weight MatMuls (geneformer_onnx_int8_packed), one cell per call",
                    onnx, ort, "int8", "sorted", 1, options={"variant": "int8_packed"}),
     ]
 

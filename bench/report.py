@@ -24,9 +24,10 @@ import numpy as np
 import pandas as pd
 
 from geneformer_triton.bench.inprocess import INPROCESS_COLUMNS
-from geneformer_triton.bench.methods import BASELINE, HELICAL as SEED, REFERENCE
-from geneformer_triton.bench.stats import range_text
+from geneformer_triton.bench.methods import HELICAL as SEED
+from geneformer_triton.bench.methods import REFERENCE
 from geneformer_triton.bench.scaling import SCALING_COLUMNS, fit_cells_cost, fit_length_cost
+from geneformer_triton.bench.stats import range_text
 from geneformer_triton.bench.triton_bench import TRITON_COLUMNS
 
 LOGGER = logging.getLogger(__name__)
@@ -188,7 +189,8 @@ def evaluate_targets(inprocess: pd.DataFrame, triton: pd.DataFrame | None, mode:
             for c in sorted(pair["concurrency"].unique()):
                 at = pair[pair["concurrency"] == c].set_index("model")["cells_per_s"]
                 if "geneformer_onnx" in at and "geneformer_torchscript" in at:
-                    targets.append({"target": f"ONNX not slower than PyTorch served ({protocol} c{int(c)}: geneformer_onnx vs geneformer_torchscript)",
+                    targets.append({"target": f"ONNX not slower than PyTorch served ({protocol} c{int(c)}: "
+                                              "geneformer_onnx vs geneformer_torchscript)",
                                     "value": f"{at['geneformer_onnx']:.2f} vs {at['geneformer_torchscript']:.2f} cells/s",
                                     "passed": bool(at["geneformer_onnx"] >= at["geneformer_torchscript"])})
         high = served[served["concurrency"] >= 2]
@@ -432,7 +434,8 @@ def _markdown(results, inprocess, triton, scaling, targets, fits, plots) -> str:
                                      ("inprocess_cells_per_s", "in-process", 2),
                                      ("useful_gflop_per_cell", "useful GFLOP/cell", 2),
                                      ("executed_gflop_per_cell", "executed GFLOP/cell", 2),
-                                     ("efficiency", "efficiency", 2), ("cpu_efficiency", "CPU-time eff.", 2), ("p50_ms", "p50", 0), ("p90_ms", "p90", 0),
+                                     ("efficiency", "efficiency", 2), ("cpu_efficiency", "CPU-time eff.", 2),
+                                     ("p50_ms", "p50", 0), ("p90_ms", "p90", 0),
                                      ("p95_ms", "p95", 0), ("p99_ms", "p99", 0), ("server_queue_ms", "queue", 1),
                                      ("server_compute_infer_ms", "compute", 1), ("network_ms", "network", 1),
                                      ("enc_avg_batch", "enc avg batch", 2), ("enc_compute_infer_ms_per_exec", "enc infer ms/exec", 1),

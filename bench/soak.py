@@ -214,7 +214,7 @@ def run_soak(grpc_url: str, http_url: str, server_pid: int, vocabulary_dir: Path
     for _ in range(3):
         stop_at = time.monotonic() + seconds / 3
         with ThreadPoolExecutor(clients) as pool:
-            list(pool.map(lambda i: worker(i, stop_at), range(clients)))
+            list(pool.map(lambda i, stop_at=stop_at: worker(i, stop_at), range(clients)))
         report.rss_mib_per_pass.append(round(server_rss_mib(server_pid), 1))
         LOGGER.info("pass %d: %d good, %d bad so far, server RSS %.1f MiB", len(report.rss_mib_per_pass),
                     report.good_requests, report.bad_requests, report.rss_mib_per_pass[-1])

@@ -74,8 +74,9 @@ def select_throughput(row: dict) -> None:
 
 TRITON_COLUMNS = [
     "model", "kind", "backend", "protocol", "concurrency", "batch_size", "request_count", "n_cells", "tokens_mean",
-    "repeats", "useful_gflop_per_cell", "executed_gflop_per_cell", "cells_per_s", "cells_per_s_min", "cells_per_s_max", "cells_per_cpu_s", "cells_per_cpu_s_min",
-    "cells_per_cpu_s_max", "loadavg_before", "loadavg_after", "throughput_source", "cells_per_s_perf_analyzer", "cells_per_s_littles_law", "inprocess_method",
+    "repeats", "useful_gflop_per_cell", "executed_gflop_per_cell", "cells_per_s", "cells_per_s_min", "cells_per_s_max",
+    "cells_per_cpu_s", "cells_per_cpu_s_min", "cells_per_cpu_s_max", "loadavg_before", "loadavg_after", "throughput_source",
+    "cells_per_s_perf_analyzer", "cells_per_s_littles_law", "inprocess_method",
     "inprocess_cells_per_s", "inprocess_before", "inprocess_after", "efficiency", "inprocess_cpu_s_per_cell",
     "server_cpu_s_per_cell", "cpu_efficiency", "avg_latency_ms", "p50_ms", "p90_ms",
     "p95_ms", "p99_ms", "client_send_ms", "network_ms", "server_queue_ms", "server_compute_input_ms",

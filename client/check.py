@@ -11,12 +11,11 @@ show as a failed fidelity row whose detail says so.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,8 +29,8 @@ from geneformer_triton.core.contract import (
     is_encoder_signature,
 )
 from geneformer_triton.core.fidelity import FidelityResult, compare_variant
-from geneformer_triton.model.runtimes import embed_token_cells, torch_encode_fn
 from geneformer_triton.core.tokenizer import RankValueTokenizer
+from geneformer_triton.model.runtimes import embed_token_cells, torch_encode_fn
 
 if TYPE_CHECKING:
     from geneformer_triton.model.loading import LoadedGeneformer

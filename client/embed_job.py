@@ -19,9 +19,9 @@ from typing import Iterator
 
 import numpy as np
 
-from geneformer_triton.core.cell_inputs import CellMatrix
 from geneformer_triton.client.outputs import PartialStore
 from geneformer_triton.client.triton_client import GeneformerClient, InferenceError, pack_cells
+from geneformer_triton.core.cell_inputs import CellMatrix
 from geneformer_triton.core.dictionaries import GeneVocabulary
 from geneformer_triton.core.tokenizer import UNKNOWN, RankValueTokenizer
 

@@ -48,8 +48,19 @@ import scipy.sparse as sp
 
 from geneformer_triton.client.isp_run import RunStats, cell_rows, gene_rows, run_isp
 from geneformer_triton.client.isp_schema import (
-    COLUMNS, COMMIT_FOLDER, EMBED_MODEL_FOR, ERROR_COLUMNS, GENE_COLUMNS, GENE_FOLDER, ISP_MODEL, PERTURBATIONS,
-    RANK_BY, SCORE_OUTPUTS, STATE_PREFIX, UPSTREAM_SCORE, IspRunError,
+    COLUMNS,
+    COMMIT_FOLDER,
+    EMBED_MODEL_FOR,
+    ERROR_COLUMNS,
+    GENE_COLUMNS,
+    GENE_FOLDER,
+    ISP_MODEL,
+    PERTURBATIONS,
+    RANK_BY,
+    SCORE_OUTPUTS,
+    STATE_PREFIX,
+    UPSTREAM_SCORE,
+    IspRunError,
 )
 from geneformer_triton.client.isp_spec import IspSpec, state_embedding, upstream_state_embedding
 from geneformer_triton.client.isp_store import ResultStore

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from geneformer_triton.core.contract import ENSEMBLE_FOR, ISP_MODEL
+from geneformer_triton.core.contract import ENSEMBLE_FOR
 
 PERTURBATIONS = ("delete", "overexpress", "inhibit", "activate")
 SCORE_OUTPUTS = ("cell_shift", "gene_embedding_shift", "goal_shift", "start_shift")

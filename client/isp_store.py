@@ -133,7 +133,7 @@ class ResultStore:
                 for part in stale:
                     part.unlink()
             return
-        for file, columns in ((self.path, self.columns), (self.errors_path, ERROR_COLUMNS)):
+        for file in (self.path, self.errors_path):
             if not file.is_file() or file.stat().st_size == 0:
                 continue
             data = file.read_bytes()

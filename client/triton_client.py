@@ -233,7 +233,7 @@ class GeneformerClient:
                         "(the server's operator has it)"
                     ) from error
                 if not _is_unavailable(error):
-                    message = str(getattr(error, "message", lambda: str(error))())
+                    message = str(error.message() if callable(getattr(error, "message", None)) else error)
                     raise InferenceError(message if message.startswith(f"{what}: ") else f"{what}: {message}") from error
                 last = error
                 self._reset_connection()  # reconnect on the next try

@@ -42,7 +42,8 @@ def run_export_tensorrt(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("export", help="export encoders (ONNX fp32/fp16/int8, TorchScript fp32/bf16) and tokenizer files into a Triton model repository")
+    parser = subparsers.add_parser(
+        "export", help="export encoders (ONNX fp32/fp16/int8, TorchScript fp32/bf16) and tokenizer files into a Triton model repository")
     add_model_arguments(parser)
     parser.add_argument("--repository", default="model_repository",
                         help="model repository folder (an empty or new folder gets a complete, servable repository)")

@@ -24,9 +24,9 @@ from typing import Callable, Sequence
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from geneformer_triton.export import tensorrt_build as trt
 from geneformer_triton.core import contract as c
 from geneformer_triton.core.dictionaries import GENE_MAPPING_FILE, GENE_MEDIAN_FILE, TOKEN_DICTIONARY_FILE
+from geneformer_triton.export import tensorrt_build as trt
 
 LOGGER = logging.getLogger(__name__)
 

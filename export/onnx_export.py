@@ -18,7 +18,6 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import onnx
 import torch
 

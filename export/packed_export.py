@@ -34,8 +34,8 @@ import onnx
 import torch
 from torch import nn
 
-from geneformer_triton.export.onnx_export import OPSET
 from geneformer_triton.core.contract import PACKED_ITEM_WIDTH, PLAIN_TENSORS
+from geneformer_triton.export.onnx_export import OPSET
 from geneformer_triton.model.encoder import _ACTIVATIONS, GeneformerEncoder
 
 LOGGER = logging.getLogger(__name__)

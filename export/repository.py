@@ -25,14 +25,14 @@ import onnxruntime
 import torch
 import transformers
 
+from geneformer_triton import __version__
+from geneformer_triton.core.contract import ISP_MODEL, ISP_REDUCED_GRAPH, PACKED_GRAPH, ServedShape
 from geneformer_triton.export.formats import DEFAULT_FORMATS, ENCODER_FORMATS, TOKENIZER_MODEL, EncoderFormat
 from geneformer_triton.export.isp_reduction_export import export_isp_reduction_onnx
 from geneformer_triton.export.model_configs import repository_configs, stale_configs, write_configs
 from geneformer_triton.export.onnx_export import OPSET, export_onnx
 from geneformer_triton.export.packed_export import export_packed_onnx
 from geneformer_triton.export.torchscript_export import export_torchscript
-from geneformer_triton import __version__
-from geneformer_triton.core.contract import ISP_MODEL, ISP_REDUCED_GRAPH, PACKED_GRAPH, ServedShape
 from geneformer_triton.model.loading import LoadedGeneformer
 
 LOGGER = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ from google.protobuf import text_format
 from onnx import numpy_helper
 from tritonclient.grpc import model_config_pb2 as mc
 
-from geneformer_triton.export.onnx_export import export_onnx
 from geneformer_triton.core.contract import ENCODER_VARIANTS
+from geneformer_triton.export.onnx_export import export_onnx
 from geneformer_triton.model.encoder import GeneformerEncoder
 
 ENCODER_MODEL = ENCODER_VARIANTS["onnx"].model

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from conftest import SHARED
 
 from geneformer_triton.core.cell_inputs import (
     InputError,
@@ -24,8 +25,6 @@ from geneformer_triton.core.cell_inputs import (
     find_symbol_map,
     read_cells,
 )
-
-from conftest import SHARED
 
 NORMAN = SHARED / "data" / "perturbench_norman19_k562.h5ad"
 V1 = SHARED / "geneformer" / "v1"

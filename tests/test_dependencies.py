@@ -4,11 +4,9 @@ runs on: every pin must satisfy the declared range, and each list must name the 
 from __future__ import annotations
 
 import tomllib
-
+from conftest import REPO_ROOT
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-
-from conftest import REPO_ROOT
 
 
 def declared(pyproject: dict) -> dict[str, Requirement]:

@@ -20,9 +20,9 @@ import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from geneformer_triton.core.contract import DEFAULT_SHAPE, SERVED_MODELS
 from geneformer_triton.export import tensorrt_build as tb
 from geneformer_triton.export.model_configs import trt_config
-from geneformer_triton.core.contract import DEFAULT_SHAPE, SERVED_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"

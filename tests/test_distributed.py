@@ -224,8 +224,8 @@ def test_isp_screen_survives_a_killed_worker_and_equals_one_server(cluster, cut_
 
 
 def test_embed_survives_a_killed_worker_and_equals_one_server(cluster, cut_cells, exported_repository, tmp_path):
-    from geneformer_triton.client.dask_jobs import run_embed_on_cluster
     from geneformer_triton.cli import main as gftriton_main
+    from geneformer_triton.client.dask_jobs import run_embed_on_cluster
 
     h5ad = cut_cells / "embed.h5ad"
     one_server = next(iter(cluster.servers().values()))["grpc"]

@@ -14,7 +14,9 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import MODEL_NAME, SHARED
 
+from geneformer_triton.core.fidelity import FP32_MIN_COSINE, REDUCED_MIN_COSINE
 from geneformer_triton.evaluation.backends import (
     REFERENCE,
     EvaluationOptions,
@@ -24,9 +26,6 @@ from geneformer_triton.evaluation.backends import (
     stratified_subsample,
 )
 from geneformer_triton.evaluation.metrics import METRIC_DIRECTIONS
-from geneformer_triton.core.fidelity import FP32_MIN_COSINE, REDUCED_MIN_COSINE
-
-from conftest import MODEL_NAME, SHARED
 
 N_SERVED = 300
 N_SMALL = 60

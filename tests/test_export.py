@@ -12,12 +12,12 @@ import numpy as np
 import onnx
 import pytest
 
-from geneformer_triton.export.onnx_export import OPSET, PORTABLE_NAME, onnx_input_names
-from geneformer_triton.export.formats import EMBEDDING_FORMATS, ENCODER_FORMATS
 from geneformer_triton.core.contract import PACKED_GRAPH
 from geneformer_triton.core.fidelity import compare_variant
-from geneformer_triton.model.runtimes import embed_token_cells, onnx_encode_fn, torchscript_encode_fn
 from geneformer_triton.core.tokenizer import pad_token_batch
+from geneformer_triton.export.formats import EMBEDDING_FORMATS, ENCODER_FORMATS
+from geneformer_triton.export.onnx_export import OPSET, PORTABLE_NAME, onnx_input_names
+from geneformer_triton.model.runtimes import embed_token_cells, onnx_encode_fn, torchscript_encode_fn
 
 SHAPES = [(1, 2048), (5, 2048), (1, 17), (5, 64)]  # (batch, length): maximum and short lengths
 

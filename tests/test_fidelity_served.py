@@ -12,9 +12,9 @@ import json
 import shutil
 
 import pytest
-
 from conftest import MODEL_NAME, SHARED
 from fidelity_variants import ENCODER_MODEL, LAST_LN_BIAS, TYPICAL_BIAS_SHIFT, build_variant_repository, edit_initializer
+
 from geneformer_triton.cli import main as gftriton
 
 POSITIVE = [ENCODER_MODEL, f"{ENCODER_MODEL}_fp16"]

@@ -12,11 +12,11 @@ import subprocess
 
 import numpy as np
 import pytest
-
 from conftest import REPO_ROOT, SHARED, write_helical_cache
+
 from geneformer_triton.core.fidelity import compare_variant
-from geneformer_triton.model.runtimes import embed_token_cells, torch_encode_fn
 from geneformer_triton.core.tokenizer import RankValueTokenizer
+from geneformer_triton.model.runtimes import embed_token_cells, torch_encode_fn
 
 EMBED_CELLS = 24
 

@@ -14,10 +14,10 @@ from transformers import BertConfig, BertForMaskedLM
 
 from geneformer_triton.bench.isp_bench import rank_preserving_counts
 from geneformer_triton.bench.isp_fastpath import DeleteAllRunner, baseline_delete_all
-from geneformer_triton.model.encoder import GeneformerEncoder
 from geneformer_triton.core.perturbation import plan_perturbations, run_plan
-from geneformer_triton.model.runtimes import torch_encode_fn
 from geneformer_triton.core.tokenizer import RankValueTokenizer
+from geneformer_triton.model.encoder import GeneformerEncoder
+from geneformer_triton.model.runtimes import torch_encode_fn
 
 
 def reference_shift(encoder, tokens, cls=None, eos=None):
@@ -132,7 +132,7 @@ def test_precision_comparison_scores_rankings(exported_repository, celltypist_to
     """bench/isp_precision.py: int8 vs fp32 reduced ISP encoders on a real cell; the ranking metrics give 1 for
     identical outputs and reject a reversed ranking (negative control)."""
     from geneformer_triton.bench.isp_precision import TOP, compare, run_delete_all
-    from geneformer_triton.export.onnx_export import onnx_session
+    from geneformer_triton.model.runtimes import onnx_session
 
     cell = np.asarray(celltypist_tokens[0][:40], dtype=np.int64)
     outputs = {}

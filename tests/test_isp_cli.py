@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from geneformer_triton.client.isp import CellTable, IspSpec, ResultStore, cell_rows
 from geneformer_triton.cli import build_parser
+from geneformer_triton.client.isp import CellTable, IspSpec, ResultStore, cell_rows
 
 
 def _store_two_cells(path) -> None:

@@ -19,13 +19,20 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import oracle_env
 import pandas as pd
 import pytest
 import scipy.sparse as sp
 from scipy import stats
 
-from geneformer_triton.client.isp import CellTable, IspSpec, ResultStore, cell_table_from_anndata, run_isp, upstream_state_embedding
-import oracle_env
+from geneformer_triton.client.isp import (
+    CellTable,
+    IspSpec,
+    ResultStore,
+    cell_table_from_anndata,
+    run_isp,
+    upstream_state_embedding,
+)
 from geneformer_triton.client.triton_client import GeneformerClient
 from geneformer_triton.core.isp_upstream import plan_upstream, score
 from geneformer_triton.core.tokenizer import RankValueTokenizer

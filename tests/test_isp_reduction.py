@@ -16,12 +16,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from geneformer_triton.client.triton_client import GeneformerClient, InferenceError
-from geneformer_triton.export.isp_reduction_export import run_isp_reduction
-from geneformer_triton.export.onnx_export import onnx_session
 from geneformer_triton.core.isp_upstream import plan_upstream
 from geneformer_triton.core.isp_upstream_service import UpstreamJob
-from geneformer_triton.core.perturbation import EncoderRow, pack_rows, reduce_token_rows, run_packed, token_reduced_encode
-from geneformer_triton.model.runtimes import onnx_encode_fn
+from geneformer_triton.core.perturbation import pack_rows, reduce_token_rows, run_packed, token_reduced_encode
+from geneformer_triton.export.isp_reduction_export import run_isp_reduction
+from geneformer_triton.model.runtimes import onnx_encode_fn, onnx_session
 
 ATOL = 1e-5
 REDUCED = "geneformer_onnx_isp_reduced"

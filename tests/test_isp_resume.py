@@ -43,7 +43,8 @@ sys.exit(main(sys.argv[3:]))
 
 
 def _args(triton_server, output: Path) -> list[str]:
-    return ["--url", triton_server.grpc_url, "--repository", str(triton_server.model_repository), "--h5ad", str(SHARED / "data" / "perturbench_norman19_k562.h5ad"),
+    return ["--url", triton_server.grpc_url, "--repository", str(triton_server.model_repository),
+            "--h5ad", str(SHARED / "data" / "perturbench_norman19_k562.h5ad"),
             "--cells", "condition=control", "--max-cells", str(N_CELLS), "--allow-non-integer",
             "--perturbation", "overexpress", "--targets", "KLF1", "--emb-mode", "cell_and_gene",
             "--flush-every", "1", "--concurrency", "1", "--no-progress", "--min-cells", "1", "--output", str(output)]

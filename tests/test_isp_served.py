@@ -443,8 +443,8 @@ def test_engine_with_special_tokens_in_process(v2_vocabulary, top_gene_cells):
     import torch
     from transformers import BertConfig, BertModel
 
-    from geneformer_triton.model.encoder import GeneformerEncoder
     from geneformer_triton.core.isp_service import IspEngine, parse_request, run_job
+    from geneformer_triton.model.encoder import GeneformerEncoder
     from geneformer_triton.model.runtimes import torch_encode_fn
 
     torch.manual_seed(0)

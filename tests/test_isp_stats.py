@@ -22,11 +22,20 @@ import pandas as pd
 import pytest
 
 from geneformer_triton.core.isp_stats import (
-    CELL_EMB, GeneDictionaries, IspStatsError, StatsOptions, benjamini_hochberg, compute_stats,
-    rank_sum_two_samples, rank_sum_vs_reference,
+    CELL_EMB,
+    GeneDictionaries,
+    IspStatsError,
+    StatsOptions,
+    benjamini_hochberg,
+    compute_stats,
+    rank_sum_two_samples,
+    rank_sum_vs_reference,
 )
 from geneformer_triton.core.isp_stats_readers import (
-    ISP_RESULT_COLUMNS, shifts_from_isp_results, shifts_from_oracle_json, shifts_from_upstream_dir,
+    ISP_RESULT_COLUMNS,
+    shifts_from_isp_results,
+    shifts_from_oracle_json,
+    shifts_from_upstream_dir,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,8 +58,8 @@ def _prepare_inputs(folder: Path) -> dict:
     import anndata as ad
 
     from geneformer_triton.core.dictionaries import load_vocabulary
-    from geneformer_triton.model.loading import random_geneformer
     from geneformer_triton.core.tokenizer import RankValueTokenizer
+    from geneformer_triton.model.loading import random_geneformer
 
     vocabulary = load_vocabulary(DICTS)
     adata = ad.read_h5ad(NORMAN, backed="r")
@@ -241,9 +250,8 @@ def _isp_result_rows(oracle: dict, run: str, dictionaries: GeneDictionaries) -> 
 
 def test_our_isp_results_adapter(oracle, dictionaries, tmp_path):
     """Our ISP output's rows carrying upstream's values give upstream's stats (function and CLI --input)."""
-    from geneformer_triton.client.isp import STATE_PREFIX, UPSTREAM_SCORE
-
     from geneformer_triton.cli import main
+    from geneformer_triton.client.isp import STATE_PREFIX, UPSTREAM_SCORE
 
     assert (ISP_RESULT_COLUMNS["stateless"], ISP_RESULT_COLUMNS["state_prefix"]) == (UPSTREAM_SCORE, STATE_PREFIX), \
         "client/isp.py writes other columns: repoint ISP_RESULT_COLUMNS"

@@ -126,8 +126,8 @@ def test_hpa_metric_is_served_by_the_adapter_rule(manifests):
 
 
 def test_client_job_points_at_the_service_and_parses(manifests):
-    from geneformer_triton.client.dask_engine import ClusterOptions
     from geneformer_triton.cli import build_parser
+    from geneformer_triton.client.dask_engine import ClusterOptions
 
     (container,) = manifests[("Job", "gftriton-isp")]["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["gftriton"]

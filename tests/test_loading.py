@@ -7,14 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED, write_helical_cache
 from transformers import BertConfig, BertForMaskedLM
 
 from geneformer_triton.core.dictionaries import DictionaryError, load_vocabulary
 from geneformer_triton.model.encoder import GeneformerEncoder, hidden_state_index
 from geneformer_triton.model.loading import ModelLoadError, load_checkpoint, load_geneformer, random_geneformer
 from geneformer_triton.model.specs import DEPRECATED_NAMES, MODEL_SPECS, get_model_spec
-
-from conftest import SHARED, write_helical_cache
 
 # millions of parameters (with the MLM head) that each helical name promises
 NAME_SIZES = {name: float(name.split("-")[2][:-1]) for name in MODEL_SPECS}

@@ -11,7 +11,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.helical]  # the sessions below start both on purpose

@@ -15,8 +15,8 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from geneformer_triton.export import model_configs as gen
 from geneformer_triton.core import contract, isp_service
+from geneformer_triton.export import model_configs as gen
 from geneformer_triton.model.specs import DEFAULT_MODEL, MODEL_SPECS
 
 ROOT = Path(__file__).resolve().parent.parent

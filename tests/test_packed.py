@@ -18,17 +18,23 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import REPO_ROOT
 
 from geneformer_triton.client.check import check_server, discover_models, local_manifests
 from geneformer_triton.client.triton_client import GeneformerClient
-from geneformer_triton.export.formats import ENCODER_FORMATS
 from geneformer_triton.core.contract import PACKED_GRAPH
-from geneformer_triton.export.packed_export import DYNAMIC_AXES, INPUT_NAMES, OUTPUT_NAMES, PackedEncoder, _example_inputs, flat_batch
-from geneformer_triton.export.repository import export_model_repository
 from geneformer_triton.core.fidelity import compare_variant
+from geneformer_triton.export.formats import ENCODER_FORMATS
+from geneformer_triton.export.packed_export import (
+    DYNAMIC_AXES,
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    PackedEncoder,
+    _example_inputs,
+    flat_batch,
+)
+from geneformer_triton.export.repository import export_model_repository
 from geneformer_triton.model.runtimes import embed_token_cells, onnx_encode_fn
-
-from conftest import REPO_ROOT
 
 PACKED = [name for name, fmt in ENCODER_FORMATS.items() if fmt.graph == PACKED_GRAPH]
 LEAKY = "geneformer_onnx_packed_leaky"

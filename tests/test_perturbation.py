@@ -10,9 +10,6 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from geneformer_triton.model.encoder import GeneformerEncoder
-from geneformer_triton.model.runtimes import torch_encode_fn
-from geneformer_triton.core.tokenizer import pad_token_batch
 from geneformer_triton.core.perturbation import (
     PerturbationError,
     chunk_by_token_budget,
@@ -21,6 +18,9 @@ from geneformer_triton.core.perturbation import (
     resolve_rank_shift,
     run_perturbation,
 )
+from geneformer_triton.core.tokenizer import pad_token_batch
+from geneformer_triton.model.encoder import GeneformerEncoder
+from geneformer_triton.model.runtimes import torch_encode_fn
 
 CLS, EOS = 2, 3
 V1 = [5, 6, 7, 8]

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-
 from conftest import REPO_ROOT, SHARED
 
 README = REPO_ROOT / "README.md"

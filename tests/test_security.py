@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import one_model_repository
 
 from geneformer_triton.client.triton_client import GeneformerClient, PermissionDeniedError, RetryPolicy
-from conftest import one_model_repository
 from geneformer_triton.serving.security import ApiAccess
 from geneformer_triton.serving.server import LocalTritonServer
 

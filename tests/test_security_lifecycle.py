@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import one_model_repository
 
 from geneformer_triton.client.triton_client import GeneformerClient, RetryPolicy, ServerUnavailableError
-from conftest import one_model_repository
 from geneformer_triton.serving.leftovers import OWNER_FILE, pid_alive
 from geneformer_triton.serving.server import LocalTritonServer, free_port
 

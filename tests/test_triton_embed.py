@@ -20,17 +20,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from conftest import MODEL_NAME, SHARED
 
+from geneformer_triton.cli import main
 from geneformer_triton.client.check import discover_models
 from geneformer_triton.client.outputs import OBSM_KEY, PartialStore, ResumeMismatchError, partial_dir
 from geneformer_triton.client.triton_client import GeneformerClient, pack_cells
 from geneformer_triton.core.cell_inputs import InputError, read_cells
-from geneformer_triton.cli import main
 from geneformer_triton.core.contract import EMBEDDING_MODELS, VARIANT_OF_MODEL
 from geneformer_triton.core.fidelity import compare_variant
 from geneformer_triton.model.runtimes import embed_token_cells
-
-from conftest import MODEL_NAME, SHARED
 
 SUBSET = [14, 29, 30, 44]  # real celltypist cells of 448, 413, 400 and 574 tokens (fast on CPU)
 V1 = SHARED / "geneformer" / "v1"

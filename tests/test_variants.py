@@ -14,15 +14,14 @@ import shutil
 
 import onnx
 import pytest
+from conftest import MODEL_NAME, REPO_ROOT, SHARED
 
+from geneformer_triton.cli import main
 from geneformer_triton.client.check import check_server, discover_models, local_manifests
 from geneformer_triton.client.triton_client import GeneformerClient
-from geneformer_triton.export.formats import ENCODER_FORMATS, formats_for
-from geneformer_triton.cli import main
 from geneformer_triton.core.fidelity import compare_variant
+from geneformer_triton.export.formats import ENCODER_FORMATS, formats_for
 from geneformer_triton.model.runtimes import embed_token_cells, torch_encode_fn
-
-from conftest import MODEL_NAME, REPO_ROOT, SHARED
 
 VARIANTS = {"int8": "onnx_int8", "bf16": "torchscript_bf16"}
 N_CELLS = 6
@@ -100,8 +99,8 @@ def test_served_variants_pass_their_fidelity_gate(variant_server, variant_reposi
 def test_gate_rejects_other_weights(variant_server, variant_repository, celltypist_tokens, v1_vocabulary):
     """Negative control: the served int8 embeddings checked against another model's reference fail, and a
     manifest claiming other weights is reported even when the embeddings would pass."""
-    from geneformer_triton.model.loading import random_geneformer
     from geneformer_triton.client.check import manifest_problems
+    from geneformer_triton.model.loading import random_geneformer
 
     other = random_geneformer(MODEL_NAME, seed=1, vocabulary=v1_vocabulary)
     cells = celltypist_tokens[:N_CELLS]

@@ -123,10 +123,10 @@ def run_isp_demo(url: str, adata, loaded, options: DemoIsp) -> tuple[pd.DataFram
 def run_demo(args: argparse.Namespace) -> int:
     from geneformer_triton.client.check import check_server, local_manifests
     from geneformer_triton.client.triton_client import GeneformerClient
-    from geneformer_triton.export.repository import export_model_repository
-    from geneformer_triton.serving.backend_build import served_backends
     from geneformer_triton.core.data.celltypist_sample import load_celltypist_sample
     from geneformer_triton.core.fidelity import format_fidelity_table, write_fidelity_report
+    from geneformer_triton.export.repository import export_model_repository
+    from geneformer_triton.serving.backend_build import served_backends
     from geneformer_triton.serving.server import LocalTritonServer
 
     out = Path(args.out)

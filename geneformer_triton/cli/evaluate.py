@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from geneformer_triton.core.cell_inputs import InputOptions, add_input_arguments
+from geneformer_triton.core.contract import TOKENIZER_MODEL
 from geneformer_triton.evaluation.backends import (
     DEFAULT_BACKENDS,
     FP32_ACCURACY_TOLERANCE,
@@ -21,7 +22,6 @@ from geneformer_triton.evaluation.backends import (
     load_labelled_cells,
     stratified_subsample,
 )
-from geneformer_triton.core.contract import TOKENIZER_MODEL
 from geneformer_triton.model.args import add_model_arguments, load_model_from_args
 
 LOGGER = logging.getLogger(__name__)

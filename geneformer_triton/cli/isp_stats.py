@@ -22,7 +22,11 @@ import pandas as pd
 
 from geneformer_triton.core.isp_stats import MODES, GeneDictionaries, IspStatsError, StatsOptions, compute_stats
 from geneformer_triton.core.isp_stats_readers import (
-    UPSTREAM_SUFFIX, read_isp_results, shifts_from_isp_results, shifts_from_oracle_json, shifts_from_upstream_dir,
+    UPSTREAM_SUFFIX,
+    read_isp_results,
+    shifts_from_isp_results,
+    shifts_from_oracle_json,
+    shifts_from_upstream_dir,
 )
 
 LOGGER = logging.getLogger(__name__)

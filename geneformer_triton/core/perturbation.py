@@ -485,10 +485,8 @@ ReducedEncodeFn = Callable[[PackedBatch], tuple[np.ndarray, np.ndarray]]
 
 
 def token_reduced_encode(encode: EncodeFn) -> ReducedEncodeFn:
-    """A :data:`ReducedEncodeFn` over a plain ``encode(ids, mask) -> (cell, tokens)`` encoder."""
-    torch_mod = sys.modules.get("torch")
-    if torch_mod is not None and isinstance(encode, torch_mod.nn.Module):
-        encode = torch_encode_fn(encode)
+    """A :data:`ReducedEncodeFn` over a plain ``encode(ids, mask) -> (cell, tokens)`` encoder (wrap a torch
+    module with :func:`geneformer_triton.model.runtimes.torch_encode_fn` first)."""
 
     def reduced(batch: PackedBatch) -> tuple[np.ndarray, np.ndarray]:
         _, tokens = encode(batch.input_ids, batch.attention_mask)

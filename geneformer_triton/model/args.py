@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-
 from typing import TYPE_CHECKING
 
 from geneformer_triton.core.dictionaries import GeneVocabulary, build_vocabulary_from_counts, load_vocabulary

@@ -1,7 +1,8 @@
 """Helpers shared by the local stand-in backends (``local_backends/*/model.py``).
 
 Config parameters, the model file's location, input validation of the Geneformer encoders' token
-inputs (``check_token_inputs``), error responses with the right code, and request handling: one ``execute()`` call receives several requests (dynamic batching). Requests are parsed one by one
+inputs (``check_token_inputs``), error responses with the right code, and request handling: one
+``execute()`` call receives several requests (dynamic batching). Requests are parsed one by one
 (a bad one gets its own error), grouped by a key (e.g. input names and non-batch shapes), and each
 group runs as one batch; if a group fails, its requests are retried one at a time so a single bad
 request does not fail its neighbours.

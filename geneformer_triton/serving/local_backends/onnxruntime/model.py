@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from geneformer_triton.core.triton_errors import error_response
 from geneformer_triton.serving.stand_in_backend import (
     check_token_inputs,
     config_parameter,
@@ -50,7 +51,6 @@ from geneformer_triton.serving.stand_in_backend import (
     token_limits,
     truthy,
 )
-from geneformer_triton.core.triton_errors import error_response
 
 _BACKEND = "onnxruntime (local python stand-in)"
 

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from geneformer_triton.core.triton_errors import error_response
 from geneformer_triton.serving.stand_in_backend import (
     check_token_inputs,
     config_parameter,
@@ -51,7 +52,6 @@ from geneformer_triton.serving.stand_in_backend import (
     token_limits,
     truthy,
 )
-from geneformer_triton.core.triton_errors import error_response
 
 _BACKEND = "pytorch (local python stand-in)"
 _INDEXED = re.compile(r"^(.*)__(\d+)$")
