@@ -29,7 +29,7 @@ computed), ``cell_emb_shift`` (upstream Geneformer's ``cell_emb`` value, semanti
 per flushed block of cells, committed with those cells' rows). :func:`summarize` ranks genes by mean shift
 over cells; :func:`plot_top_shifts` draws them.
 
-Modules (this one holds the input cells and re-exports every public name): :mod:`geneformer_triton.client.isp_schema`
+Modules (this one holds the input cells and re-exports every public name): :mod:`geneformer_triton.core.isp_schema`
 (names, columns, folders), :mod:`geneformer_triton.client.isp_spec` (:class:`IspSpec`, state embeddings),
 :mod:`geneformer_triton.client.isp_store` (:class:`ResultStore`), :mod:`geneformer_triton.client.isp_run` (:func:`run_isp`),
 :mod:`geneformer_triton.client.isp_summary` (:func:`summarize`, :func:`plot_top_shifts`).
@@ -47,7 +47,10 @@ import pandas as pd
 import scipy.sparse as sp
 
 from geneformer_triton.client.isp_run import RunStats, cell_rows, gene_rows, run_isp
-from geneformer_triton.client.isp_schema import (
+from geneformer_triton.client.isp_spec import IspSpec, state_embedding, upstream_state_embedding
+from geneformer_triton.client.isp_store import ResultStore
+from geneformer_triton.client.isp_summary import format_summary, plot_top_shifts, summarize
+from geneformer_triton.core.isp_schema import (
     COLUMNS,
     COMMIT_FOLDER,
     EMBED_MODEL_FOR,
@@ -62,9 +65,6 @@ from geneformer_triton.client.isp_schema import (
     UPSTREAM_SCORE,
     IspRunError,
 )
-from geneformer_triton.client.isp_spec import IspSpec, state_embedding, upstream_state_embedding
-from geneformer_triton.client.isp_store import ResultStore
-from geneformer_triton.client.isp_summary import format_summary, plot_top_shifts, summarize
 
 LOGGER = logging.getLogger(__name__)
 

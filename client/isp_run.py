@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from geneformer_triton.client.isp_schema import ERROR_COLUMNS, SCORE_OUTPUTS, STATE_PREFIX, UPSTREAM_SCORE, IspRunError
 from geneformer_triton.client.isp_spec import IspSpec
 from geneformer_triton.client.isp_store import ResultStore, empty_frame
 from geneformer_triton.client.triton_client import GeneformerClient, InferenceError
+from geneformer_triton.core.isp_schema import ERROR_COLUMNS, SCORE_OUTPUTS, STATE_PREFIX, UPSTREAM_SCORE, IspRunError
 
 if TYPE_CHECKING:
     from geneformer_triton.client.isp import CellTable

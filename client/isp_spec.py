@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
-from geneformer_triton.client.isp_schema import COLUMNS, ISP_MODEL, PERTURBATIONS, STATE_PREFIX, IspRunError
 from geneformer_triton.client.triton_client import GeneformerClient
+from geneformer_triton.core.contract import ISP_MODEL
+from geneformer_triton.core.isp_schema import COLUMNS, PERTURBATIONS, STATE_PREFIX, IspRunError
 
 if TYPE_CHECKING:
     from geneformer_triton.client.isp import CellTable

@@ -21,8 +21,8 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
-from geneformer_triton.client.isp_schema import COLUMNS, COMMIT_FOLDER, ERROR_COLUMNS, GENE_COLUMNS, GENE_FOLDER, IspRunError
 from geneformer_triton.client.outputs import fsync_dir
+from geneformer_triton.core.isp_schema import COLUMNS, COMMIT_FOLDER, ERROR_COLUMNS, GENE_COLUMNS, GENE_FOLDER, IspRunError
 
 LOGGER = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from geneformer_triton.client.isp_schema import RANK_BY, IspRunError
+from geneformer_triton.core.isp_schema import RANK_BY, IspRunError
 
 
 def summarize(rows: pd.DataFrame, rank_by: str = "cell", min_cells: int = 1) -> pd.DataFrame:

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from geneformer_triton.core.isp_schema import COMMIT_FOLDER, STATE_PREFIX, UPSTREAM_SCORE
 from geneformer_triton.core.isp_stats import CELL_EMB, SHIFT_COLUMNS, GeneDictionaries, IspStatsError, perturbed_key
 
 LOGGER = logging.getLogger(__name__)
@@ -144,28 +145,34 @@ def shifts_from_oracle_json(path: str | Path) -> pd.DataFrame:
     return _frame(cells, perturbed, affected, states, values)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# ADAPTER: our ISP results (client/isp.py, `gftriton isp`). Point these names at the final output columns.
-# Stateless value: upstream's (perturbed, "cell_emb") cosine = our per-gene-embedding shift. With cell states:
-# one value per state column (state name -> column), upstream's cos(perturbed, S) - cos(original, S).
+# Our ISP results (`gftriton isp`, layout: geneformer_triton.core.isp_schema). Stateless value: upstream's
+# (perturbed, "cell_emb") cosine. With cell states: one value per state column (state name -> column),
+# upstream's cos(perturbed, S) - cos(original, S).
 ISP_RESULT_COLUMNS = {
     "cell": "cell_id",
     "perturbed_ids": "gene_id",  # Ensembl ids, a group joined with "+"
-    "stateless": "cell_emb_shift",  # geneformer_triton.client.isp.UPSTREAM_SCORE
-    "state_prefix": "state_shift_",  # geneformer_triton.client.isp.STATE_PREFIX + state name
+    "stateless": UPSTREAM_SCORE,
+    "state_prefix": STATE_PREFIX,  # + state name
 }
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def read_isp_results(path: str | Path) -> pd.DataFrame:
-    """Rows of a ``gftriton isp`` output: a Parquet dataset folder / file, or a CSV."""
+    """Rows of a ``gftriton isp`` output: a Parquet dataset folder (its committed parts only: a part without
+    its ``_commits/`` marker belongs to an interrupted run and is redone on resume) / file, or a CSV."""
     path = Path(path)
     if not path.exists():
         raise IspStatsError(f"ISP results not found: {path}")
     if path.is_dir():
         parts = sorted(path.glob("part-*.parquet"))
+        commits = path / COMMIT_FOLDER
+        if commits.is_dir():  # outputs written before commit markers have none: every part counts
+            committed = [p for p in parts if (commits / p.name[len("part-"):-len(".parquet")]).exists()]
+            if len(committed) < len(parts):
+                LOGGER.warning("%s: ignoring %d uncommitted part(s) of an interrupted run; rerun the same `gftriton isp` "
+                               "command to finish it", path, len(parts) - len(committed))
+            parts = committed
         if not parts:
-            raise IspStatsError(f"{path} holds no part-*.parquet files (not a `gftriton isp` output folder)")
+            raise IspStatsError(f"{path} holds no committed part-*.parquet files (not a finished `gftriton isp` output)")
         return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
     return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
 
@@ -185,7 +192,7 @@ def shifts_from_isp_results(rows: pd.DataFrame, dictionaries: GeneDictionaries,
     missing = [c for c in needed + list(value_columns.values()) if c not in rows.columns]
     if missing:
         raise IspStatsError(f"ISP results lack the columns {missing} (have {list(rows.columns)}); repoint "
-                            "geneformer_triton.core.isp_stats_readers.ISP_RESULT_COLUMNS")
+                            "geneformer_triton.core.isp_stats_readers.ISP_RESULT_COLUMNS / geneformer_triton.core.isp_schema")
     to_token = dictionaries.id_to_token
     keys = []
     for ids in rows[names["perturbed_ids"]].astype(str):

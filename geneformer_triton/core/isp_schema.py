@@ -1,8 +1,8 @@
-"""Names shared by the ``gftriton isp`` client modules: model and score names, output columns, folders."""
+"""The layout of a `gftriton isp` output (client and ISP stats read it): score names, columns, folders."""
 
 from __future__ import annotations
 
-from geneformer_triton.core.contract import ENSEMBLE_FOR
+from geneformer_triton.core.contract import ENSEMBLE_FOR, ISP_MODEL
 
 PERTURBATIONS = ("delete", "overexpress", "inhibit", "activate")
 SCORE_OUTPUTS = ("cell_shift", "gene_embedding_shift", "goal_shift", "start_shift")
@@ -29,3 +29,9 @@ RANK_BY = {  # summary ranking -> score column it is based on
 
 class IspRunError(RuntimeError):
     """The run cannot proceed (bad options, output written with other settings, server gone)."""
+
+
+__all__ = [
+    "COLUMNS", "COMMIT_FOLDER", "EMBED_MODEL_FOR", "ERROR_COLUMNS", "GENE_COLUMNS", "GENE_FOLDER", "ISP_MODEL",
+    "PERTURBATIONS", "RANK_BY", "SCORE_OUTPUTS", "STATE_PREFIX", "UPSTREAM_SCORE", "IspRunError",
+]
