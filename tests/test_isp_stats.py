@@ -375,3 +375,22 @@ def test_pickles_that_are_more_than_data_are_refused(tmp_path):
     (tmp_path / "x_raw.pickle").write_bytes(pickle.dumps({(1, "cell_emb"): [Shell()]}))
     with pytest.raises(IspStatsError, match="refusing to load"):
         shifts_from_upstream_dir(tmp_path)
+
+
+def test_results_reader_takes_only_committed_parts(tmp_path, caplog):
+    """A killed `gftriton isp` run leaves a part without its _commits/ marker: isp-stats must not count it
+    (resume redoes those cells); an output written before markers existed is read whole."""
+    from geneformer_triton.core.isp_schema import COMMIT_FOLDER
+    from geneformer_triton.core.isp_stats_readers import read_isp_results
+
+    out = tmp_path / "isp.parquet"
+    out.mkdir()
+    for batch, cell in (("00000", "a"), ("00001", "b")):
+        pd.DataFrame({"cell_id": [cell], "gene_id": ["ENSG1"], "cell_emb_shift": [0.5]}).to_parquet(out / f"part-{batch}.parquet")
+    assert sorted(read_isp_results(out)["cell_id"]) == ["a", "b"]  # no markers: an output from before them
+    (out / COMMIT_FOLDER).mkdir()
+    (out / COMMIT_FOLDER / "00000").touch()
+    assert list(read_isp_results(out)["cell_id"]) == ["a"]
+    assert "ignoring 1 uncommitted part" in caplog.text
+    (out / COMMIT_FOLDER / "00001").touch()
+    assert sorted(read_isp_results(out)["cell_id"]) == ["a", "b"]
