@@ -39,8 +39,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -50,6 +49,7 @@ from geneformer_triton.client.isp_run import RunStats, cell_rows, gene_rows, run
 from geneformer_triton.client.isp_spec import IspSpec, state_embedding, upstream_state_embedding
 from geneformer_triton.client.isp_store import ResultStore
 from geneformer_triton.client.isp_summary import format_summary, plot_top_shifts, summarize
+from geneformer_triton.core.cell_inputs import CellMatrix, InputOptions, SymbolMap, cells_from_anndata
 from geneformer_triton.core.isp_schema import (
     COLUMNS,
     COMMIT_FOLDER,
@@ -72,7 +72,7 @@ __all__ = [
     "COLUMNS", "COMMIT_FOLDER", "EMBED_MODEL_FOR", "ERROR_COLUMNS", "GENE_COLUMNS", "GENE_FOLDER", "ISP_MODEL",
     "PERTURBATIONS", "RANK_BY", "SCORE_OUTPUTS", "STATE_PREFIX", "UPSTREAM_SCORE",
     "CellTable", "IspRunError", "IspSpec", "ResultStore", "RunStats",
-    "cell_rows", "cell_table_from_anndata", "format_summary", "gene_rows", "load_cells", "plot_top_shifts",
+    "cell_rows", "cell_table", "cell_table_from_anndata", "format_summary", "gene_rows", "plot_top_shifts",
     "run_isp", "select_cells", "state_embedding", "summarize", "upstream_state_embedding",
 ]
 
@@ -106,37 +106,17 @@ class CellTable:
         return "+".join(self.symbols.get(g, g) for g in gene.split("+"))
 
 
-def _looks_ensembl(values: Iterable[str]) -> bool:
-    sample = [str(v) for v in list(values)[:200]]
-    return bool(sample) and sum(v.upper().startswith("ENS") for v in sample) > 0.8 * len(sample)
+def cell_table(matrix: CellMatrix) -> CellTable:
+    """The :class:`CellTable` of cells read by the input layer (:mod:`geneformer_triton.core.cell_inputs`:
+    one gene-identifier, total-count and integer rule for every command)."""
+    return CellTable(matrix.counts, np.array(matrix.gene_ids, dtype=object), matrix.n_counts.astype(np.float64),
+                     list(matrix.cell_ids), dict(matrix.symbols), matrix.obs.copy())
 
 
-TOTAL_COUNT_COLUMNS = ("n_counts", "ncounts", "total_counts")
-
-
-def _raw_counts(counts: sp.csr_matrix, adata, total_column: Optional[str], allow_non_integer: bool) -> sp.csr_matrix:
-    """Raw counts from ``counts``: as is when integer; recovered as ``round(expm1(X) * total / 1e4)`` from
-    log-normalized data (``uns['log1p']`` and a total-counts obs column); else refused unless allowed."""
-    data = counts.data
-    if data.size == 0 or np.all(data == np.round(data)):
-        return counts
-    if "log1p" in adata.uns and total_column is not None:
-        totals = adata.obs[total_column].to_numpy(dtype=np.float64)
-        recovered = counts.copy().astype(np.float64)
-        recovered.data = np.expm1(recovered.data)
-        recovered = sp.csr_matrix(sp.diags(totals / 1e4) @ recovered)
-        recovered.data = np.round(recovered.data)
-        recovered.eliminate_zeros()
-        LOGGER.warning("X is log-normalized (uns['log1p']): raw counts recovered as round(expm1(X) * %s / 1e4)", total_column)
-        out = recovered.astype(np.float32)
-        out.sort_indices()
-        return out
-    if allow_non_integer:
-        LOGGER.warning("X holds non-integer values; tokenizing them as counts (--allow-non-integer)")
-        return counts
-    raise IspRunError("X holds non-integer values and raw counts cannot be recovered (no uns['log1p'] with a "
-                      f"total-counts column {'/'.join(TOTAL_COUNT_COLUMNS)}): give raw counts (--counts-layer) "
-                      "or pass --allow-non-integer to tokenize the values as they are")
+def cell_table_from_anndata(adata, options: InputOptions = InputOptions(), symbols: Optional[SymbolMap] = None,
+                            source: str = "anndata") -> CellTable:
+    """:func:`cell_table` of an in-memory AnnData (:func:`geneformer_triton.core.cell_inputs.cells_from_anndata`)."""
+    return cell_table(cells_from_anndata(adata, options, symbols, source))
 
 
 def select_cells(cells: "CellTable", filters: Sequence[str] = (), max_cells: Optional[int] = None,
@@ -163,68 +143,3 @@ def select_cells(cells: "CellTable", filters: Sequence[str] = (), max_cells: Opt
             raise IspRunError(f"--cell-index-range starts at {start} but only {rows.size} cells are selected")
         rows = rows[start:end]
     return [int(r) for r in rows]
-
-
-def cell_table_from_anndata(adata, gene_column: Optional[str] = None, symbol_to_ensembl: Optional[dict] = None,
-                            counts_layer: Optional[str] = None, allow_non_integer: bool = False) -> CellTable:
-    """Build a :class:`CellTable` from an AnnData of raw counts.
-
-    Ensembl ids come from ``var[gene_column]`` (default: ``var["ensembl_id"]`` if present, else the
-    var names when they are Ensembl ids, else the var names mapped through ``symbol_to_ensembl``).
-    ``obs["n_counts"]`` is used as the cell totals when present (else row sums over all genes).
-    """
-    matrix = adata.layers[counts_layer] if counts_layer else adata.X
-    counts = sp.csr_matrix(matrix, dtype=np.float32)
-    counts.sort_indices()
-    names = [str(v) for v in adata.var_names]
-    if gene_column is None and "ensembl_id" in adata.var:
-        gene_column = "ensembl_id"
-    if gene_column is not None:
-        if gene_column not in adata.var:
-            raise IspRunError(f"var has no column {gene_column!r} (columns: {list(adata.var.columns)})")
-        ids = [str(v) if isinstance(v, str) else "" for v in adata.var[gene_column]]
-        symbols = {e: s for e, s in zip(ids, names) if e and not _looks_ensembl([s])}
-    elif _looks_ensembl(names):
-        ids, symbols = [n.split(".")[0] for n in names], {}
-    elif symbol_to_ensembl:
-        ids = [symbol_to_ensembl.get(n, "") for n in names]
-        symbols = {e: s for e, s in zip(ids, names) if e}
-    else:
-        raise IspRunError("var names are not Ensembl ids: name the var column that holds them (--gene-column) "
-                          "or give gene dictionaries (--dictionaries) to map symbols")
-    gene_ids = np.array(ids, dtype=object)
-    duplicated = pd.Series(gene_ids).duplicated() & (gene_ids != "")
-    if duplicated.any():
-        LOGGER.warning("%d duplicated Ensembl ids in var: their columns are ignored", int(duplicated.sum()))
-        gene_ids[duplicated.to_numpy()] = ""
-    if (gene_ids != "").sum() == 0:
-        raise IspRunError("no column has an Ensembl gene id")
-    total_column = next((c for c in TOTAL_COUNT_COLUMNS if c in adata.obs), None)
-    counts = _raw_counts(counts, adata, total_column, allow_non_integer)
-    if total_column is not None:
-        totals = adata.obs[total_column].to_numpy(dtype=np.float64)
-    else:
-        totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-    cell_ids = [str(c) for c in adata.obs_names]
-    if len(set(cell_ids)) != len(cell_ids):
-        raise IspRunError("obs names (cell ids) are not unique; results are keyed by cell id (adata.obs_names_make_unique())")
-    return CellTable(counts, gene_ids, totals, cell_ids, symbols, adata.obs.copy())
-
-
-def load_cells(h5ad: Optional[str], n_cells: Optional[int] = None, gene_column: Optional[str] = None,
-               symbol_to_ensembl: Optional[dict] = None, counts_layer: Optional[str] = None,
-               allow_non_integer: bool = False) -> CellTable:
-    """Cells of an .h5ad file (``None``: the celltypist sample, 559 real PBMC cells)."""
-    if h5ad is None:
-        from geneformer_triton.core.data.celltypist_sample import load_celltypist_sample
-
-        adata = load_celltypist_sample(n_cells=n_cells, symbol_to_ensembl=symbol_to_ensembl)
-    else:
-        import anndata
-
-        if not Path(h5ad).is_file():
-            raise FileNotFoundError(f"no such .h5ad file: {h5ad}")
-        adata = anndata.read_h5ad(h5ad)
-        if n_cells is not None:
-            adata = adata[:n_cells].copy()
-    return cell_table_from_anndata(adata, gene_column, symbol_to_ensembl, counts_layer, allow_non_integer)

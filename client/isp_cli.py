@@ -27,6 +27,7 @@ from geneformer_triton.client.isp import (
     IspRunError,
     IspSpec,
     ResultStore,
+    cell_table,
     format_summary,
     plot_top_shifts,
     run_isp,
@@ -186,8 +187,7 @@ def load_isp_cells(args: argparse.Namespace, name_to_id: dict) -> CellTable:
         matrix = cells_from_anndata(sample, options, symbols, "celltypist sample")
     else:
         matrix = read_cells(args.h5ad, options, symbols)
-    cells = CellTable(matrix.counts, np.array(matrix.gene_ids, dtype=object), matrix.n_counts.astype(np.float64),
-                      matrix.cell_ids, matrix.symbols, matrix.obs.copy())
+    cells = cell_table(matrix)
     LOGGER.info("%d cells, %d genes with Ensembl ids", len(cells), int((cells.gene_ids != "").sum()))
     return cells
 

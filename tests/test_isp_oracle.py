@@ -34,6 +34,7 @@ from geneformer_triton.client.isp import (
     upstream_state_embedding,
 )
 from geneformer_triton.client.triton_client import GeneformerClient
+from geneformer_triton.core.cell_inputs import InputOptions, SymbolMap
 from geneformer_triton.core.isp_upstream import plan_upstream, score
 from geneformer_triton.core.tokenizer import RankValueTokenizer
 
@@ -71,7 +72,8 @@ def cells(v1_vocabulary, celltypist_cells) -> CellTable:
     tokenizer = RankValueTokenizer(v1_vocabulary, 2048, False)
     pb = anndata.read_h5ad(PERTURBENCH)
     pb = pb[pb.obs["condition"] == "control"][:200].copy()
-    table = cell_table_from_anndata(pb, symbol_to_ensembl=v1_vocabulary.gene_name_to_id)
+    symbols = SymbolMap(v1_vocabulary.gene_name_to_id, "the V1 dictionaries")
+    table = cell_table_from_anndata(pb, InputOptions(allow_non_integer=True), symbols, str(PERTURBENCH))
     rows = [r for r in range(len(table)) if 8 <= len(table.cell(r)[0]) <= 40][:N_SHORT]
     ids = np.array(sorted(set(table.gene_ids[table.gene_ids != ""]) | set(celltypist_cells.var["ensembl_id"])), dtype=object)
     column = {g: i for i, g in enumerate(ids)}

@@ -413,9 +413,10 @@ def test_csv_store_repairs_a_torn_append(tmp_path):
 
 def test_client_goal_state_from_reference_cells(triton_server, small_h5ad, tokenizer, v1_vocabulary, reference_encoder, tmp_path):
     """Goal state = mean embedding of reference cells (via the embedding ensemble); goal shifts == reference."""
-    from geneformer_triton.client.isp import IspSpec, load_cells, run_isp, state_embedding
+    from geneformer_triton.client.isp import IspSpec, cell_table, run_isp, state_embedding
+    from geneformer_triton.core.cell_inputs import read_cells
 
-    cells = load_cells(str(small_h5ad))
+    cells = cell_table(read_cells(small_h5ad))
     rows = [int(r) for r in np.flatnonzero(cells.obs["group"] == "reference")]
     tokens = tokenizer.tokenize_matrix(cells.counts[rows], list(cells.gene_ids), cells.n_counts[rows])
     expected_goal = reference_encoder(*pad_token_batch(tokens))[0].astype(np.float64).mean(axis=0)
@@ -470,9 +471,10 @@ def test_engine_with_special_tokens_in_process(v2_vocabulary, top_gene_cells):
 
 
 def test_client_records_rejected_and_skipped_cells(triton_server, small_h5ad, tmp_path):
-    from geneformer_triton.client.isp import IspSpec, load_cells, run_isp
+    from geneformer_triton.client.isp import IspSpec, cell_table, run_isp
+    from geneformer_triton.core.cell_inputs import read_cells
 
-    cells = load_cells(str(small_h5ad))
+    cells = cell_table(read_cells(small_h5ad))
     genes_a, _ = cells.cell(0)
     genes_b, _ = cells.cell(1)
     only_a = next(g for g in genes_a if g not in set(genes_b))
@@ -521,9 +523,10 @@ def test_overexpress_absent_gene_in_control_cells(triton_server, exported_reposi
 def test_unknown_target_dropped_and_named_others_run(triton_server, small_h5ad, tmp_path):
     output = tmp_path / "drop.parquet"
     with GeneformerClient(triton_server.grpc_url, concurrency=2) as client:
-        from geneformer_triton.client.isp import IspSpec, load_cells, run_isp
+        from geneformer_triton.client.isp import IspSpec, cell_table, run_isp
+        from geneformer_triton.core.cell_inputs import read_cells
 
-        cells = load_cells(str(small_h5ad))
+        cells = cell_table(read_cells(small_h5ad))
         genes, _ = cells.cell(0)
         spec = IspSpec(perturbation="overexpress", targets=(str(genes[3]), "ENSG99999999999"))
         with ResultStore(output, spec.fingerprint()) as store:

@@ -89,9 +89,10 @@ def run_isp_demo(url: str, adata, loaded, options: DemoIsp) -> tuple[pd.DataFram
     """
     from geneformer_triton.client.isp import ISP_MODEL, IspSpec, cell_table_from_anndata
     from geneformer_triton.client.triton_client import GeneformerClient
+    from geneformer_triton.core.cell_inputs import InputOptions
 
     plan = isp_plan(adata, loaded, options)
-    cells = cell_table_from_anndata(adata, gene_column="ensembl_id")
+    cells = cell_table_from_anndata(adata, InputOptions(gene_column="ensembl_id"), source="celltypist sample")
     specs = {gene: IspSpec(perturbation="delete", targets=(gene,)) for gene in plan.genes}
 
     def perturb(client: GeneformerClient, row: int, gene: str) -> dict:
