@@ -29,7 +29,7 @@ def pytest_configure(config: pytest.Config) -> None:
 # or from its module; the process watcher below fails a test that starts one of those processes without
 # the marker, so `pytest -m "not e2e and not helical"` can never quietly start a server.
 MARKER_FIXTURES = {
-    "e2e": {"triton_server"},
+    "e2e": {"triton_server", "v2_server", "packed_server"},
     "helical": {"helical_python", "oracle_python"},
     "gpu": {"cuda_device"},
 }

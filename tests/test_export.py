@@ -100,6 +100,7 @@ def _gftriton(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           timeout=timeout, cwd=str(REPO_ROOT))
 
 
+@pytest.mark.e2e
 def test_cli_export_into_a_new_folder_is_served(tmp_path):
     """`gftriton export --random-weights --repository NEW` then `gftriton serve --repository NEW` serves the
     ensembles and the ISP model through the real backends (ONNX + TorchScript here, to keep it short)."""
