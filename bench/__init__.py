@@ -1,1 +1,1 @@
-"""Benchmarks (importable: ``python -m bench.<module>``)."""
+"""Benchmarks (importable: ``python -m geneformer_triton.bench.<module>``)."""
