@@ -146,13 +146,12 @@ def client(triton_server):
         yield c
 
 
-@pytest.fixture(scope="module")
-def ours(client, cells, tmp_path_factory):
-    """run(name, spec, rows) -> (rows frame, gene frame), through gftriton isp's job runner."""
+def _job_runner(client, cells, work: Path, default_rows=None):
+    """run(name, spec, rows) -> (rows frame, gene frame, errors frame) through gftriton isp's job runner,
+    each named run once."""
     results: dict[str, tuple] = {}
-    work = tmp_path_factory.mktemp("ours")
 
-    def run(name: str, spec: IspSpec, rows=None):
+    def run(name: str, spec: IspSpec, rows=default_rows):
         if name not in results:
             with ResultStore(work / f"{name}.parquet", spec.fingerprint(), columns=spec.columns()) as store:
                 run_isp(client, cells, spec, store, concurrency=2, rows=rows)
@@ -160,6 +159,11 @@ def ours(client, cells, tmp_path_factory):
         return results[name]
 
     return run
+
+
+@pytest.fixture(scope="module")
+def ours(client, cells, tmp_path_factory):
+    return _job_runner(client, cells, tmp_path_factory.mktemp("ours"))
 
 
 # ----------------------------------------------------------------------------- comparison helpers
@@ -438,17 +442,7 @@ def batch_oracle(oracle_python, checkpoint, v2_checkpoint, tokens_npz, tokens, v
 
 @pytest.fixture(scope="module")
 def ours_v2(v2_client, cells, tmp_path_factory):
-    results: dict[str, tuple] = {}
-    work = tmp_path_factory.mktemp("ours_v2")
-
-    def run(name: str, run_spec: IspSpec, rows=V2_ROWS):
-        if name not in results:
-            with ResultStore(work / f"{name}.parquet", run_spec.fingerprint(), columns=run_spec.columns()) as store:
-                run_isp(v2_client, cells, run_spec, store, concurrency=2, rows=rows)
-                results[name] = (store.read(), store.read_genes(), store.read_errors())
-        return results[name]
-
-    return run
+    return _job_runner(v2_client, cells, tmp_path_factory.mktemp("ours_v2"), V2_ROWS)
 
 
 def test_v2_delete_all_cls_and_gene(batch_oracle, ours_v2, cells, v2_vocabulary):
