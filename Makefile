@@ -51,7 +51,7 @@ demo: venv backends-optional
 # the tests serve through the real backends (GFTRITON_BACKENDS=real: a fallback to stand-ins is an error)
 test: venv helical-venv backends
 	bash scripts/setup_oracle_env.sh .oracle-overlay $(HELICAL_VENV)/bin/python  # upstream ISP oracle (idempotent)
-	GFTRITON_BACKENDS=real GFTRITON_HELICAL_PYTHON=$(HELICAL_VENV)/bin/python $(PY) -m pytest $(PYTEST_ARGS)
+	GFTRITON_BACKENDS=real GFTRITON_HELICAL_PYTHON=$(abspath $(HELICAL_VENV))/bin/python $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: venv backends-optional
 	$(GFTRITON) bench --mode quick

@@ -317,7 +317,7 @@ def ort_session_options(threads: int = 0, spinning: bool | None = None):
 def _onnxruntime(ctx: BuildContext, spec: MethodSpec) -> EncodeFn:
     import onnxruntime as ort
 
-    from geneformer_triton.export.packed_export import is_packed_session, run_packed
+    from geneformer_triton.model.runtimes import is_packed_session, run_packed_onnx
 
     path = onnx_file(ctx, spec.options.get("variant", spec.precision))
     options = ort_session_options(ctx.threads, spec.options.get("spinning"))
@@ -328,7 +328,7 @@ def _onnxruntime(ctx: BuildContext, spec: MethodSpec) -> EncodeFn:
     # Embedding-only serving: ask for the cell embedding alone (no [B, L, H] copy out).
     outputs = ["cell_embedding"]
     if is_packed_session(session):  # fed as Triton's ragged batching feeds it
-        return lambda input_ids, attention_mask: run_packed(session, input_ids, attention_mask)[0]
+        return lambda input_ids, attention_mask: run_packed_onnx(session, input_ids, attention_mask)[0]
 
     def encode(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return session.run(outputs, {"input_ids": input_ids, "attention_mask": attention_mask})[0]

@@ -56,8 +56,9 @@ def variant_server(variant_repository):
 
 
 def test_precision_option_selects_formats():
-    assert formats_for(["int8"]) == ["onnx_int8", "onnx_int8_packed"]
-    assert formats_for(["bf16", "fp32"]) == ["onnx", "onnx_isp", "onnx_packed", "torchscript", "torchscript_bf16"]
+    assert formats_for(["int8"]) == ["onnx_isp_reduced_int8", "onnx_int8", "onnx_int8_packed"]
+    assert formats_for(["bf16", "fp32"]) == ["onnx", "onnx_isp", "onnx_isp_reduced", "onnx_packed", "torchscript",
+                                             "torchscript_bf16"]
     with pytest.raises(ValueError, match="unknown precisions"):
         formats_for(["int4"])
     with pytest.raises(ValueError, match="no export format"):

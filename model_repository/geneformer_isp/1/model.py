@@ -167,8 +167,10 @@ class TritonPythonModel:
                                     "convention: 0 = last layer, -1 = second-to-last)")
             if info.hidden_state_index == info.num_hidden_layers + emb_layer and not (tokens and info.isp_reduction):
                 matching.append(info)
-        if matching:  # fp32 first (upstream's numbers), then the reduced graph: [rows, length] values, not [rows, length, hidden]
-            return sorted(matching, key=lambda info: (info.precision != "fp32", not info.isp_reduction))[0]
+        if matching:  # loaded ones first (a server may load a subset), fp32 (upstream's numbers), then the reduced
+            # graph ([rows, length] values, not [rows, length, hidden])
+            return sorted(matching, key=lambda info: (len(matching) > 1 and not self._is_ready(info.name),
+                                                      info.precision != "fp32", not info.isp_reduction))[0]
         served = ", ".join(f"{n}: hidden_states[{i}]" for n, i in found.items()) or "none with a manifest.json"
         raise IspInputError(
             f"emb_layer={emb_layer} needs an encoder serving hidden_states[n_layers{emb_layer:+d}]; "
