@@ -248,7 +248,7 @@ def gftriton_parses(command: str) -> None:
 
 def make_resolves(target: str, expected: str) -> str:
     """``make -n TARGET`` in the checkout: the recipe resolves and runs ``expected``."""
-    result = subprocess.run(["make", "-n", target], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert expected in result.stdout, f"`make -n {target}` does not run {expected!r}:\n{result.stdout}"
     return result.stdout
