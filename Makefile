@@ -57,7 +57,7 @@ bench: venv backends-optional
 	$(GFTRITON) bench --mode quick
 
 bench-full: venv helical-venv backends-optional
-	GFTRITON_HELICAL_PYTHON=$(HELICAL_VENV)/bin/python $(GFTRITON) bench --mode full
+	GFTRITON_HELICAL_PYTHON=$(abspath $(HELICAL_VENV))/bin/python $(GFTRITON) bench --mode full
 
 clean:
 	rm -rf $(VENV) $(HELICAL_VENV) .backends results .pytest_cache

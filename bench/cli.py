@@ -69,15 +69,21 @@ MODES = {
         scaling_methods=["onnx_fp32_b1"], cells_sweep=[4, 8], length_sweep=[128, 256, 512], length_cells=4,
         batch_sweep=[1, 4], batch_cells=8, export_formats=("onnx", "onnx_int8", "torchscript"),
     ),
+    # bounded to ~40 min on 2 cores: every CPU method that has a served twin, both baselines, the packed
+    # (ragged) models beside the padded ones; concurrency 8 on 2 cores only measured queueing, left out
     "full": ModeConfig(
-        n_cells=60, max_length=None, methods=None, repeats=3,
-        triton_models=["geneformer_embed_onnx_int8", "geneformer_onnx_int8", "geneformer_embed_onnx", "geneformer_onnx",
-                       "geneformer_torchscript", "geneformer_torchscript_bf16", "geneformer_embed_torchscript_bf16",
-                       "geneformer_onnx_fp16"],
-        protocols=["grpc", "http"], concurrencies=[1, 2, 4, 8], http_concurrencies=[1, 4], triton_cells=24,
+        n_cells=24, max_length=None, repeats=3,
+        methods=["baseline_eager_fp32_b10", "helical_get_embeddings", "torch_fp32_sorted", "torch_fp32_b1", "torch_bf16_b1",
+                 "torchscript_fp32_b1", "torchscript_bf16_b1", "onnx_fp32_b1", "onnx_int8_b1", "onnx_packed_fp32_b1",
+                 "onnx_packed_int8_b1"],
+        triton_models=["geneformer_embed_onnx_int8", "geneformer_onnx_int8", "geneformer_embed_onnx_int8_packed",
+                       "geneformer_onnx_int8_packed", "geneformer_embed_onnx", "geneformer_onnx", "geneformer_onnx_packed",
+                       "geneformer_torchscript", "geneformer_torchscript_bf16"],
+        protocols=["grpc", "http"], concurrencies=[1, 2, 4], http_concurrencies=[2], triton_cells=24,
         triton_passes=1, triton_min_s=6.0,
-        scaling_methods=["onnx_int8_b1", "torch_fp32_sorted"], cells_sweep=[100, 300, 1000],
-        length_sweep=[128, 256, 512, 1024, 2048], length_cells=16, batch_sweep=[1, 2, 4, 8, 16, 32], batch_cells=24,
+        scaling_methods=["onnx_int8_b1"], cells_sweep=[100, 300],
+        length_sweep=[128, 256, 512, 1024, 2048], length_cells=16, batch_sweep=[1, 2, 4, 8, 16], batch_cells=24,
+        export_formats=("onnx", "onnx_int8", "onnx_packed", "onnx_int8_packed", "torchscript", "torchscript_bf16"),
     ),
     "gpu": ModeConfig(
         n_cells=2048, max_length=None, methods=None, repeats=3,
