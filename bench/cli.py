@@ -172,6 +172,20 @@ def _repository_matches(repository: Path, loaded, formats) -> list[str]:
     return stale
 
 
+def _refresh_python_models(source: Path, repository: Path) -> None:
+    """Copy the checkout's python model files over a reused export's (the weights match, the code may not)."""
+    import shutil
+
+    for file in source.rglob("*.py"):
+        if "__pycache__" in file.parts:
+            continue
+        target = repository / file.relative_to(source)
+        if not target.is_file() or target.read_bytes() != file.read_bytes():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(file, target)
+            LOGGER.info("refreshed %s in the reused export (the checkout's copy changed)", target.relative_to(repository))
+
+
 def prepare_repository(args: argparse.Namespace, loaded, work_dir: Path, formats) -> Path:
     """The repository to benchmark: ``--repository`` if its exports match the model, else our own export."""
     import shutil
@@ -184,9 +198,11 @@ def prepare_repository(args: argparse.Namespace, loaded, work_dir: Path, formats
             return args.repository.resolve()
         LOGGER.warning("%s: %s missing or exported from other weights; exporting into the work folder", args.repository, stale)
     repository = work_dir / "export"
+    source = Path(__file__).resolve().parents[1] / "model_repository"
     stale = _repository_matches(repository, loaded, formats) if repository.is_dir() else list(formats)
-    if stale:
-        source = Path(__file__).resolve().parents[1] / "model_repository"
+    if not stale:
+        _refresh_python_models(source, repository)
+    else:
         if repository.exists():
             shutil.rmtree(repository)
         shutil.copytree(source, repository, ignore=shutil.ignore_patterns("*.onnx", "*.pt", "*.plan", "*.json", "__pycache__"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -221,3 +222,24 @@ def test_gpu_script_dry_run_on_cpu():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["served"]["geneformer_embed_torchscript_bf16"] == "torchscript_bf16_gpu"
+
+
+def test_a_reused_export_gets_the_checkouts_python_models(tmp_path):
+    """A bench export reused for its matching weights must not serve stale model.py files (they import modules that moved)."""
+    from geneformer_triton.bench.cli import _refresh_python_models
+
+    source, export = tmp_path / "model_repository", tmp_path / "export"
+    (source / "m" / "1").mkdir(parents=True)
+    (source / "m" / "1" / "model.py").write_text("import geneformer_triton.core.tokenizer\n")
+    (source / "same" / "1").mkdir(parents=True)
+    (source / "same" / "1" / "model.py").write_text("x = 1\n")
+    (export / "m" / "1").mkdir(parents=True)
+    (export / "m" / "1" / "model.py").write_text("import geneformer_triton.dictionaries\n")
+    (export / "m" / "1" / "model.onnx").write_bytes(b"weights")
+    (export / "same" / "1").mkdir(parents=True)
+    (export / "same" / "1" / "model.py").write_text("x = 1\n")
+    os.utime(export / "same" / "1" / "model.py", (1, 1))
+    _refresh_python_models(source, export)
+    assert (export / "m" / "1" / "model.py").read_text() == "import geneformer_triton.core.tokenizer\n"
+    assert (export / "m" / "1" / "model.onnx").read_bytes() == b"weights"
+    assert (export / "same" / "1" / "model.py").stat().st_mtime == 1  # an unchanged file is left alone
