@@ -51,22 +51,18 @@ class RunLockedError(RuntimeError):
 # ----------------------------------------------------------------------------- files
 
 
-def fsync_dir(path: Path) -> None:
-    """Flush ``path``'s directory entries (a rename or a new file in it) to disk; best effort (errors ignored)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush ``path``'s directory entries (a rename or a new file in it) to disk; best effort (errors ignored)."""
+    with contextlib.suppress(OSError):
+        _fsync(path)
 
 
 def temporary_path(path: Path) -> Path:
@@ -83,7 +79,7 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     tmp = temporary_path(path)
     try:
         write(tmp)
-        _fsync_file(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
