@@ -61,7 +61,6 @@ class ResultStore:
         self.columns = tuple(columns)
         self.csv = self.path.suffix.lower() == ".csv"
         layout = _layout(self.path)
-        self.run_path = layout.settings
         if self.csv:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.errors_path = self.path.with_suffix(".errors.csv")
