@@ -282,13 +282,10 @@ def _with_states(spec: IspSpec, client, cells: CellTable, states: dict, concurre
 
 
 def _stored_fingerprint(output: str) -> dict:
-    import json
-
-    path = Path(output)
-    run = path.with_suffix(".run.json") if path.suffix.lower() == ".csv" else path / "_run.json"
-    if not run.is_file():
-        raise IspRunError(f"{output} holds no ISP results (no {run.name})")
-    return json.loads(run.read_text())
+    fingerprint = ResultStore.stored_fingerprint(output)
+    if fingerprint is None:
+        raise IspRunError(f"{output} holds no ISP results (no settings file {ResultStore.settings_path(output)})")
+    return fingerprint
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

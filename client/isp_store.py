@@ -2,33 +2,54 @@
 
 Parquet: part files renamed into place whole; a flushed block of cells (a batch) is committed by a marker
 ``_commits/<batch>`` once all its parts are written; uncommitted parts are never read and are deleted on
-reopen (see :mod:`geneformer_triton.client.isp`). CSV: whole-cell appends + fsync; torn tails and partial cells repaired.
+reopen (see :mod:`geneformer_triton.client.isp`). CSV: whole-cell appends + fsync; torn tails and partial
+cells repaired. Settings check, lock, atomic writes and commits: :mod:`geneformer_triton.client.run_store`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import io
-import json
 import logging
 import os
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import pandas as pd
 
-from geneformer_triton.client.outputs import fsync_dir
+from geneformer_triton.client.run_store import (
+    CommitLog,
+    ResumeMismatchError,
+    RunLayout,
+    append_durable,
+    atomic_write,
+    open_run,
+    remove_temporaries,
+    stored_settings,
+    truncate_tail,
+)
 from geneformer_triton.core.isp_schema import COLUMNS, COMMIT_FOLDER, ERROR_COLUMNS, GENE_COLUMNS, GENE_FOLDER, IspRunError
 
 LOGGER = logging.getLogger(__name__)
+DISCARD_OPTION = "--overwrite"
+
+
+class IspResumeMismatchError(ResumeMismatchError, IspRunError):
+    """An ISP output holds results of a run with other settings."""
 
 
 def empty_frame(columns: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
+
+
+def _layout(path: Path) -> RunLayout:
+    if path.suffix.lower() == ".csv":
+        settings = path.with_suffix(".run.json")
+        return RunLayout(settings, (path, path.with_suffix(".errors.csv"), settings), path, DISCARD_OPTION,
+                         lock=path.with_suffix(".lock"), mismatch=IspResumeMismatchError)
+    return RunLayout(path / "_run.json", (path,), path, DISCARD_OPTION, lock=path / "_lock", mismatch=IspResumeMismatchError)
 
 
 class ResultStore:
@@ -39,59 +60,39 @@ class ResultStore:
         self.path = Path(path)
         self.columns = tuple(columns)
         self.csv = self.path.suffix.lower() == ".csv"
-        if overwrite:
-            self._remove()
+        layout = _layout(self.path)
         if self.csv:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.errors_path = self.path.with_suffix(".errors.csv")
-            self.run_path = self.path.with_suffix(".run.json")
-            lock_path = self.path.with_suffix(".lock")
         else:
             if self.path.exists() and not self.path.is_dir():
                 raise IspRunError(f"{self.path} exists and is not a Parquet dataset folder")
             self.path.mkdir(parents=True, exist_ok=True)
-            (self.path / "_errors").mkdir(exist_ok=True)
-            (self.path / GENE_FOLDER).mkdir(exist_ok=True)
             self.errors_path = self.path / "_errors"
             self.genes_path = self.path / GENE_FOLDER
-            self.commits_path = self.path / COMMIT_FOLDER
-            self.run_path = self.path / "_run.json"
-            lock_path = self.path / "_lock"
-        self._lock = open(lock_path, "w")  # noqa: SIM115 - held for the store's lifetime
+            self.commits = CommitLog(self.path / COMMIT_FOLDER)
+        self._run = open_run(layout, spec_fingerprint, discard=overwrite)
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise IspRunError(f"another run is writing {self.path} (lock {lock_path})") from None
-        self._check_settings(spec_fingerprint)
-        self._write_lock = threading.Lock()
-        self._recover()
+            self._write_lock = threading.Lock()
+            if self.csv:
+                self._recover_csv()
+            else:
+                self._recover_parquet()
+        except BaseException:
+            self._run.close()
+            raise
+
+    @staticmethod
+    def settings_path(path: str | Path) -> Path:
+        """The JSON file holding the settings fingerprint of the output ``path``."""
+        return _layout(Path(path)).settings
+
+    @staticmethod
+    def stored_fingerprint(path: str | Path) -> Optional[dict[str, Any]]:
+        """The settings fingerprint an output at ``path`` was written with (None: no ISP results there)."""
+        return stored_settings(ResultStore.settings_path(path))
 
     # -- housekeeping
-    def _remove(self) -> None:
-        import shutil
-
-        if self.path.is_dir():
-            shutil.rmtree(self.path)
-        for suffix in ("", ".errors.csv", ".run.json"):
-            target = self.path if suffix == "" else self.path.with_suffix(suffix)
-            if target.is_file():
-                target.unlink()
-
-    def _check_settings(self, fingerprint: dict) -> None:
-        if self.run_path.is_file():
-            stored = json.loads(self.run_path.read_text())
-            if stored != json.loads(json.dumps(fingerprint)):
-                diff = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != json.loads(json.dumps(fingerprint)).get(k))
-                raise IspRunError(
-                    f"{self.path} holds results of a run with other settings ({', '.join(diff)}); "
-                    "use another output or overwrite it"
-                )
-        else:
-            tmp = self.run_path.with_name("." + self.run_path.name + ".tmp")
-            tmp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, self.run_path)
-
     def _part_folders(self) -> tuple[Path, Path, Path]:
         return self.path, self.errors_path, self.genes_path
 
@@ -99,70 +100,46 @@ class ResultStore:
     def _batch(part: Path) -> str:
         return part.name[len("part-"): -len(".parquet")]
 
-    def _committed(self) -> set[str]:
-        return {marker.name for marker in self.commits_path.iterdir() if not marker.name.startswith(".")}
+    def _all_parts(self) -> list[Path]:
+        return [p for folder in self._part_folders() for p in folder.glob("part-*.parquet")]
 
     def _parts(self, folder: Path) -> list[Path]:
         """Committed part files of ``folder`` (rows, ``_errors`` or ``_genes``), in write order."""
-        committed = self._committed()
+        committed = self.commits.committed()
         return [p for p in sorted(folder.glob("part-*.parquet")) if self._batch(p) in committed]
 
-    def _commit(self, batch: str) -> None:
-        tmp = self.commits_path / f".{batch}.tmp"
-        with open(tmp, "wb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.commits_path / batch)
-        fsync_dir(self.commits_path)
+    def _recover_parquet(self) -> None:
+        """Remove leftovers of a killed run: temporary and uncommitted parts."""
+        for folder in self._part_folders()[1:]:
+            folder.mkdir(exist_ok=True)
+        if not self.commits.folder.is_dir():  # written before commit markers: adopt every part
+            self.commits.folder.mkdir()
+            for batch in sorted({self._batch(p) for p in self._all_parts()}):
+                self.commits.commit(batch)
+        for folder in (*self._part_folders(), self.commits.folder):
+            remove_temporaries(folder)
+        self.commits.sweep(self._all_parts(), self._batch)
 
-    def _recover(self) -> None:
-        """Remove leftovers of a killed run: temporary and uncommitted parts (Parquet), torn or partial
-        cells (CSV)."""
-        if not self.csv:
-            if not self.commits_path.is_dir():  # written before commit markers: adopt every part
-                self.commits_path.mkdir()
-                for batch in sorted({self._batch(p) for f in self._part_folders() for p in f.glob("part-*.parquet")}):
-                    self._commit(batch)
-            for folder in (*self._part_folders(), self.commits_path):
-                for tmp in folder.glob(".*.tmp"):
-                    tmp.unlink()
-            committed = self._committed()
-            stale = [p for f in self._part_folders() for p in f.glob("part-*.parquet") if self._batch(p) not in committed]
-            if stale:
-                LOGGER.warning("%s: deleting %d uncommitted part(s) of an interrupted run (those cells are redone)",
-                               self.path, len(stale))
-                for part in stale:
-                    part.unlink()
-            return
+    def _recover_csv(self) -> None:
+        """Remove leftovers of a killed run: torn last lines and partial cells."""
         for file in (self.path, self.errors_path):
+            remove_temporaries(file.parent, of=file)
             if not file.is_file() or file.stat().st_size == 0:
                 continue
             data = file.read_bytes()
             cut = data.rfind(b"\n") + 1
-            if cut != len(data):
-                LOGGER.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", file, len(data) - cut)
-                with open(file, "r+b") as handle:
-                    handle.truncate(cut)
+            truncate_tail(file, cut, "a torn last line")
             if file == self.path and cut > 0:
                 frame = pd.read_csv(file, dtype={"cell_id": str})
                 counts = frame.groupby("cell_id")["n_perturbations"].agg(["size", "first"])
                 partial = counts.index[counts["size"] != counts["first"]]
                 if len(partial):
                     LOGGER.warning("%s: dropping %d incomplete cell(s) of an interrupted run", file, len(partial))
-                    self._rewrite_csv(frame[~frame["cell_id"].isin(partial)], file)
-
-    @staticmethod
-    def _rewrite_csv(frame: pd.DataFrame, file: Path) -> None:
-        tmp = file.with_name("." + file.name + ".tmp")
-        frame.to_csv(tmp, index=False)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, file)
-        fsync_dir(file.parent)
+                    kept = frame[~frame["cell_id"].isin(partial)]
+                    atomic_write(file, lambda tmp, k=kept: k.to_csv(tmp, index=False))
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
+        self._run.close()
 
     def __enter__(self) -> "ResultStore":
         return self
@@ -220,31 +197,15 @@ class ResultStore:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        name = f"part-{batch}.parquet"
-        tmp = folder / f".{name}.tmp"
         table = pa.Table.from_pandas(frame, preserve_index=False)
-        with open(tmp, "wb") as handle:
-            pq.write_table(table, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, folder / name)
-        fsync_dir(folder)
-        return folder / name
+        return atomic_write(folder / f"part-{batch}.parquet", lambda tmp: pq.write_table(table, tmp))
 
-    def _append_csv(self, frame: pd.DataFrame, file: Path, columns: Sequence[str]) -> None:
+    @staticmethod
+    def _append_csv(frame: pd.DataFrame, file: Path, columns: Sequence[str]) -> None:
         header = not file.is_file() or file.stat().st_size == 0
         buffer = io.StringIO()
         frame.reindex(columns=list(columns)).to_csv(buffer, index=False, header=header)
-        data = buffer.getvalue().encode()
-        fd = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_durable(file, buffer.getvalue().encode())
 
     def append(self, rows: pd.DataFrame, errors: pd.DataFrame, genes: Optional[Sequence[pd.DataFrame]] = None) -> None:
         """Persist finished cells as one batch: ``rows`` (whole cells only), ``errors`` (rejected cells,
@@ -265,4 +226,4 @@ class ResultStore:
             written = [self._write_parquet(frame, folder, batch) for frame, folder in parts
                        if frame is not None and len(frame)]
             if written:
-                self._commit(batch)
+                self.commits.commit(batch)

@@ -15,17 +15,25 @@ Output formats (by suffix): ``.h5ad`` (a copy of the input AnnData with ``obsm["
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
 import shutil
 import struct
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
+
+from geneformer_triton.client.run_store import (
+    OpenRun,
+    RunLayout,
+    append_durable,
+    atomic_write,
+    open_run,
+    remove_temporaries,
+    truncate_tail,
+)
+from geneformer_triton.client.run_store import ResumeMismatchError as ResumeMismatchError  # re-exported: what open() raises
 
 LOGGER = logging.getLogger(__name__)
 
@@ -33,10 +41,6 @@ OBSM_KEY = "X_geneformer"
 FORMATS = (".h5ad", ".npy", ".parquet")
 _MAGIC = b"GFE1"
 _HEADER = struct.Struct("<4sIII")
-
-
-class ResumeMismatchError(ValueError):
-    """Partial results exist for another input or model than the current run."""
 
 
 def output_format(path: str | Path) -> str:
@@ -57,6 +61,7 @@ class PartialStore:
 
     Use ``open(meta)`` (resumes when ``meta`` matches what is stored), then ``append(rows, emb)`` from a
     single thread, ``done_rows()`` / ``assemble(n_cells)``, and ``remove()`` when the output is written.
+    While open it holds the folder's lock (a second run writing the same output is refused).
     """
 
     def __init__(self, output: str | Path) -> None:
@@ -66,7 +71,7 @@ class PartialStore:
         self.meta: dict[str, Any] = {}
         self._rows: list[np.ndarray] = []
         self._embeddings: list[np.ndarray] = []
-        self._handle = None
+        self._run: Optional[OpenRun] = None
 
     @property
     def exists(self) -> bool:
@@ -76,28 +81,22 @@ class PartialStore:
         """Open for appending; returns the number of cells already done (0 for a fresh store).
 
         Raises ``ResumeMismatchError`` if partial results of another input/model are there (unless
-        ``restart``, which discards them).
+        ``restart``, which discards them) and ``RunLockedError`` if another run has them open.
         """
-        if restart and self.folder.exists():
-            LOGGER.warning("discarding partial results in %s (--restart)", self.folder)
-            shutil.rmtree(self.folder)
-        if self.exists:
-            stored = json.loads(self.meta_path.read_text())
-            different = {k: (stored.get(k), v) for k, v in meta.items() if stored.get(k) != v}
-            if different:
-                detail = "; ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in sorted(different.items()))
-                raise ResumeMismatchError(
-                    f"partial results in {self.folder} belong to another run ({detail}); "
-                    "rerun with --restart to discard them, or write to another output"
-                )
-            self._load(int(meta["hidden_size"]))
-        else:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = self.meta_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(meta, indent=2) + "\n")
-            os.replace(tmp, self.meta_path)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        layout = RunLayout(self.meta_path, (self.folder,), self.folder, "--restart", lock=self.folder / "_lock")
+        run = open_run(layout, meta, discard=restart)
+        try:
+            remove_temporaries(self.folder)
+            if run.resumed:
+                self._load(int(meta["hidden_size"]))
+            elif self.data_path.exists():  # records without their meta.json: of no known run
+                self.data_path.unlink()
+        except BaseException:
+            run.close()
+            raise
+        self._run = run
         self.meta = dict(meta)
-        self._handle = open(self.data_path, "ab")  # noqa: SIM115 (closed in close())
         return int(sum(len(r) for r in self._rows))
 
     def _load(self, hidden: int) -> None:
@@ -118,23 +117,18 @@ class PartialStore:
             self._rows.append(np.frombuffer(payload[: n * 8], dtype=np.int64).copy())
             self._embeddings.append(np.frombuffer(payload[n * 8 :], dtype=np.float32).reshape(n, h).copy())
             offset = end
-        if offset < len(data):
-            LOGGER.warning("%s: dropping %d bytes of an incomplete record (interrupted write)", self.data_path, len(data) - offset)
-            with open(self.data_path, "r+b") as handle:
-                handle.truncate(offset)
+        truncate_tail(self.data_path, offset, "an incomplete record")
 
     def append(self, rows: np.ndarray, embeddings: np.ndarray) -> None:
         """Persist one batch (``rows`` int [n], ``embeddings`` [n, h]) before returning."""
-        if self._handle is None:
+        if self._run is None:
             raise RuntimeError("PartialStore.append before open()")
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         if embeddings.shape != (len(rows), int(self.meta["hidden_size"])):
             raise ValueError(f"embeddings {embeddings.shape} do not fit {len(rows)} rows x hidden {self.meta['hidden_size']}")
         payload = rows.tobytes() + embeddings.tobytes()
-        self._handle.write(_HEADER.pack(_MAGIC, len(rows), embeddings.shape[1], zlib.crc32(payload)) + payload)
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        append_durable(self.data_path, _HEADER.pack(_MAGIC, len(rows), embeddings.shape[1], zlib.crc32(payload)) + payload)
         self._rows.append(rows)
         self._embeddings.append(embeddings)
 
@@ -155,17 +149,13 @@ class PartialStore:
         return result
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        if self._run is not None:
+            self._run.close()
+            self._run = None
 
     def remove(self) -> None:
         self.close()
         shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
 
 
 def write_embeddings(
@@ -183,8 +173,8 @@ def write_embeddings(
     path = Path(path)
     fmt = output_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(path)
-    try:
+
+    def write(tmp: Path) -> None:
         if fmt == ".npy":
             with open(tmp, "wb") as handle:
                 np.save(handle, np.asarray(embeddings, dtype=np.float32))
@@ -209,20 +199,6 @@ def write_embeddings(
             if info:
                 out.uns["geneformer"] = {k: str(v) for k, v in info.items()}
             out.write_h5ad(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    return path
 
+    return atomic_write(path, write)
 
-def fsync_dir(path: Path) -> None:
-    """Flush ``path``'s directory entry (a rename or a new file in it) to disk; best effort (errors ignored)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -7,7 +7,8 @@ rows (:func:`plan_shards`); each shard is one task. The client process writes ea
 place, and then a marker ``shard-00003.done`` (JSON naming the pieces) the same way: a shard is done
 exactly when its marker is there. A rerun skips done shards; a shard finished twice (a task rerun after
 its worker was thought lost) is written once. ``_plan.json`` records what the shards are of (input,
-settings, shard size); resuming another plan is refused. The final output is assembled from the pieces
+settings, shard size); resuming another plan is refused. Reopening deletes pieces without a marker and
+temporaries of a killed run (rules: :mod:`geneformer_triton.client.run_store`). The final output is assembled from the pieces
 in cell order by the job (``geneformer_triton.client.dask_jobs``) and the folder removed.
 """
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +25,14 @@ from typing import Any, Iterable, Mapping, Union
 import numpy as np
 import pandas as pd
 
-from geneformer_triton.client.outputs import fsync_dir
+from geneformer_triton.client.run_store import CommitLog, ResumeMismatchError, RunLayout, atomic_write, open_run, remove_temporaries
 
 LOGGER = logging.getLogger(__name__)
 
 Piece = Union[pd.DataFrame, np.ndarray]
 
 
-class ShardPlanMismatchError(ValueError):
+class ShardPlanMismatchError(ResumeMismatchError):
     """The shard folder holds results of another input, settings or shard size."""
 
 
@@ -81,52 +81,35 @@ def fingerprint(*parts: Iterable[str] | np.ndarray) -> str:
 
 
 class ShardStore:
-    """Finished shards of one output, in ``<output>.shards/``; see the module docstring."""
+    """Finished shards of one output, in ``<output>.shards/``; see the module docstring.
+
+    Not locked: only the client process of a run writes it (``gftriton isp`` holds the lock of its output).
+    """
 
     def __init__(self, output: str | Path) -> None:
         output = Path(output)
         self.folder = output.with_name(output.name + ".shards")
         self.plan_path = self.folder / "_plan.json"
+        self._done = CommitLog(self.folder, ".done")
 
     def open(self, plan: Mapping[str, Any], restart: bool = False) -> int:
         """Create the folder or resume it; returns the number of shards already done.
 
         ``plan`` (JSON-able) identifies the run; if the folder holds another plan,
-        :class:`ShardPlanMismatchError` (unless ``restart``, which discards the folder).
+        :class:`ShardPlanMismatchError` (unless ``restart``, which discards the folder). Temporaries and
+        pieces of shards without a marker (a killed run) are deleted.
         """
-        if restart and self.folder.exists():
-            LOGGER.warning("discarding finished shards in %s", self.folder)
-            shutil.rmtree(self.folder)
-        wanted = json.loads(json.dumps(dict(plan)))
-        if self.plan_path.is_file():
-            stored = json.loads(self.plan_path.read_text())
-            if stored != wanted:
-                keys = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
-                raise ShardPlanMismatchError(
-                    f"{self.folder} holds shards of another run (differs in: {', '.join(keys)}); "
-                    "rerun with the same input, settings and --shard-size, or discard them "
-                    "(--overwrite for isp, --restart for embed)")
-        else:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._write_atomic(self.plan_path, lambda handle: handle.write(json.dumps(wanted, indent=2).encode()))
-        for leftover in self.folder.glob(".*.tmp"):
-            leftover.unlink()  # a temporary piece of a killed run
-        return len(list(self.folder.glob("shard-*.done")))
-
-    def _marker(self, shard: Shard) -> Path:
-        return self.folder / f"{shard.name}.done"
+        layout = RunLayout(self.plan_path, (self.folder,), self.folder,
+                           "--overwrite (isp) or --restart (embed)",
+                           mismatch=ShardPlanMismatchError)
+        open_run(layout, plan, discard=restart)
+        remove_temporaries(self.folder)
+        self._done.sweep([p for p in self.folder.glob("shard-*") if p.suffix != self._done.suffix],
+                         lambda piece: piece.name.split(".", 1)[0])
+        return len(self._done.committed())
 
     def is_done(self, shard: Shard) -> bool:
-        return self._marker(shard).is_file()
-
-    def _write_atomic(self, path: Path, write) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        return self._done.is_committed(shard.name)
 
     def write(self, shard: Shard, pieces: Mapping[str, Piece]) -> bool:
         """Store a finished shard: every piece, then its marker. Returns False (and writes nothing)
@@ -137,21 +120,21 @@ class ShardStore:
         names = {}
         for key, piece in pieces.items():
             if isinstance(piece, pd.DataFrame):
-                path = self.folder / f"{shard.name}.{key}.parquet"
-                self._write_atomic(path, lambda handle, p=piece: p.to_parquet(handle, index=False))
+                path = atomic_write(self.folder / f"{shard.name}.{key}.parquet",
+                                    lambda tmp, p=piece: p.to_parquet(tmp, index=False))
             elif isinstance(piece, np.ndarray):
-                path = self.folder / f"{shard.name}.{key}.npy"
-                self._write_atomic(path, lambda handle, p=piece: np.save(handle, p, allow_pickle=False))
+                path = atomic_write(self.folder / f"{shard.name}.{key}.npy",
+                                    lambda tmp, p=piece: np.save(tmp, p, allow_pickle=False))
             else:
                 raise TypeError(f"piece {key!r} of {shard.name}: expected a DataFrame or ndarray, got {type(piece).__name__}")
             names[key] = path.name
         marker = {"start": shard.start, "stop": shard.stop, "pieces": names}
-        self._write_atomic(self._marker(shard), lambda handle: handle.write(json.dumps(marker).encode()))
+        self._done.commit(shard.name, json.dumps(marker).encode())
         return True
 
     def read(self, shard: Shard) -> dict[str, Piece]:
         """The pieces of a done shard, by key."""
-        marker = json.loads(self._marker(shard).read_text())
+        marker = json.loads(self._done.read(shard.name))
         if (marker["start"], marker["stop"]) != (shard.start, shard.stop):
             raise ShardPlanMismatchError(f"{shard.name} in {self.folder} covers rows {marker['start']}..{marker['stop']}, "
                                          f"expected {shard.start}..{shard.stop}")
@@ -163,3 +146,4 @@ class ShardStore:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
