@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -111,6 +112,12 @@ def _max_diff(ours: dict, theirs: dict) -> float:
     return float(max(abs(ours[k] - theirs[k]) for k in theirs))
 
 
+def _fresh(path: Path) -> Path:
+    """``path`` with no earlier run's results (a store there would resume instead of rerunning)."""
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
 def run_served(options: MulticellOptions, repository: Path, cells, vocabulary, work: Path) -> dict:
     """Per case and client mode: repeats, Triton's view of the first repeat, the last repeat's values."""
     from geneformer_triton.bench.isp_worker import backend_kind, stub_import_root
@@ -129,12 +136,13 @@ def run_served(options: MulticellOptions, repository: Path, cells, vocabulary, w
                 perturbation, targets = CASES[case]
                 spec = IspSpec(perturbation=perturbation, targets=targets)
                 for mode, concurrency in (("one_at_a_time", 1), ("merged", options.concurrency)):
-                    with ResultStore(work / f"warm_{case}_{mode}.parquet", spec.fingerprint(), columns=spec.columns()) as store:
+                    with ResultStore(_fresh(work / f"warm_{case}_{mode}.parquet"), spec.fingerprint(), columns=spec.columns()) as store:
                         run_isp(client, cells, spec, store, concurrency=concurrency)  # warm-up (not timed)
                     repeats, profile, frame = [], {}, None
                     for r in range(options.repeats):
                         before, load = scrape(server.metrics_url), machine_state()
-                        with ResultStore(work / f"{case}_{mode}_{r}.parquet", spec.fingerprint(), columns=spec.columns()) as store:
+                        path = _fresh(work / f"{case}_{mode}_{r}.parquet")
+                        with ResultStore(path, spec.fingerprint(), columns=spec.columns()) as store:
                             stats = run_isp(client, cells, spec, store, concurrency=concurrency)
                             frame = store.read()
                         after = scrape(server.metrics_url)
@@ -255,7 +263,7 @@ def write(report: dict, out: Path) -> None:
             lines.append(f"| {case} | {name} | {m['perturbations']} | {secs['median']:.2f} ({secs['min']:.2f}-"
                          f"{secs['max']:.2f}) | {rate['median']:.1f} ({rate['min']:.1f}-{rate['max']:.1f}) | "
                          f"{executes} | {encoder} | {diff} |")
-        lines.append("")
+    lines.append("")
     machine = report["machine"]
     lines += ["Merged vs one-at-a-time values: " + ", ".join(
         f"{case} max abs diff {entry['merged']['max_abs_diff_vs_one_at_a_time']:.1e}" for case, entry in report["cases"].items()),

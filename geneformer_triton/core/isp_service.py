@@ -21,8 +21,12 @@ whose module documents its extra inputs and outputs; its rows are packed with ot
 :class:`IspJob`, described here). Targets that cannot be perturbed in a cell are dropped for that cell
 and listed in the ``target_errors`` output (BYTES [E]).
 
-Wire contract (``model_repository/geneformer_isp/config.pbtxt``; ``max_batch_size: 0``, one cell per
-request):
+Wire contract (``model_repository/geneformer_isp/config.pbtxt``): one cell per request, every tensor with a
+leading batch dimension of 1 (shapes below are per cell, after it: ``gene_ids`` travels as BYTES [1, G]);
+``max_batch_size`` > 0 with dynamic batching and ragged inputs, so Triton hands concurrent requests of any
+sizes to one ``execute``, where their rows share encoder batches. :func:`one_cell_inputs` removes the batch
+dimension on the server (a request whose batch dimension is not 1 fails alone), :func:`batched` adds it to
+outputs and to a client's inputs, :func:`unbatched` removes it from a response.
 
 inputs
     ``gene_ids`` BYTES [G] Ensembl ids (""=ignored), ``counts`` FP32 [G] raw counts, optional
