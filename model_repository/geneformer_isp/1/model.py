@@ -3,9 +3,8 @@
 Request: a cell (``gene_ids`` + raw ``counts``) and a perturbation spec, every tensor with a leading batch
 dimension of 1 (``max_batch_size`` > 0 with dynamic batching and ragged inputs: Triton hands the requests
 queued from any clients to one ``execute``; a request whose batch dimension is not 1 fails alone). The
-model tokenizes each cell
-in-process (``RankValueTokenizer`` over the dictionary files of ``geneformer_tokenizer/1``, the same
-files and parameters the tokenizer model serves), builds every perturbed token sequence
+model tokenizes each cell in-process (``RankValueTokenizer`` over the dictionary files of
+``geneformer_tokenizer/1``, the same files and parameters the tokenizer model serves), builds every perturbed token sequence
 (``geneformer_triton.core.perturbation``), sends them to an encoder model of this server through BLS in
 chunks of at most ``max_tokens_per_batch`` tokens (original cell first; up to ``max_inflight_batches``
 chunks in flight) and reduces each chunk's embeddings to scores right away. Only
