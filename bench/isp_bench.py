@@ -202,6 +202,7 @@ def triton_delete_all(loaded, cells: list[np.ndarray], concurrency: int, work_di
     import shutil
     from concurrent.futures import ThreadPoolExecutor
 
+    from geneformer_triton.client.isp_spec import infer_cell
     from geneformer_triton.client.triton_client import GeneformerClient
     from geneformer_triton.export.repository import export_model_repository
     from geneformer_triton.serving.server import LocalTritonServer
@@ -223,10 +224,11 @@ def triton_delete_all(loaded, cells: list[np.ndarray], concurrency: int, work_di
     with LocalTritonServer(repository, models=["geneformer_onnx", "geneformer_isp"], model_config_name="cpu",
                            log_path=work_dir / "tritonserver.log") as server:
         with GeneformerClient(server.grpc_url, concurrency=concurrency, timeout_s=3600) as client:
-            client.infer("geneformer_isp", requests[0], ["cell_shift"])  # warm-up
+            infer_cell(client, "geneformer_isp", requests[0], ["cell_shift"])  # warm-up
             start = time.perf_counter()
             with ThreadPoolExecutor(concurrency) as pool:
-                outputs = list(pool.map(lambda r: client.infer("geneformer_isp", r, ["perturbed_genes", "cell_shift"]), requests))
+                outputs = list(pool.map(lambda r: infer_cell(client, "geneformer_isp", r, ["perturbed_genes", "cell_shift"]),
+                                        requests))
             seconds = time.perf_counter() - start
     for tokens, out in zip(cells, outputs):
         expected = loaded.vocabulary.genes_for_tokens(tokens)

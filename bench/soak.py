@@ -33,6 +33,7 @@ import numpy as np
 from geneformer_triton.client.triton_client import GeneformerClient, InferenceError, RetryPolicy
 from geneformer_triton.core.contract import ISP_MODEL, TOKENIZER_MODEL
 from geneformer_triton.core.dictionaries import load_vocabulary
+from geneformer_triton.core.isp_service import batched
 
 LOGGER = logging.getLogger("geneformer_triton.bench.soak")
 
@@ -101,7 +102,7 @@ def request_mix(vocabulary_dir: Path, models: list[str], n_cells: int = 6, seed:
             if model == TOKENIZER:
                 good.append(Request(f"cell{index}", model, row, ("input_ids",)))
             elif model == ISP:
-                isp = {"gene_ids": ids[:10], "counts": counts[:10], "perturbation": np.array([b"delete"], dtype=object)}
+                isp = batched({"gene_ids": ids[:10], "counts": counts[:10], "perturbation": np.array([b"delete"], dtype=object)})
                 good.append(Request(f"cell{index}", model, isp, ("cell_shift",)))
             else:
                 good.append(Request(f"cell{index}", model, row, ("cell_embedding",)))
@@ -122,8 +123,8 @@ def request_mix(vocabulary_dir: Path, models: list[str], n_cells: int = 6, seed:
     bad: list[Request] = []
     for model in models:
         if model == ISP:
-            isp = {"gene_ids": ids[:10], "counts": counts[:10], "perturbation": np.array([b"inhibit"], dtype=object),
-                   "rank_shift": np.array([-3.0], np.float32)}
+            isp = batched({"gene_ids": ids[:10], "counts": counts[:10], "perturbation": np.array([b"inhibit"], dtype=object),
+                           "rank_shift": np.array([-3.0], np.float32)})
             bad.append(Request("rank_shift_negative", model, isp, ("cell_shift",), bad=True))
             continue
         output = "input_ids" if model == TOKENIZER else "cell_embedding"

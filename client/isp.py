@@ -1,8 +1,10 @@
 """In-silico perturbation over many cells through the ``geneformer_isp`` Triton model.
 
-One request per cell (its expressed genes with Ensembl ids and raw counts + the perturbation spec),
-``concurrency`` requests in flight (:class:`geneformer_triton.client.triton_client.GeneformerClient`: one connection per
-worker thread, retries while the server is unreachable). Results are appended as cells finish:
+One request per cell (its expressed genes with Ensembl ids and raw counts + the perturbation spec, with a
+leading batch dimension of 1: :func:`geneformer_triton.client.isp_spec.infer_cell`), ``concurrency`` requests
+in flight (merged by the server's dynamic batcher into shared encoder batches;
+:class:`geneformer_triton.client.triton_client.GeneformerClient`: one connection per worker thread, retries
+while the server is unreachable). Results are appended as cells finish:
 
 * Parquet (default): ``OUT.parquet/`` is a Parquet dataset of part files ``part-<batch>.parquet``, each
   written to a hidden temporary file, fsynced and renamed into place (atomic): a part is there whole or
@@ -46,7 +48,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from geneformer_triton.client.isp_run import RunStats, cell_rows, gene_rows, run_isp
-from geneformer_triton.client.isp_spec import IspSpec, state_embedding, upstream_state_embedding
+from geneformer_triton.client.isp_spec import IspSpec, infer_cell, state_embedding, upstream_state_embedding
 from geneformer_triton.client.isp_store import ResultStore
 from geneformer_triton.client.isp_summary import format_summary, plot_top_shifts, summarize
 from geneformer_triton.core.cell_inputs import CellMatrix, InputOptions, SymbolMap, cells_from_anndata
@@ -72,7 +74,7 @@ __all__ = [
     "COLUMNS", "COMMIT_FOLDER", "EMBED_MODEL_FOR", "ERROR_COLUMNS", "GENE_COLUMNS", "GENE_FOLDER", "ISP_MODEL",
     "PERTURBATIONS", "RANK_BY", "SCORE_OUTPUTS", "STATE_PREFIX", "UPSTREAM_SCORE",
     "CellTable", "IspRunError", "IspSpec", "ResultStore", "RunStats",
-    "cell_rows", "cell_table", "cell_table_from_anndata", "format_summary", "gene_rows", "plot_top_shifts",
+    "cell_rows", "cell_table", "cell_table_from_anndata", "format_summary", "gene_rows", "infer_cell", "plot_top_shifts",
     "run_isp", "select_cells", "state_embedding", "summarize", "upstream_state_embedding",
 ]
 

@@ -299,7 +299,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     server.add_argument("--model", default=ISP_MODEL, help="ISP model name")
     server.add_argument("--encoder", help="encoder model the ISP model calls (one of its allowed_encoder_models; "
                                           "default: its encoder_model parameter)")
-    server.add_argument("--concurrency", type=int, default=4, help="cells in flight")
+    server.add_argument("--concurrency", type=int, default=4,
+                        help="cells in flight (the server merges them into shared encoder batches)")
     server.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     server.add_argument("--retries", type=int, default=6, help="tries per request while the server is unreachable")
     server.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the server to be ready")

@@ -1,5 +1,6 @@
-"""The ``gftriton isp`` run driver: one request per cell, ``concurrency`` in flight, finished cells
-appended to a :class:`geneformer_triton.client.isp_store.ResultStore` in whole-cell blocks."""
+"""The ``gftriton isp`` run driver: one request per cell, ``concurrency`` in flight (the server's dynamic
+batcher merges the cells in flight into shared encoder batches), finished cells appended to a
+:class:`geneformer_triton.client.isp_store.ResultStore` in whole-cell blocks."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from geneformer_triton.client.isp_spec import IspSpec
+from geneformer_triton.client.isp_spec import IspSpec, infer_cell
 from geneformer_triton.client.isp_store import ResultStore, empty_frame
 from geneformer_triton.client.triton_client import GeneformerClient, InferenceError
 from geneformer_triton.core.isp_schema import ERROR_COLUMNS, SCORE_OUTPUTS, STATE_PREFIX, UPSTREAM_SCORE, IspRunError
@@ -117,7 +118,7 @@ def run_isp(
         if inputs is None:
             return row, None, "skipped: the cell expresses none of the targets"
         try:
-            return row, client.infer(spec.model, inputs, outputs), None
+            return row, infer_cell(client, spec.model, inputs, outputs), None
         except InferenceError as error:  # the server rejected this cell's request
             return row, None, str(error)
 

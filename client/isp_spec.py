@@ -1,5 +1,6 @@
-"""What a ``gftriton isp`` run perturbs (:class:`IspSpec`: the same for every cell) and the cell-state
-embeddings it sends (upstream ``get_state_embs``, or reference cells through an embedding ensemble)."""
+"""What a ``gftriton isp`` run perturbs (:class:`IspSpec`: the same for every cell), the one-cell request
+(:func:`infer_cell`) and the cell-state embeddings it sends (upstream ``get_state_embs``, or reference cells
+through an embedding ensemble)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,17 @@ import numpy as np
 from geneformer_triton.client.triton_client import GeneformerClient
 from geneformer_triton.core.contract import ISP_MODEL
 from geneformer_triton.core.isp_schema import COLUMNS, PERTURBATIONS, STATE_PREFIX, IspRunError
+from geneformer_triton.core.isp_service import batched, unbatched
 
 if TYPE_CHECKING:
     from geneformer_triton.client.isp import CellTable
+
+
+def infer_cell(client: GeneformerClient, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> dict:
+    """One cell's request to the ISP model: per-cell tensors in and out (the wire's leading batch dimension of
+    1 added and removed). Send cells concurrently: the server's dynamic batcher merges them into shared
+    encoder batches."""
+    return unbatched(client.infer(model, batched(inputs), outputs))
 
 
 @dataclass(frozen=True)
@@ -148,7 +157,7 @@ def upstream_state_embedding(client: GeneformerClient, cells: CellTable, rows: S
         }
         if spec.encoder_model:
             inputs["encoder_model"] = np.array([spec.encoder_model.encode()], dtype=object)
-        return client.infer(spec.model, inputs, ["original_embedding"])["original_embedding"]
+        return infer_cell(client, spec.model, inputs, ["original_embedding"])["original_embedding"]
 
     with ThreadPoolExecutor(max(1, concurrency)) as pool:
         means = list(pool.map(one, rows))

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from geneformer_triton.client.isp_spec import infer_cell
 from geneformer_triton.client.triton_client import GeneformerClient, InferenceError, RetryPolicy, ServerUnavailableError
 from geneformer_triton.serving.server import free_port
 
@@ -271,6 +272,6 @@ ISP_CASES = {
 def test_bad_isp_request_gets_invalid_argument(client, case):
     overrides, patterns = ISP_CASES[case]
     with pytest.raises(InferenceError) as info:
-        client.infer("geneformer_isp", _isp_request(**overrides), ["cell_shift"])
+        infer_cell(client, "geneformer_isp", _isp_request(**overrides), ["cell_shift"])
     _assert_invalid_argument(info.value, client.protocol, patterns)
-    assert np.isfinite(client.infer("geneformer_isp", _isp_request(), ["cell_shift"])["cell_shift"]).all()
+    assert np.isfinite(infer_cell(client, "geneformer_isp", _isp_request(), ["cell_shift"])["cell_shift"]).all()

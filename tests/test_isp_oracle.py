@@ -141,7 +141,7 @@ def oracle(oracle_python, checkpoint, tokens_npz, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(triton_server):
-    with GeneformerClient(triton_server.grpc_url, "grpc", concurrency=2, timeout_s=600) as c:
+    with GeneformerClient(triton_server.grpc_url, "grpc", concurrency=8, timeout_s=600) as c:
         c.wait_ready(120, "geneformer_isp")
         yield c
 
@@ -154,7 +154,8 @@ def _job_runner(client, cells, work: Path, default_rows=None):
     def run(name: str, spec: IspSpec, rows=default_rows):
         if name not in results:
             with ResultStore(work / f"{name}.parquet", spec.fingerprint(), columns=spec.columns()) as store:
-                run_isp(client, cells, spec, store, concurrency=2, rows=rows)
+                # every cell in flight: the server merges them into one execute (shared batches, issue 15)
+                run_isp(client, cells, spec, store, concurrency=len(cells), rows=rows)
                 results[name] = (store.read(), store.read_genes(), store.read_errors())
         return results[name]
 
@@ -388,7 +389,7 @@ def v2_server(tmp_path_factory, v2_model):
 
 @pytest.fixture(scope="module")
 def v2_client(v2_server):
-    with GeneformerClient(v2_server.grpc_url, "grpc", concurrency=2, timeout_s=600) as c:
+    with GeneformerClient(v2_server.grpc_url, "grpc", concurrency=8, timeout_s=600) as c:
         c.wait_ready(120, "geneformer_isp")
         yield c
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from geneformer_triton.client.isp_spec import infer_cell
 from geneformer_triton.client.triton_client import GeneformerClient, InferenceError
 from geneformer_triton.core.isp_upstream import plan_upstream
 from geneformer_triton.core.isp_upstream_service import UpstreamJob
@@ -186,16 +187,16 @@ def test_served_reduced_encoder_equals_token_encoder(triton_server, v1_vocabular
         for cell in cells[:2]:
             genes = np.array(v1_vocabulary.genes_for_tokens(cell), dtype=object)
             counts = np.arange(cell.size, 0, -1, dtype=np.float32) * 10  # rank order = the cell's order
-            reduced = client.infer(ISP, _request(genes, counts, states, None), outputs)
-            tokens = client.infer(ISP, _request(genes, counts, states, TOKENS), outputs)
+            reduced = infer_cell(client, ISP, _request(genes, counts, states, None), outputs)
+            tokens = infer_cell(client, ISP, _request(genes, counts, states, TOKENS), outputs)
             assert reduced["cell_emb_shift"].size == cell.size
             assert_close(reduced, tokens)
-            last_layer = client.infer(ISP, _request(genes, counts, states, None, emb_layer=0), outputs)
+            last_layer = infer_cell(client, ISP, _request(genes, counts, states, None, emb_layer=0), outputs)
             with pytest.raises(AssertionError):  # negative control: another layer's numbers are rejected
                 assert_close(reduced, last_layer, keys=("cell_emb_shift",))
-        before_error = client.infer(ISP, _request(genes, counts, states, None), outputs)
+        before_error = infer_cell(client, ISP, _request(genes, counts, states, None), outputs)
         with pytest.raises(InferenceError, match="state_embeddings have 7 values per state; the encoder's hidden size is 256"):
-            client.infer(ISP, _request(genes, counts, np.ones((1, 7)), None), outputs)
-        assert_close(client.infer(ISP, _request(genes, counts, states, None), outputs), before_error)  # still serving
+            infer_cell(client, ISP, _request(genes, counts, np.ones((1, 7)), None), outputs)
+        assert_close(infer_cell(client, ISP, _request(genes, counts, states, None), outputs), before_error)  # still serving
     assert count(REDUCED) > before, "geneformer_isp did not use the reduced encoder by default"
     stats.close()

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from geneformer_triton.client.isp import COLUMNS, ResultStore
+from geneformer_triton.client.isp import COLUMNS, ResultStore, infer_cell
 from geneformer_triton.client.triton_client import GeneformerClient, InferenceError
 from geneformer_triton.core.perturbation import cosine, plan_perturbations, run_plan
 from geneformer_triton.core.tokenizer import RankValueTokenizer, pad_token_batch
@@ -110,7 +110,7 @@ def request(cell, perturbation, targets=None, mode=None, anchors=(), rank_shift=
 
 
 def served(client, inputs, outputs=ALL_OUTPUTS) -> dict:
-    out = client.infer(ISP, inputs, outputs)
+    out = infer_cell(client, ISP, inputs, outputs)
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -278,7 +278,7 @@ def test_bad_input_is_a_clear_error(client, tiny, case):
         spec["anchors"] = targets[spec["anchors"]]
     spec.setdefault("perturbation", "delete")
     with pytest.raises(InferenceError, match="geneformer_isp") as info:
-        client.infer(ISP, request(cell, **spec), ["cell_shift"])
+        infer_cell(client, ISP, request(cell, **spec), ["cell_shift"])
     assert message in str(info.value), str(info.value)
 
 

@@ -103,6 +103,10 @@ def test_isp_config_carries_encoder_signatures_and_isp_tensors():
     config = parse((REPOSITORY / contract.ISP_MODEL / "config.pbtxt").read_text())
     assert tuple(t.name for t in config.input) == isp_service.INPUTS
     assert tuple(t.name for t in config.output) == isp_service.OUTPUTS
+    # one cell per request, several requests per execute (issue 15): batching on, every input ragged
+    assert config.max_batch_size > 1 and config.HasField("dynamic_batching")
+    assert 0 < config.dynamic_batching.max_queue_delay_microseconds <= 10_000
+    assert all(t.allow_ragged_batch for t in config.input)
     params = {k: v.string_value for k, v in config.parameters.items()}
     allowed = params[contract.PARAM_ALLOWED_ENCODERS].split(",")
     assert params[contract.PARAM_ENCODER_MODEL] in allowed

@@ -87,7 +87,7 @@ def run_isp_demo(url: str, adata, loaded, options: DemoIsp) -> tuple[pd.DataFram
     embeddings, 0 = no shift) and ``mean_cell_shift`` (1 - cosine of the mean-pooled cell embeddings);
     and the run's size and speed.
     """
-    from geneformer_triton.client.isp import ISP_MODEL, IspSpec, cell_table_from_anndata
+    from geneformer_triton.client.isp import ISP_MODEL, IspSpec, cell_table_from_anndata, infer_cell
     from geneformer_triton.client.triton_client import GeneformerClient
     from geneformer_triton.core.cell_inputs import InputOptions
 
@@ -98,7 +98,8 @@ def run_isp_demo(url: str, adata, loaded, options: DemoIsp) -> tuple[pd.DataFram
     def perturb(client: GeneformerClient, row: int, gene: str) -> dict:
         gene_ids, counts = cells.cell(row)
         spec = specs[gene]
-        result = client.infer(ISP_MODEL, spec.request_inputs(gene_ids, counts, float(cells.n_counts[row])), spec.outputs())
+        result = infer_cell(client, ISP_MODEL, spec.request_inputs(gene_ids, counts, float(cells.n_counts[row])),
+                            spec.outputs())
         if len(result["cell_emb_shift"]) != 1:  # the plan only deletes genes the cell expresses
             notes = [note.decode() for note in result["target_errors"]]
             raise RuntimeError(f"{ISP_MODEL} did not delete {gene} in cell {cells.cell_ids[row]}: {notes}")

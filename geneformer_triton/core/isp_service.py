@@ -21,8 +21,12 @@ whose module documents its extra inputs and outputs; its rows are packed with ot
 :class:`IspJob`, described here). Targets that cannot be perturbed in a cell are dropped for that cell
 and listed in the ``target_errors`` output (BYTES [E]).
 
-Wire contract (``model_repository/geneformer_isp/config.pbtxt``; ``max_batch_size: 0``, one cell per
-request):
+Wire contract (``model_repository/geneformer_isp/config.pbtxt``): one cell per request, every tensor with a
+leading batch dimension of 1 (shapes below are per cell, after it: ``gene_ids`` travels as BYTES [1, G]);
+``max_batch_size`` > 0 with dynamic batching and ragged inputs, so Triton hands concurrent requests of any
+sizes to one ``execute``, where their rows share encoder batches. :func:`one_cell_inputs` removes the batch
+dimension on the server (a request whose batch dimension is not 1 fails alone), :func:`batched` adds it to
+outputs and to a client's inputs, :func:`unbatched` removes it from a response.
 
 inputs
     ``gene_ids`` BYTES [G] Ensembl ids (""=ignored), ``counts`` FP32 [G] raw counts, optional
@@ -159,13 +163,20 @@ class IspRequest:
     embed_only: bool = False
 
 
-def _flag(array: Optional[np.ndarray], name: str) -> Optional[bool]:
+def _one(array: Optional[np.ndarray], name: str, kinds: str, what: str) -> Optional[object]:
+    """The single value of an optional one-value input (None when absent); ``kinds``: allowed numpy dtype
+    kinds, ``what``: the allowed value in words (for the message)."""
     if array is None:
         return None
     values = np.asarray(array).reshape(-1)
-    if values.size != 1:
-        raise IspInputError(f"{name} must hold one value, got {values.size}")
-    return bool(values[0])
+    if values.size != 1 or values.dtype.kind not in kinds:
+        raise IspInputError(f"{name} must hold one value ({what}), got {values.size} of {values.dtype}")
+    return values[0].item()
+
+
+def _flag(array: Optional[np.ndarray], name: str) -> Optional[bool]:
+    value = _one(array, name, "biu", "a BOOL")
+    return None if value is None else bool(value)
 
 
 def _parse_upstream_fields(get: Callable[[str], Optional[np.ndarray]], perturbation: str, target_mode: str) -> dict:
@@ -174,12 +185,8 @@ def _parse_upstream_fields(get: Callable[[str], Optional[np.ndarray]], perturbat
     if semantics not in SEMANTICS:
         raise IspInputError(f"unknown semantics {semantics!r}; expected 'upstream' (Geneformer's InSilicoPerturber) or 'ours'")
     layer = get("emb_layer")
-    emb_layer = -1
-    if layer is not None:
-        values = np.asarray(layer).reshape(-1)
-        if values.size != 1 or values.dtype.kind not in "iu":
-            raise IspInputError("emb_layer must be one integer (upstream ISP convention: 0 = last layer, -1 = second-to-last)")
-        emb_layer = int(values[0])
+    value = _one(layer, "emb_layer", "iu", "an integer; upstream ISP convention: 0 = last layer, -1 = second-to-last")
+    emb_layer = -1 if value is None else int(value)
     emb_mode = (_scalar_string(get("emb_mode"), "emb_mode", "cell") or "cell").lower()
     if emb_mode not in ("cell", "cell_and_gene"):
         raise IspInputError(f"unknown emb_mode {emb_mode!r}; expected 'cell' or 'cell_and_gene'")
@@ -220,13 +227,9 @@ def parse_request(get: Callable[[str], Optional[np.ndarray]]) -> IspRequest:
     if len(gene_ids) != counts.size:
         raise IspInputError(f"gene_ids has {len(gene_ids)} entries but counts has {counts.size}; they must match")
 
-    n_counts_arr = get("n_counts")
-    n_counts = None
-    if n_counts_arr is not None:
-        values = np.asarray(n_counts_arr, dtype=np.float64).reshape(-1)
-        if values.size != 1:
-            raise IspInputError(f"n_counts must hold one value (the cell's total counts), got {values.size}")
-        n_counts = float(values[0])
+    n_counts = _one(get("n_counts"), "n_counts", "fiu", "the cell's total counts, FP32")
+    if n_counts is not None:
+        n_counts = float(n_counts)
         if not math.isfinite(n_counts) or n_counts <= 0:
             raise IspInputError(f"n_counts must be a finite number > 0, got {n_counts!r}")
 
@@ -262,13 +265,8 @@ def parse_request(get: Callable[[str], Optional[np.ndarray]]) -> IspRequest:
     anchors_raw = _strings(get("anchor_genes"), "anchor_genes") or []
     anchors = tuple(a for a in anchors_raw if a != "")
 
-    rank_shift_arr = get("rank_shift")
-    rank_shift = None
-    if rank_shift_arr is not None:
-        values = np.asarray(rank_shift_arr, dtype=np.float64).reshape(-1)
-        if values.size != 1:
-            raise IspInputError(f"rank_shift must hold one value, got {values.size}")
-        rank_shift = float(values[0])
+    rank_shift = _one(get("rank_shift"), "rank_shift", "fiu", "FP32 positions or fraction")
+    rank_shift = None if rank_shift is None else float(rank_shift)
     if perturbation in ("inhibit", "activate") and rank_shift is None:
         raise IspInputError(
             f"perturbation {perturbation!r} needs rank_shift: whole positions (>= 1) or a fraction of the cell's genes in (0, 1)"
@@ -295,6 +293,41 @@ def parse_request(get: Callable[[str], Optional[np.ndarray]]) -> IspRequest:
         encoder_model=encoder_model,
         **upstream,
     )
+
+
+def one_cell_inputs(get: Callable[[str], Optional[np.ndarray]]) -> Callable[[str], Optional[np.ndarray]]:
+    """``get`` of a served request (every tensor [1, ...]: one cell per request) as the per-cell ``get`` that
+    :func:`parse_request` reads (the leading batch dimension removed). An input whose batch dimension is not 1
+    fails the request with the input's name and shape."""
+
+    def cell_input(name: str) -> Optional[np.ndarray]:
+        value = get(name)
+        if value is None:
+            return None
+        value = np.asarray(value)
+        if value.ndim == 0 or value.shape[0] != 1:
+            raise IspInputError(
+                f"{name} has shape {list(value.shape)}: geneformer_isp takes one cell per request, so every input "
+                "needs a leading batch dimension of 1 (send cells as separate, concurrent requests; Triton merges them)")
+        return value[0]
+
+    return cell_input
+
+
+def batched(tensors: dict[str, Optional[np.ndarray]]) -> dict[str, Optional[np.ndarray]]:
+    """One cell's tensors with the leading batch dimension of 1 the served model's inputs and outputs carry
+    (client: per-cell inputs -> wire; server: per-cell outputs -> wire). None stays None."""
+    return {name: None if value is None else np.asarray(value)[np.newaxis] for name, value in tensors.items()}
+
+
+def unbatched(tensors: dict[str, Optional[np.ndarray]]) -> dict[str, Optional[np.ndarray]]:
+    """The inverse of :func:`batched` for a response (client side): ``[1, ...]`` -> ``[...]``."""
+    out = {}
+    for name, value in tensors.items():
+        if value is not None and (value.ndim == 0 or value.shape[0] != 1):
+            raise ValueError(f"{name} has shape {list(value.shape)}; a geneformer_isp output has batch dimension 1")
+        out[name] = None if value is None else value[0]
+    return out
 
 
 def wants_gene_shift(request: IspRequest, requested_outputs: Sequence[str]) -> bool:
@@ -620,7 +653,10 @@ __all__ = [
     "IspJob",
     "IspRequest",
     "TARGET_MODES",
+    "batched",
+    "one_cell_inputs",
     "parse_request",
     "run_job",
+    "unbatched",
     "wants_gene_shift",
 ]

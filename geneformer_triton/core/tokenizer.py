@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -55,6 +55,7 @@ class RankValueTokenizer:
     model_input_size: int
     special_tokens: bool
     _lookup: pd.Series = field(init=False, repr=False)
+    _mapping: Optional[pd.Series] = field(init=False, repr=False)  # the mapping dictionary, built once (not per call)
     _reciprocal_medians: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -62,6 +63,8 @@ class RankValueTokenizer:
             raise TokenizationError("special_tokens=True needs <cls> and <eos> in the token dictionary (V2 dictionaries)")
         genes = {g: t for g, t in self.vocabulary.token_ids.items() if g not in SPECIAL_TOKENS}
         self._lookup = pd.Series(genes, dtype=np.int64)
+        mapping = self.vocabulary.gene_mapping
+        self._mapping = None if mapping is None else pd.Series(mapping, dtype=object)
         reciprocal = np.zeros(max(self.vocabulary.token_ids.values()) + 1, dtype=np.float64)
         tokens = np.fromiter(genes.values(), dtype=np.int64, count=len(genes))
         medians = np.array([self.vocabulary.gene_medians[g] for g in genes], dtype=np.float64)
@@ -79,8 +82,8 @@ class RankValueTokenizer:
         are looked up as they are, as helical does.
         """
         ids = pd.Series(np.asarray(gene_ids, dtype=object)).astype(str)
-        if self.vocabulary.gene_mapping is not None:
-            mapped = ids.str.upper().map(self.vocabulary.gene_mapping)
+        if self._mapping is not None:
+            mapped = ids.str.upper().map(self._mapping)
             ids = mapped.where(mapped.notna(), ids)
         return ids.map(self._lookup).fillna(UNKNOWN).to_numpy(dtype=np.int64)
 

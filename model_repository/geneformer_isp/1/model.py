@@ -1,8 +1,10 @@
 """Triton python backend (BLS): in-silico perturbation of one cell per request, scores out.
 
-Request: a cell (``gene_ids`` + raw ``counts``) and a perturbation spec. The model tokenizes the cell
-in-process (``RankValueTokenizer`` over the dictionary files of ``geneformer_tokenizer/1``, the same
-files and parameters the tokenizer model serves), builds every perturbed token sequence
+Request: a cell (``gene_ids`` + raw ``counts``) and a perturbation spec, every tensor with a leading batch
+dimension of 1 (``max_batch_size`` > 0 with dynamic batching and ragged inputs: Triton hands the requests
+queued from any clients to one ``execute``; a request whose batch dimension is not 1 fails alone). The
+model tokenizes each cell in-process (``RankValueTokenizer`` over the dictionary files of
+``geneformer_tokenizer/1``, the same files and parameters the tokenizer model serves), builds every perturbed token sequence
 (``geneformer_triton.core.perturbation``), sends them to an encoder model of this server through BLS in
 chunks of at most ``max_tokens_per_batch`` tokens (original cell first; up to ``max_inflight_batches``
 chunks in flight) and reduces each chunk's embeddings to scores right away. Only
@@ -18,10 +20,12 @@ With ``semantics="upstream"`` (default) the encoder is the allowed one whose ``m
 ``hidden_state_index`` equals ``n_layers + emb_layer`` (upstream's ISP layer convention), preferring one
 whose signature says graph ``isp_reduced`` (``geneformer_onnx_isp_reduced``: the graph returns per-row token
 means and per-gene cosines, export/isp_reduction_export.py) over one returning token embeddings (reduced
-here by ``perturbation.reduce_token_rows``). The rows of every upstream request of one ``execute`` call
-are packed together into encoder batches of at most ``max_tokens_per_batch`` tokens
-(``perturbation.PackedRun``: each batch carries the originals its rows are compared with); a request
-that fails (bad input, a failing batch) fails alone.
+here by ``perturbation.reduce_token_rows``). The rows of every upstream V1 request of one ``execute`` call
+(several cells) are packed together into encoder batches of at most ``max_tokens_per_batch`` tokens
+(``perturbation.PackedRun``: each batch carries the originals its rows are compared with); requests on the
+token protocol ('ours', V2 cells) run their own chunks (original first). One driver (:meth:`TritonPythonModel._drive`)
+keeps up to ``max_inflight_batches`` encoder calls of all of them in flight; a request that fails (bad
+input, a failing batch) fails alone.
 
 Encoder tensor names, max_batch_size and hidden size come from this model's ``encoder_signature.<model>``
 parameters (generated from ``geneformer_triton/core/contract.py``; TorchScript encoders use ``input_ids__0`` ...
@@ -35,16 +39,26 @@ encoder failures are INTERNAL / 500; the stub never crashes.
 import asyncio
 import json
 import logging
+import time
+from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Awaitable, Callable, Optional
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from geneformer_triton.core import contract
 from geneformer_triton.core.dictionaries import DictionaryError, load_vocabulary
-from geneformer_triton.core.isp_service import IspEngine, IspInputError, parse_request, wants_gene_shift
+from geneformer_triton.core.isp_service import (
+    IspEngine,
+    IspInputError,
+    batched,
+    one_cell_inputs,
+    parse_request,
+    wants_gene_shift,
+)
 from geneformer_triton.core.isp_upstream_service import UpstreamJob
 from geneformer_triton.core.perturbation import PackedBatch, PackedRun, reduce_token_rows
 from geneformer_triton.core.triton_errors import error_response
@@ -52,6 +66,7 @@ from geneformer_triton.core.validation import check_rank_shift, validate_cell_in
 
 LOGGER = logging.getLogger("geneformer_isp")
 PREFIX = "geneformer_isp: "
+READY_TTL_S = 10.0  # an encoder's readiness is asked again after this long, or after a failed call
 
 
 class EncoderError(RuntimeError):
@@ -71,6 +86,18 @@ class EncoderInfo:
     hidden_state_index: Optional[int] = None  # hidden_states index its token_embeddings are
     isp_reduction: bool = False  # the graph returns token_mean / gene_cos (export/isp_reduction_export.py)
     precision: str = "fp32"  # from the manifest
+
+
+@dataclass(frozen=True)
+class EncodeTask:
+    """One unit of encoder work of an ``execute`` (see :meth:`TritonPythonModel._drive`): ``run`` calls the
+    encoder and delivers the result to its job(s), ``live`` says whether any job it serves has not failed,
+    ``fail`` fails them, ``then`` holds tasks that may start only once this one succeeded."""
+
+    run: Callable[[], Awaitable[None]]
+    live: Callable[[], bool]
+    fail: Callable[[BaseException], None]
+    then: tuple = ()
 
 
 def _parameter(config: dict, key: str, default: Optional[str] = None) -> str:
@@ -137,6 +164,7 @@ class TritonPythonModel:
         self.signatures = encoder_signatures(config, self.allowed_encoders)
         self.max_inflight = max(1, int(_parameter(config, "max_inflight_batches", "2")))
         self.encoders = {}
+        self._ready: dict[str, tuple[bool, float]] = {}  # encoder -> (ready, when asked), see _is_ready
         self.cpu_memory = (
             pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0) if hasattr(pb_utils, "PreferredMemory") else None
         )
@@ -178,12 +206,18 @@ class TritonPythonModel:
             "(export one with `gftriton export --emb-layer`, or pick another emb_layer/encoder_model)"
         )
 
-    @staticmethod
-    def _is_ready(name: str) -> bool:
+    def _is_ready(self, name: str) -> bool:
+        """Whether encoder ``name`` is loaded, cached for :data:`READY_TTL_S` (asked per request otherwise)."""
+        now = time.monotonic()
+        cached = self._ready.get(name)
+        if cached is not None and now - cached[1] < READY_TTL_S:
+            return cached[0]
         try:
-            return bool(pb_utils.is_model_ready(model_name=name))
+            ready = bool(pb_utils.is_model_ready(model_name=name))
         except Exception:  # older python backends: no readiness API; assume ready
-            return True
+            ready = True
+        self._ready[name] = (ready, now)
+        return ready
 
     @staticmethod
     def _numpy(tensor) -> np.ndarray:
@@ -194,6 +228,7 @@ class TritonPythonModel:
         return from_dlpack(tensor.to_dlpack()).cpu().numpy()
 
     def _encoder_error(self, encoder: EncoderInfo, shape: tuple, response) -> EncoderError:
+        self._ready.pop(encoder.name, None)  # a failed call: ask again (it may have been unloaded)
         if not self._is_ready(encoder.name):
             return EncoderError(
                 f"encoder model {encoder.name!r} is not loaded on this server: load it, or send encoder_model "
@@ -239,42 +274,87 @@ class TritonPythonModel:
             raise EncoderError(f"encoder model {encoder.name!r} returned no {list(names)}")
         return self._numpy(tensors[0]), self._numpy(tensors[1])
 
-    async def _run_packed(self, encoder: EncoderInfo, jobs: list) -> list:
-        """Encode the rows of ``jobs`` in shared batches (up to ``max_inflight_batches`` at once); one error or None per job."""
-        run = PackedRun(jobs, self.engine.max_tokens_per_batch, encoder.max_batch_size, self.engine.vocabulary.pad_id)
-
-        async def one(batch: PackedBatch) -> None:
-            if not run.live(batch):
-                return
-            try:
-                token_mean, gene_cos = await self._encode_packed(encoder, batch)
-            except Exception as error:  # the jobs of this batch fail, the others go on
-                run.fail(batch, error)
-                return
-            run.deliver(batch, token_mean, gene_cos)
-
-        pending: set = set()
-        for batch in run.batches:
-            if len(pending) >= self.max_inflight:
-                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            pending.add(asyncio.ensure_future(one(batch)))
-        if pending:
-            await asyncio.wait(pending)
-        return run.errors
-
     async def _run_chunk(self, job, encoder: EncoderInfo, k: int) -> None:
         ids, mask = job.batch(k)
         cell, tokens = await self._encode(encoder, ids, mask, job.gene_shift)
         job.accumulate(k, cell, tokens)
 
+    async def _run_chunks(self, job, encoder: EncoderInfo, chunks: range) -> None:
+        for k in chunks:
+            await self._run_chunk(job, encoder, k)
+
+    def _token_task(self, job, encoder: EncoderInfo, errors: list, j: int) -> EncodeTask:
+        """Job ``j`` on the token protocol ('ours', upstream V2 cells): its chunks holding the original cell(s)
+        (``leading_chunks``, 1 for 'ours') in order, then the others (``then``, any order)."""
+        def fail(error: BaseException) -> None:
+            if errors[j] is None:
+                errors[j] = error
+
+        def live() -> bool:
+            return errors[j] is None
+
+        leading = getattr(job, "leading_chunks", 1)
+        rest = tuple(EncodeTask(partial(self._run_chunk, job, encoder, k), live, fail)
+                     for k in range(leading, len(job.chunks)))
+        return EncodeTask(partial(self._run_chunks, job, encoder, range(leading)), live, fail, rest)
+
+    def _packed_tasks(self, encoder: EncoderInfo, jobs: list) -> tuple[PackedRun, list]:
+        """The shared batches of ``jobs`` (upstream V1 cells of several requests), one task each."""
+        run = PackedRun(jobs, self.engine.max_tokens_per_batch, encoder.max_batch_size, self.engine.vocabulary.pad_id)
+
+        async def deliver(batch: PackedBatch) -> None:
+            token_mean, gene_cos = await self._encode_packed(encoder, batch)
+            run.deliver(batch, token_mean, gene_cos)
+
+        return run, [EncodeTask(partial(deliver, b), partial(run.live, b), partial(run.fail, b)) for b in run.batches]
+
+    async def _drive(self, tasks: list) -> None:
+        """Run ``tasks`` (and their ``then``, ahead of the rest once unlocked), at most ``max_inflight_batches``
+        encoder calls at once; a failing task fails its jobs, a task whose jobs all failed is skipped."""
+        queue, pending = deque(tasks), {}
+        while queue or pending:
+            while queue and len(pending) < self.max_inflight:
+                task = queue.popleft()
+                if task.live():
+                    pending[asyncio.ensure_future(task.run())] = task
+            if not pending:
+                break
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                task = pending.pop(future)
+                if future.exception() is not None:
+                    task.fail(future.exception())
+                else:
+                    queue.extendleft(reversed(task.then))
+
+    async def _encode_jobs(self, jobs: list) -> list:
+        """Encode ``jobs`` ([(job, encoder)], the requests of one execute); one error or None per job."""
+        errors: list = [None] * len(jobs)
+        tasks, packed, runs = [], {}, []
+        for j, (job, encoder) in enumerate(jobs):
+            if isinstance(job, UpstreamJob) and job.packable:  # V1 upstream: packed with the other requests' rows
+                packed.setdefault(encoder.name, (encoder, []))[1].append(j)
+            else:
+                tasks.append(self._token_task(job, encoder, errors, j))
+        for encoder, members in packed.values():
+            run, batch_tasks = self._packed_tasks(encoder, [jobs[j][0] for j in members])
+            runs.append((members, run))
+            tasks += batch_tasks
+        await self._drive(tasks)
+        for members, run in runs:
+            for j, error in zip(members, run.errors):
+                errors[j] = error
+        return errors
+
     # ------------------------------------------------------------------ requests
     def _prepare(self, request):
         """Validate and plan one request: (job, encoder, requested output names)."""
 
-        def get(name: str):
+        def wire(name: str):
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             return None if tensor is None else tensor.as_numpy()
 
+        get = one_cell_inputs(wire)  # [1, ...] -> [...]; a batch dimension other than 1 fails this request
         validate_cell_inputs(get)
         parsed = parse_request(get)
         check_rank_shift(parsed.rank_shift, self.model_input_size)
@@ -289,32 +369,12 @@ class TritonPythonModel:
             )
         return job, encoder, requested
 
-    async def _run_chunks(self, job, encoder: EncoderInfo) -> None:
-        """Token protocol (semantics 'ours', and upstream V2 cells): the chunks holding the original cell(s)
-        first (``leading_chunks``, 1 for 'ours'), then the others, max_inflight at once."""
-        leading = getattr(job, "leading_chunks", 1)
-        for k in range(leading):
-            await self._run_chunk(job, encoder, k)
-        pending, next_chunk, error = set(), leading, None
-        while next_chunk < len(job.chunks) or pending:
-            while next_chunk < len(job.chunks) and len(pending) < self.max_inflight and error is None:
-                pending.add(asyncio.ensure_future(self._run_chunk(job, encoder, next_chunk)))
-                next_chunk += 1
-            if not pending:
-                break
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task.exception() is not None and error is None:
-                    error = task.exception()
-        if error is not None:
-            raise error
-
     @staticmethod
     def _response(job, requested: list):
         outputs = job.outputs()
         wanted = set(requested) or set(outputs)
-        return pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor(name, value) for name, value in outputs.items() if name in wanted]
+        return pb_utils.InferenceResponse(  # [1, ...]: the request's batch dimension
+            output_tensors=[pb_utils.Tensor(name, value) for name, value in batched(outputs).items() if name in wanted]
         )
 
     @staticmethod
@@ -327,25 +387,23 @@ class TritonPythonModel:
         return error_response(pb_utils, PREFIX, error)
 
     async def execute(self, requests: list) -> list:
+        """One response per request (several cells when Triton's dynamic batcher merged them); each fails alone."""
         responses: list = [None] * len(requests)
-        packed: dict = {}  # encoder name -> (encoder, [(request index, job, requested)])
+        prepared = []  # (request index, job, encoder, requested outputs)
         for i, request in enumerate(requests):
             try:
-                job, encoder, requested = self._prepare(request)
-                if isinstance(job, UpstreamJob) and job.packable:  # V1 upstream: packed with the other requests' rows
-                    packed.setdefault(encoder.name, (encoder, []))[1].append((i, job, requested))
-                    continue
-                await self._run_chunks(job, encoder)
-                responses[i] = self._response(job, requested)
+                prepared.append((i, *self._prepare(request)))
             except Exception as error:  # this request fails alone
                 responses[i] = self._failure(error)
-        for encoder, members in packed.values():
-            errors = await self._run_packed(encoder, [job for _, job, _ in members])
-            for (i, job, requested), error in zip(members, errors):
-                try:
-                    if error is not None:
-                        raise error
-                    responses[i] = self._response(job, requested)
-                except Exception as failure:
-                    responses[i] = self._failure(failure)
+        try:
+            errors = await self._encode_jobs([(job, encoder) for _, job, encoder, _ in prepared])
+        except Exception as error:  # planning the shared batches failed: these requests fail, the stub lives
+            errors = [error] * len(prepared)
+        for (i, job, _, requested), error in zip(prepared, errors):
+            try:
+                if error is not None:
+                    raise error
+                responses[i] = self._response(job, requested)
+            except Exception as failure:
+                responses[i] = self._failure(failure)
         return responses
