@@ -53,7 +53,6 @@ from geneformer_triton.core.cell_inputs import CellMatrix, InputOptions, SymbolM
 from geneformer_triton.core.isp_schema import (
     COLUMNS,
     COMMIT_FOLDER,
-    EMBED_MODEL_FOR,
     ERROR_COLUMNS,
     GENE_COLUMNS,
     GENE_FOLDER,
@@ -69,7 +68,7 @@ from geneformer_triton.core.isp_schema import (
 LOGGER = logging.getLogger(__name__)
 
 __all__ = [
-    "COLUMNS", "COMMIT_FOLDER", "EMBED_MODEL_FOR", "ERROR_COLUMNS", "GENE_COLUMNS", "GENE_FOLDER", "ISP_MODEL",
+    "COLUMNS", "COMMIT_FOLDER", "ERROR_COLUMNS", "GENE_COLUMNS", "GENE_FOLDER", "ISP_MODEL",
     "PERTURBATIONS", "RANK_BY", "SCORE_OUTPUTS", "STATE_PREFIX", "UPSTREAM_SCORE",
     "CellTable", "IspRunError", "IspSpec", "ResultStore", "RunStats",
     "cell_rows", "cell_table", "cell_table_from_anndata", "format_summary", "gene_rows", "plot_top_shifts",

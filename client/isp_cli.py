@@ -19,7 +19,6 @@ import numpy as np
 
 from geneformer_triton.client.dask_engine import add_cluster_arguments, cluster_requested
 from geneformer_triton.client.isp import (
-    EMBED_MODEL_FOR,
     ISP_MODEL,
     PERTURBATIONS,
     RANK_BY,
@@ -36,7 +35,7 @@ from geneformer_triton.client.isp import (
     summarize,
     upstream_state_embedding,
 )
-from geneformer_triton.core.contract import ISP_DEFAULT_ENCODER, TOKENIZER_MODEL
+from geneformer_triton.core.contract import ENSEMBLE_FOR, ISP_DEFAULT_ENCODER, TOKENIZER_MODEL
 
 LOGGER = logging.getLogger("gftriton.isp")
 
@@ -82,7 +81,7 @@ def _state(args, client, cells: CellTable, which: str) -> Optional[tuple[float, 
     if path:
         return tuple(float(v) for v in np.load(path).reshape(-1))
     if selector:
-        embed_model = args.embed_model or EMBED_MODEL_FOR.get(args.encoder or ISP_DEFAULT_ENCODER, EMBED_MODEL_FOR[ISP_DEFAULT_ENCODER])
+        embed_model = args.embed_model or ENSEMBLE_FOR.get(args.encoder or ISP_DEFAULT_ENCODER, ENSEMBLE_FOR[ISP_DEFAULT_ENCODER])
         rows = _select_rows(cells, selector)
         LOGGER.info("%s state: mean embedding of %d reference cells (%s) via %s", which, len(rows), selector, embed_model)
         return tuple(float(v) for v in state_embedding(client, cells, rows, embed_model))
