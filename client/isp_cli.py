@@ -18,24 +18,13 @@ from typing import Optional
 import numpy as np
 
 from geneformer_triton.client.dask_engine import add_cluster_arguments, cluster_requested
-from geneformer_triton.client.isp import (
-    ISP_MODEL,
-    PERTURBATIONS,
-    RANK_BY,
-    CellTable,
-    IspRunError,
-    IspSpec,
-    ResultStore,
-    cell_table,
-    format_summary,
-    plot_top_shifts,
-    run_isp,
-    select_cells,
-    state_embedding,
-    summarize,
-    upstream_state_embedding,
-)
-from geneformer_triton.core.contract import ENSEMBLE_FOR, ISP_DEFAULT_ENCODER, TOKENIZER_MODEL
+from geneformer_triton.client.isp import CellTable, cell_table, select_cells
+from geneformer_triton.client.isp_run import run_isp
+from geneformer_triton.client.isp_spec import IspSpec, state_embedding, upstream_state_embedding
+from geneformer_triton.client.isp_store import ResultStore
+from geneformer_triton.client.isp_summary import format_summary, plot_top_shifts, summarize
+from geneformer_triton.core.contract import ENSEMBLE_FOR, ISP_DEFAULT_ENCODER, ISP_MODEL, TOKENIZER_MODEL
+from geneformer_triton.core.isp_schema import PERTURBATIONS, RANK_BY, IspRunError
 
 LOGGER = logging.getLogger("gftriton.isp")
 
