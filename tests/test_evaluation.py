@@ -405,7 +405,6 @@ def test_pca_projection_shared_axes(blobs):
 # pbmc68k_reduced loader
 # ---------------------------------------------------------------------------------------------
 def test_pbmc68k_counts():
-    pytest.importorskip("scanpy")
     import scanpy as sc
 
     from geneformer_triton.core.data.pbmc68k import load_pbmc68k_counts
