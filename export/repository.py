@@ -25,6 +25,7 @@ import onnxruntime
 import torch
 import transformers
 
+import geneformer_triton
 from geneformer_triton import __version__
 from geneformer_triton.core.contract import (
     EXPORTED_VARIANTS,
@@ -86,8 +87,9 @@ def write_manifest(version_dir: Path, loaded: LoadedGeneformer, fmt: EncoderVari
     return path
 
 
-#: the checked-in repository: golden configs and the python models' sources
-SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+#: the python models' sources ``<model>/1/model.py``: package data ``geneformer_triton/python_models`` (pyproject maps
+#: the checked-in ``model_repository/`` there; in the checkout ``geneformer_triton/python_models`` links to it)
+PYTHON_MODEL_SOURCES = Path(geneformer_triton.__file__).resolve().parent / "python_models"
 PYTHON_MODELS = (TOKENIZER_MODEL, ISP_MODEL)
 
 
@@ -120,12 +122,13 @@ def write_repository_configs(repository: Path, shape: ServedShape, variants: lis
 
 
 def copy_python_models(repository: Path) -> list[Path]:
-    """Copy the python models (tokenizer, ISP) from the checked-in repository; ensembles get their version folder."""
+    """Copy the python models (tokenizer, ISP) from the installed package (:data:`PYTHON_MODEL_SOURCES`)."""
     written = []
     for model in PYTHON_MODELS:
-        source, target = SOURCE_REPOSITORY / model / "1" / "model.py", repository / model / "1" / "model.py"
+        source, target = PYTHON_MODEL_SOURCES / model / "1" / "model.py", repository / model / "1" / "model.py"
         if not source.is_file():
-            raise FileNotFoundError(f"python model source {source} missing: install geneformer_triton from a checkout")
+            raise FileNotFoundError(f"python model source {source} missing: the geneformer_triton install is incomplete; "
+                                    "reinstall it (pip install --force-reinstall geneformer-triton, or from a checkout)")
         if source.resolve() != target.resolve():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
