@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from geneformer_triton.core.contract import ISP_MODEL
-
 PERTURBATIONS = ("delete", "overexpress", "inhibit", "activate")
 SCORE_OUTPUTS = ("cell_shift", "gene_embedding_shift", "goal_shift", "start_shift")
 #: upstream's per-perturbation value (InSilicoPerturber's ``(perturbed, "cell_emb")`` without cell states)
@@ -30,6 +28,6 @@ class IspRunError(RuntimeError):
 
 
 __all__ = [
-    "COLUMNS", "COMMIT_FOLDER", "ERROR_COLUMNS", "GENE_COLUMNS", "GENE_FOLDER", "ISP_MODEL",
+    "COLUMNS", "COMMIT_FOLDER", "ERROR_COLUMNS", "GENE_COLUMNS", "GENE_FOLDER",
     "PERTURBATIONS", "RANK_BY", "SCORE_OUTPUTS", "STATE_PREFIX", "UPSTREAM_SCORE", "IspRunError",
 ]
