@@ -7,7 +7,7 @@
     python -m geneformer_triton.bench.cli --mode quick --out /tmp/bench
 
 Results: ``bench/results/<date>-<host>[-mode]/`` (``--out``): see ``geneformer_triton.bench.report``. The exported model
-repository (unless ``--repository``: every variant of ``geneformer_triton.export.formats``) and the serving repository live in
+repository (unless ``--repository``: every variant of ``geneformer_triton.core.contract.EXPORTED_VARIANTS``) and the serving repository live in
 ``--work-dir`` (default: ``$GFTRITON_DATA_DIR/bench_work/<model>-<weights hash>``, reused across runs).
 """
 
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from geneformer_triton.bench.triton_bench import TritonRunOptions
 
-from geneformer_triton.core.contract import TOKENIZER_MODEL
+from geneformer_triton.core.contract import EXPORTED_VARIANTS, TOKENIZER_MODEL
 
 LOGGER = logging.getLogger("bench")
 
@@ -160,11 +160,9 @@ def _default_work_dir(loaded) -> Path:
 
 def _repository_matches(repository: Path, loaded, formats) -> list[str]:
     """Formats whose export in ``repository`` is missing or from other weights."""
-    from geneformer_triton.export.formats import ENCODER_FORMATS
-
     stale = []
     for name in formats:
-        manifest = repository / ENCODER_FORMATS[name].model / "1" / "manifest.json"
+        manifest = repository / EXPORTED_VARIANTS[name].model / "1" / "manifest.json"
         if not manifest.is_file() or json.loads(manifest.read_text()).get("weights_sha256") != loaded.weights_sha256:
             stale.append(name)
     if not (repository / TOKENIZER_MODEL / "1" / "token_dictionary.json").is_file():
@@ -216,14 +214,13 @@ def mode_plan(mode: str) -> dict:
     """What ``mode`` runs, resolved against the catalogues (ValueError naming what is unknown)."""
     from geneformer_triton.bench.methods import cpu_methods, gpu_methods, select
     from geneformer_triton.bench.triton_bench import SERVED, inprocess_method
-    from geneformer_triton.export.formats import ENCODER_FORMATS
 
     cfg = MODES[mode]
     catalogue = cpu_methods() if cfg.device == "cpu" else gpu_methods()
     specs = select(catalogue, cfg.methods)
     select(catalogue, cfg.scaling_methods)
     unknown = [m for m in cfg.triton_models if m not in SERVED]
-    unknown += [f for f in cfg.export_formats if f not in ENCODER_FORMATS]
+    unknown += [f for f in cfg.export_formats if f not in EXPORTED_VARIANTS]
     if unknown:
         raise ValueError(f"mode {mode}: unknown served models or export formats {unknown}")
     served = {m: inprocess_method(SERVED[m], cfg.device) for m in cfg.triton_models}
@@ -231,7 +228,7 @@ def mode_plan(mode: str) -> dict:
     missing = sorted({method for method in served.values() if method not in names})
     if missing:
         raise ValueError(f"mode {mode}: served models compare with methods not in the catalogue: {missing}")
-    exported = {ENCODER_FORMATS[f].model for f in cfg.export_formats}
+    exported = {EXPORTED_VARIANTS[f].model for f in cfg.export_formats}
     needed = {c for m in cfg.triton_models for c in SERVED[m].composing if c != TOKENIZER_MODEL}
     if needed - exported:
         raise ValueError(f"mode {mode}: served models need exports not in export_formats: {sorted(needed - exported)}")

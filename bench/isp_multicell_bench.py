@@ -122,7 +122,9 @@ def run_served(options: MulticellOptions, repository: Path, cells, vocabulary, w
     """Per case and client mode: repeats, Triton's view of the first repeat, the last repeat's values."""
     from geneformer_triton.bench.isp_worker import backend_kind, stub_import_root
     from geneformer_triton.bench.triton_metrics import breakdown, scrape
-    from geneformer_triton.client.isp import IspSpec, ResultStore, run_isp
+    from geneformer_triton.client.isp_run import run_isp
+    from geneformer_triton.client.isp_spec import IspSpec
+    from geneformer_triton.client.isp_store import ResultStore
     from geneformer_triton.client.triton_client import GeneformerClient
     from geneformer_triton.serving.server import LocalTritonServer
 

@@ -21,7 +21,7 @@ tree is sampled with psutil and attributed to the emb mode running at the time, 
   forward batch 100 (upstream's default) up to ``--full-batch-max-length`` tokens, else ``--long-batch``;
 * ``inprocess``: our numpy planner/reducer with upstream semantics over the PyTorch fp32 encoder
   (:mod:`geneformer_triton.bench.isp_worker`);
-* ``served``: ``geneformer_triton.client.isp.run_isp`` (what ``gftriton isp`` runs) against a real local tritonserver
+* ``served``: ``geneformer_triton.client.isp_run.run_isp`` (what ``gftriton isp`` runs) against a real local tritonserver
   (``geneformer_isp`` -> ``geneformer_onnx_isp``); the report records which onnxruntime backend served.
 
 Every method's values are compared with upstream's of the same ``emb_mode`` (max abs diff of the

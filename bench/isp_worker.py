@@ -12,7 +12,7 @@ PLAN.json (written by :mod:`geneformer_triton.bench.isp_upstream_bench`): ``meth
 * ``inprocess``: our numpy planner/reducer with upstream semantics (``plan_upstream`` + ``UpstreamJob``,
   every cell's rows packed into shared batches by ``perturbation.run_packed``) over the PyTorch fp32
   encoder at ``hidden_states[n_layers + emb_layer]`` (token embeddings reduced by ``reduce_token_rows``).
-* ``served``: ``geneformer_triton.client.isp.run_isp`` (what ``gftriton isp`` runs) against a real local tritonserver
+* ``served``: ``geneformer_triton.client.isp_run.run_isp`` (what ``gftriton isp`` runs) against a real local tritonserver
   serving ``geneformer_isp`` -> ``geneformer_onnx_isp_reduced`` (the reduction inside the ONNX graph);
   one warm-up request first (not timed).
 
@@ -174,7 +174,9 @@ def stub_import_root(server_dir: Path) -> Path:
 
 def run_served(plan: dict) -> dict[str, tuple[dict, dict]]:
     from geneformer_triton.bench.triton_metrics import breakdown, scrape
-    from geneformer_triton.client.isp import IspSpec, ResultStore, run_isp
+    from geneformer_triton.client.isp_run import run_isp
+    from geneformer_triton.client.isp_spec import IspSpec
+    from geneformer_triton.client.isp_store import ResultStore
     from geneformer_triton.client.triton_client import GeneformerClient
     from geneformer_triton.core.dictionaries import load_vocabulary
     from geneformer_triton.serving.server import LocalTritonServer

@@ -31,15 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from geneformer_triton.client.triton_client import GeneformerClient, InferenceError, RetryPolicy
-from geneformer_triton.core.contract import ISP_MODEL, TOKENIZER_MODEL
+from geneformer_triton.core.contract import ENCODER_VARIANTS, ISP_MODEL, TOKENIZER_MODEL
 from geneformer_triton.core.dictionaries import load_vocabulary
 from geneformer_triton.core.isp_service import batched
 
 LOGGER = logging.getLogger("geneformer_triton.bench.soak")
 
-ENSEMBLES = ("geneformer_embed_onnx", "geneformer_embed_onnx_fp16", "geneformer_embed_torchscript")
-TOKENIZER = TOKENIZER_MODEL
-ISP = ISP_MODEL
+ENSEMBLES = tuple(ENCODER_VARIANTS[name].ensemble for name in ("onnx", "onnx_fp16", "torchscript"))
 INVALID = {"http": "400", "grpc": "StatusCode.INVALID_ARGUMENT"}
 TOLERANCE = {"geneformer_embed_onnx_fp16": 2e-3}  # max abs difference; others 1e-5, exact for the tokenizer
 
@@ -99,9 +97,9 @@ def request_mix(vocabulary_dir: Path, models: list[str], n_cells: int = 6, seed:
     for index, (ids, counts) in enumerate(cells):
         row = {"gene_ids": ids.reshape(1, -1), "counts": counts.reshape(1, -1)}
         for model in models:
-            if model == TOKENIZER:
+            if model == TOKENIZER_MODEL:
                 good.append(Request(f"cell{index}", model, row, ("input_ids",)))
-            elif model == ISP:
+            elif model == ISP_MODEL:
                 isp = batched({"gene_ids": ids[:10], "counts": counts[:10], "perturbation": np.array([b"delete"], dtype=object)})
                 good.append(Request(f"cell{index}", model, isp, ("cell_shift",)))
             else:
@@ -122,12 +120,12 @@ def request_mix(vocabulary_dir: Path, models: list[str], n_cells: int = 6, seed:
     }
     bad: list[Request] = []
     for model in models:
-        if model == ISP:
+        if model == ISP_MODEL:
             isp = batched({"gene_ids": ids[:10], "counts": counts[:10], "perturbation": np.array([b"inhibit"], dtype=object),
                            "rank_shift": np.array([-3.0], np.float32)})
             bad.append(Request("rank_shift_negative", model, isp, ("cell_shift",), bad=True))
             continue
-        output = "input_ids" if model == TOKENIZER else "cell_embedding"
+        output = "input_ids" if model == TOKENIZER_MODEL else "cell_embedding"
         bad += [Request(name, model, inputs, (output,), bad=True) for name, inputs in bad_inputs.items()]
     return good, bad
 
@@ -182,7 +180,7 @@ def run_soak(grpc_url: str, http_url: str, server_pid: int, vocabulary_dir: Path
                 report.good_errors += 1
                 report.examples.append(f"good {request.model}/{request.name} ({protocol}): {outcome!r}"[:300])
                 return
-            if request.model == TOKENIZER:
+            if request.model == TOKENIZER_MODEL:
                 deviation = 0.0 if np.array_equal(outcome, reference) else float("inf")
             else:
                 deviation = float(np.max(np.abs(np.asarray(outcome, np.float64) - reference)))
@@ -263,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     repository = Path(args.repository)
-    models = [*ENSEMBLES, TOKENIZER, ISP]
+    models = [*ENSEMBLES, TOKENIZER_MODEL, ISP_MODEL]
     with LocalTritonServer(repository, model_config_name="cpu") as server:
-        report = run_soak(server.grpc_url, server.http_url, server.pid, repository / TOKENIZER / "1", models,
+        report = run_soak(server.grpc_url, server.http_url, server.pid, repository / TOKENIZER_MODEL / "1", models,
                           seconds=args.seconds, clients=args.clients)
     paths = write_report(report, Path(args.out))
     LOGGER.info("%s; wrote %s", "PASSED" if report.passed else "FAILED", ", ".join(map(str, paths)))

@@ -9,7 +9,7 @@ and after each run: the per-model deltas give the server-side breakdown (queue, 
 output, average dynamic batch) for the served model and each model an ensemble composes.
 
 The bench serves its own repository (``<work>/repository``): the configs of the source repository with
-the weights linked (every variant of ``geneformer_triton.export.formats``, exported by ``gftriton export``), so the
+the weights linked (every variant of ``geneformer_triton.core.contract.EXPORTED_VARIANTS``, exported by ``gftriton export``), so the
 source repository is never modified.
 
 Every (model, protocol, concurrency) point is measured ``repeats`` times (separate perf_analyzer runs of

@@ -1,6 +1,6 @@
 """The adapter between the Dask engine and the single-server jobs: ``gftriton isp`` / ``embed`` on a cluster.
 
-This is the ONE place that knows the single-server job code (``geneformer_triton.client.isp.run_isp`` + ``ResultStore``,
+This is the ONE place that knows the single-server job code (``geneformer_triton.client.isp_run.run_isp`` + ``ResultStore``,
 ``geneformer_triton.client.embed_job.EmbedRun`` + ``PartialStore``, the option handling of ``geneformer_triton.client.isp_cli`` /
 ``geneformer_triton.client.cli``): when that code changes, re-point the functions here. A shard task runs the
 unchanged job on its cells against one Triton server, into a temporary store on the worker, and
@@ -81,7 +81,7 @@ def _run_on_a_server(connection: Connection, shard: Shard, model: str, job) -> A
 class IspShardJob:
     """What every ISP shard task needs besides its cells (sent to each worker once)."""
 
-    spec: Any  # geneformer_triton.client.isp.IspSpec
+    spec: Any  # geneformer_triton.client.isp_spec.IspSpec
     gene_ids: np.ndarray
     symbols: dict
     connection: Connection
@@ -90,8 +90,10 @@ class IspShardJob:
 
 def isp_shard_task(job: IspShardJob, shard: Shard, cells: tuple) -> dict[str, pd.DataFrame]:
     """Dask task: perturb the shard's cells (``cells`` = CSR counts, totals, cell ids) with
-    ``geneformer_triton.client.isp.run_isp``; returns ``{"rows": ..., "errors": ...}`` frames."""
-    from geneformer_triton.client.isp import CellTable, ResultStore, run_isp
+    ``geneformer_triton.client.isp_run.run_isp``; returns ``{"rows": ..., "errors": ...}`` frames."""
+    from geneformer_triton.client.isp import CellTable
+    from geneformer_triton.client.isp_run import run_isp
+    from geneformer_triton.client.isp_store import ResultStore
 
     counts, n_counts, cell_ids = cells
     table = CellTable(counts, job.gene_ids, n_counts, list(cell_ids), job.symbols)
@@ -107,8 +109,8 @@ def isp_shard_task(job: IspShardJob, shard: Shard, cells: tuple) -> dict[str, pd
 
 def _isp_spec(args: argparse.Namespace, cells, name_to_id: dict, options: ClusterOptions):
     """The run's IspSpec (``geneformer_triton.client.isp_cli.build_spec``); states are embedded through the first given server."""
-    from geneformer_triton.client.isp import IspRunError
     from geneformer_triton.client.isp_cli import _states_option, build_spec
+    from geneformer_triton.core.isp_schema import IspRunError
 
     wants_state = any(getattr(args, f"{w}_cells") for w in ("goal", "start")) or _states_option(args) is not None
     if wants_state and not options.servers:
@@ -137,8 +139,9 @@ def _rows_in_cell_order(rows: pd.DataFrame, order: dict[str, int]) -> pd.DataFra
 def run_isp_on_cluster(args: argparse.Namespace, client: Any = None) -> int:
     """``gftriton isp`` with ``--cluster`` / ``--servers``; ``client``: an open ``distributed.Client``
     to use instead of opening the cluster of the options (tests, notebooks)."""
-    from geneformer_triton.client.isp import IspRunError, ResultStore
     from geneformer_triton.client.isp_cli import _report, gene_name_map, load_isp_cells, selected_rows
+    from geneformer_triton.client.isp_store import ResultStore
+    from geneformer_triton.core.isp_schema import IspRunError
 
     options = ClusterOptions.from_args(args)
     name_to_id = gene_name_map(args)

@@ -31,7 +31,7 @@ computed), ``cell_emb_shift`` (upstream Geneformer's ``cell_emb`` value, semanti
 per flushed block of cells, committed with those cells' rows). :func:`summarize` ranks genes by mean shift
 over cells; :func:`plot_top_shifts` draws them.
 
-Modules (this one holds the input cells and re-exports every public name): :mod:`geneformer_triton.core.isp_schema`
+Modules (this one holds the input cells: :class:`CellTable`, :func:`select_cells`): :mod:`geneformer_triton.core.isp_schema`
 (names, columns, folders), :mod:`geneformer_triton.client.isp_spec` (:class:`IspSpec`, state embeddings),
 :mod:`geneformer_triton.client.isp_store` (:class:`ResultStore`), :mod:`geneformer_triton.client.isp_run` (:func:`run_isp`),
 :mod:`geneformer_triton.client.isp_summary` (:func:`summarize`, :func:`plot_top_shifts`).
@@ -39,7 +39,6 @@ Modules (this one holds the input cells and re-exports every public name): :mod:
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -47,36 +46,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from geneformer_triton.client.isp_run import RunStats, cell_rows, gene_rows, run_isp
-from geneformer_triton.client.isp_spec import IspSpec, infer_cell, state_embedding, upstream_state_embedding
-from geneformer_triton.client.isp_store import ResultStore
-from geneformer_triton.client.isp_summary import format_summary, plot_top_shifts, summarize
 from geneformer_triton.core.cell_inputs import CellMatrix, InputOptions, SymbolMap, cells_from_anndata
-from geneformer_triton.core.isp_schema import (
-    COLUMNS,
-    COMMIT_FOLDER,
-    EMBED_MODEL_FOR,
-    ERROR_COLUMNS,
-    GENE_COLUMNS,
-    GENE_FOLDER,
-    ISP_MODEL,
-    PERTURBATIONS,
-    RANK_BY,
-    SCORE_OUTPUTS,
-    STATE_PREFIX,
-    UPSTREAM_SCORE,
-    IspRunError,
-)
+from geneformer_triton.core.isp_schema import IspRunError
 
-LOGGER = logging.getLogger(__name__)
-
-__all__ = [
-    "COLUMNS", "COMMIT_FOLDER", "EMBED_MODEL_FOR", "ERROR_COLUMNS", "GENE_COLUMNS", "GENE_FOLDER", "ISP_MODEL",
-    "PERTURBATIONS", "RANK_BY", "SCORE_OUTPUTS", "STATE_PREFIX", "UPSTREAM_SCORE",
-    "CellTable", "IspRunError", "IspSpec", "ResultStore", "RunStats",
-    "cell_rows", "cell_table", "cell_table_from_anndata", "format_summary", "gene_rows", "infer_cell", "plot_top_shifts",
-    "run_isp", "select_cells", "state_embedding", "summarize", "upstream_state_embedding",
-]
+__all__ = ["CellTable", "cell_table", "cell_table_from_anndata", "select_cells"]
 
 
 # ----------------------------------------------------------------------------- cells

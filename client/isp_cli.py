@@ -18,25 +18,13 @@ from typing import Optional
 import numpy as np
 
 from geneformer_triton.client.dask_engine import add_cluster_arguments, cluster_requested
-from geneformer_triton.client.isp import (
-    EMBED_MODEL_FOR,
-    ISP_MODEL,
-    PERTURBATIONS,
-    RANK_BY,
-    CellTable,
-    IspRunError,
-    IspSpec,
-    ResultStore,
-    cell_table,
-    format_summary,
-    plot_top_shifts,
-    run_isp,
-    select_cells,
-    state_embedding,
-    summarize,
-    upstream_state_embedding,
-)
-from geneformer_triton.core.contract import ISP_DEFAULT_ENCODER, TOKENIZER_MODEL
+from geneformer_triton.client.isp import CellTable, cell_table, select_cells
+from geneformer_triton.client.isp_run import run_isp
+from geneformer_triton.client.isp_spec import IspSpec, state_embedding, upstream_state_embedding
+from geneformer_triton.client.isp_store import ResultStore
+from geneformer_triton.client.isp_summary import format_summary, plot_top_shifts, summarize
+from geneformer_triton.core.contract import ENSEMBLE_FOR, ISP_DEFAULT_ENCODER, ISP_MODEL, TOKENIZER_MODEL
+from geneformer_triton.core.isp_schema import PERTURBATIONS, RANK_BY, IspRunError
 
 LOGGER = logging.getLogger("gftriton.isp")
 
@@ -82,7 +70,7 @@ def _state(args, client, cells: CellTable, which: str) -> Optional[tuple[float, 
     if path:
         return tuple(float(v) for v in np.load(path).reshape(-1))
     if selector:
-        embed_model = args.embed_model or EMBED_MODEL_FOR.get(args.encoder or ISP_DEFAULT_ENCODER, EMBED_MODEL_FOR[ISP_DEFAULT_ENCODER])
+        embed_model = args.embed_model or ENSEMBLE_FOR.get(args.encoder or ISP_DEFAULT_ENCODER, ENSEMBLE_FOR[ISP_DEFAULT_ENCODER])
         rows = _select_rows(cells, selector)
         LOGGER.info("%s state: mean embedding of %d reference cells (%s) via %s", which, len(rows), selector, embed_model)
         return tuple(float(v) for v in state_embedding(client, cells, rows, embed_model))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from geneformer_triton.export.formats import DEFAULT_FORMATS, ENCODER_FORMATS, PRECISIONS, formats_for
+from geneformer_triton.core.contract import EXPORTED_VARIANTS, PRECISIONS
+from geneformer_triton.export.formats import DEFAULT_FORMATS, formats_for
 from geneformer_triton.model.args import add_model_arguments, load_model_from_args
 
 LOGGER = logging.getLogger(__name__)
@@ -49,10 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="model repository folder (an empty or new folder gets a complete, servable repository)")
     parser.add_argument("--replace-configs", action="store_true",
                         help="overwrite configs generated for another model size (default: refuse and say which)")
-    parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS), help=f"comma list of {sorted(ENCODER_FORMATS)}")
+    parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS), help=f"comma list of {sorted(EXPORTED_VARIANTS)}")
     parser.add_argument("--precision", default="",
                         help=f"comma list of {list(PRECISIONS)}: export only the formats of these precisions "
-                             f"({', '.join(f'{f.precision}: {f.name}' for f in ENCODER_FORMATS.values())})")
+                             f"({', '.join(f'{f.precision}: {f.name}' for f in EXPORTED_VARIANTS.values())})")
     parser.add_argument("--emb-layer", type=int, default=-1, help="hidden_states index to embed (helical meaning; -1 = last layer)")
     parser.add_argument("--save-checkpoint", metavar="DIR",
                         help="also write the served weights as a Hugging Face BertForMaskedLM folder (config.json + "

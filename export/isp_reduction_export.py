@@ -18,7 +18,7 @@ outputs
 Relative offsets keep a batch valid when a batcher concatenates several requests. Numbers: the same
 reduction as :func:`geneformer_triton.core.perturbation.reduce_token_rows`, in float32 inside the graph
 (measured against it in ``tests/test_isp_reduction.py``). There is no TorchScript ISP encoder in
-``geneformer_triton.export.formats`` yet, so only ONNX is exported.
+``geneformer_triton.core.contract.EXPORTED_VARIANTS`` yet, so only ONNX is exported.
 """
 
 from __future__ import annotations

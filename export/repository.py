@@ -25,9 +25,18 @@ import onnxruntime
 import torch
 import transformers
 
+import geneformer_triton
 from geneformer_triton import __version__
-from geneformer_triton.core.contract import ISP_MODEL, ISP_REDUCED_GRAPH, PACKED_GRAPH, ServedShape
-from geneformer_triton.export.formats import DEFAULT_FORMATS, ENCODER_FORMATS, TOKENIZER_MODEL, EncoderFormat
+from geneformer_triton.core.contract import (
+    EXPORTED_VARIANTS,
+    ISP_MODEL,
+    ISP_REDUCED_GRAPH,
+    PACKED_GRAPH,
+    TOKENIZER_MODEL,
+    EncoderVariant,
+    ServedShape,
+)
+from geneformer_triton.export.formats import DEFAULT_FORMATS
 from geneformer_triton.export.isp_reduction_export import export_isp_reduction_onnx
 from geneformer_triton.export.model_configs import repository_configs, stale_configs, write_configs
 from geneformer_triton.export.onnx_export import OPSET, export_onnx
@@ -49,7 +58,7 @@ def tool_versions() -> dict[str, str]:
     }
 
 
-def write_manifest(version_dir: Path, loaded: LoadedGeneformer, fmt: EncoderFormat, emb_layer: int, pooling: str) -> Path:
+def write_manifest(version_dir: Path, loaded: LoadedGeneformer, fmt: EncoderVariant, emb_layer: int, pooling: str) -> Path:
     """Write ``manifest.json`` describing the exported encoder in ``version_dir``."""
     manifest = {
         "model_name": loaded.name,
@@ -78,8 +87,9 @@ def write_manifest(version_dir: Path, loaded: LoadedGeneformer, fmt: EncoderForm
     return path
 
 
-#: the checked-in repository: golden configs and the python models' sources
-SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+#: the python models' sources ``<model>/1/model.py``: package data ``geneformer_triton/python_models`` (pyproject maps
+#: the checked-in ``model_repository/`` there; in the checkout ``geneformer_triton/python_models`` links to it)
+PYTHON_MODEL_SOURCES = Path(geneformer_triton.__file__).resolve().parent / "python_models"
 PYTHON_MODELS = (TOKENIZER_MODEL, ISP_MODEL)
 
 
@@ -92,7 +102,7 @@ def served_shape(loaded: LoadedGeneformer) -> ServedShape:
     return ServedShape(loaded.config.hidden_size, loaded.input_size, loaded.special_tokens)
 
 
-def write_repository_configs(repository: Path, shape: ServedShape, variants: list[EncoderFormat],
+def write_repository_configs(repository: Path, shape: ServedShape, variants: list[EncoderVariant],
                              replace: bool = False) -> list[Path]:
     """Write the generated configs (export/model_configs.py) of ``shape``; returns the files written.
 
@@ -112,12 +122,13 @@ def write_repository_configs(repository: Path, shape: ServedShape, variants: lis
 
 
 def copy_python_models(repository: Path) -> list[Path]:
-    """Copy the python models (tokenizer, ISP) from the checked-in repository; ensembles get their version folder."""
+    """Copy the python models (tokenizer, ISP) from the installed package (:data:`PYTHON_MODEL_SOURCES`)."""
     written = []
     for model in PYTHON_MODELS:
-        source, target = SOURCE_REPOSITORY / model / "1" / "model.py", repository / model / "1" / "model.py"
+        source, target = PYTHON_MODEL_SOURCES / model / "1" / "model.py", repository / model / "1" / "model.py"
         if not source.is_file():
-            raise FileNotFoundError(f"python model source {source} missing: install geneformer_triton from a checkout")
+            raise FileNotFoundError(f"python model source {source} missing: the geneformer_triton install is incomplete; "
+                                    "reinstall it (pip install --force-reinstall geneformer-triton, or from a checkout)")
         if source.resolve() != target.resolve():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
@@ -142,10 +153,10 @@ def export_model_repository(
     formats = list(formats)
     if loaded.vocabulary is None:
         raise ValueError("the model has no gene dictionaries: the tokenizer cannot be exported")
-    unknown = [f for f in formats if f not in ENCODER_FORMATS]
+    unknown = [f for f in formats if f not in EXPORTED_VARIANTS]
     if unknown:
-        raise ValueError(f"unknown export formats {unknown}; choose from {sorted(ENCODER_FORMATS)}")
-    variants = [ENCODER_FORMATS[name] for name in formats]
+        raise ValueError(f"unknown export formats {unknown}; choose from {sorted(EXPORTED_VARIANTS)}")
+    variants = [EXPORTED_VARIANTS[name] for name in formats]
     changed = write_repository_configs(repository, served_shape(loaded), variants, replace_configs)
     if changed:
         LOGGER.info("wrote %d config files for %s", len(changed), loaded.name)
@@ -159,7 +170,7 @@ def export_model_repository(
     # graph materializes the [B, heads, L, L] scores and was ~3x slower on CPU (bench/README.md).
     attention = {"onnx": "math", "torchscript": "sdpa"}
     for name in formats:
-        fmt = ENCODER_FORMATS[name]
+        fmt = EXPORTED_VARIANTS[name]
         layer = emb_layer if fmt.emb_layer is None else fmt.emb_layer
         encoder = loaded.encoder(emb_layer=layer, pooling=pooling, attention=attention[fmt.kind])
         version_dir = repository / fmt.model / "1"

@@ -8,12 +8,11 @@ import math
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 
-pd = pytest.importorskip("pandas")
-
-from geneformer_triton.bench import perf  # noqa: E402
-from geneformer_triton.bench.methods import BASELINE, MethodSpec, plan_batches  # noqa: E402
+from geneformer_triton.bench import perf
+from geneformer_triton.bench.methods import BASELINE, MethodSpec, plan_batches
 
 PLOTS = ("throughput_by_method.png", "speedup_over_baseline.png", "fidelity_by_method.png",
          "latency_percentiles.png", "triton_throughput.png", "scaling.png")

@@ -1,7 +1,13 @@
 """pyproject.toml declares the runtime dependencies (lower-bounded), requirements.txt pins the set the suite
-runs on: every pin must satisfy the declared range, and each list must name the same packages."""
+runs on: every pin must satisfy the declared range, and each list must name the same packages. The tests
+import only pinned packages and never skip on a missing one (CI installs everything: a missing install fails)."""
 
 from __future__ import annotations
+
+import ast
+import importlib.metadata
+import sys
+from pathlib import Path
 
 import tomllib
 from conftest import REPO_ROOT
@@ -64,3 +70,51 @@ def test_disagreements_are_caught():
     assert any(p.startswith("tritonclient: extras") for p in problems)
     assert any(p.startswith("scipy: declared in pyproject.toml, not pinned") for p in problems)
     assert any(p.startswith("pandas: pinned in requirements.txt, not declared") for p in problems)
+
+
+#: test helpers that run under $GFTRITON_HELICAL_PYTHON (the helical venv, `make helical-venv`), not this venv
+HELICAL_VENV_FILES = {"helical_reference.py", "upstream_isp_driver.py", "upstream_stats_driver.py"}
+#: imported only where present, and the test checks both cases (TensorRT: GPU hosts, tests/test_deploy.py)
+OPTIONAL_MODULES = {"tensorrt"}
+SKIP_ON_IMPORT = "import" + "orskip"  # spelled in two halves so this file does not match itself
+
+
+def import_problems(files: list[Path], pins: dict[str, Requirement]) -> list[str]:
+    """What the test files import that is neither standard library, first party, a test helper nor a pinned
+    distribution, and every skip-on-missing-import ([] when clean)."""
+    local = {f.stem for f in files} | {"conftest", "geneformer_triton"}
+    distributions = importlib.metadata.packages_distributions()
+    problems = []
+    for file in files:
+        source = file.read_text()
+        if SKIP_ON_IMPORT in source:
+            problems.append(f"{file.name}: pytest.{SKIP_ON_IMPORT} hides a missing install; import the package")
+        modules = set()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+        for module in sorted(modules - local - OPTIONAL_MODULES - set(sys.stdlib_module_names)):
+            owners = {canonicalize_name(d) for d in distributions.get(module, [])}
+            if not owners & set(pins):
+                problems.append(f"{file.name}: imports {module} (distribution {sorted(owners) or 'not installed'}), "
+                                "which requirements.txt does not pin")
+    return problems
+
+
+def test_tests_import_only_pinned_packages_and_never_skip_on_a_missing_one():
+    files = [f for f in sorted((REPO_ROOT / "tests").glob("*.py")) if f.name not in HELICAL_VENV_FILES]
+    problems = import_problems(files, pinned((REPO_ROOT / "requirements.txt").read_text()))
+    assert not problems, "\n".join(problems)
+
+
+def test_unpinned_imports_and_skips_are_caught(tmp_path):
+    """Negative control: an unpinned import (numpy with an empty pin list), an unknown module, a skip."""
+    case = tmp_path / "test_case.py"
+    case.write_text(f"import numpy\nimport no_such_module_here\nimport pytest\nx = pytest.{SKIP_ON_IMPORT}('pandas')\n")
+    problems = import_problems([case], {"pytest": Requirement("pytest==9.2.0")})
+    assert any("imports numpy" in p for p in problems), problems
+    assert any("imports no_such_module_here (distribution not installed)" in p for p in problems), problems
+    assert any(f"pytest.{SKIP_ON_IMPORT} hides" in p for p in problems), problems
+    assert not any("imports pytest" in p for p in problems), problems

@@ -66,8 +66,9 @@ def compose() -> dict:
 @pytest.fixture(scope="module")
 def tiny_encoder_onnx(tmp_path_factory) -> Path:
     """The real GeneformerEncoder around a tiny random BertModel, exported to ONNX with the contract's names."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
+
     from geneformer_triton.model.encoder import GeneformerEncoder
 
     config = transformers.BertConfig(
@@ -276,7 +277,8 @@ def test_default_profiles_cover_every_length():
 
 
 def test_trtexec_command_names_the_onnx_inputs(tiny_encoder_onnx, tmp_path):
-    onnx = pytest.importorskip("onnx")
+    import onnx
+
     model = onnx.load(str(tiny_encoder_onnx))
     input_names = [i.name for i in model.graph.input]
     assert input_names == list(tb.INPUT_NAMES)

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from geneformer_triton.core.fidelity import FIDELITY_METRICS
 from geneformer_triton.evaluation import metrics as ev
 
 CLASS_SIZES = {"a": 60, "b": 45, "c": 30, "ctrl": 25}
@@ -329,7 +330,7 @@ def test_compare_methods_identical_and_perturbed(blobs):
                             reference="pytorch_fp32", control_label="ctrl")
     assert list(df.index) == ["pytorch_fp32", "onnx_fp32", "perturbed"]
     deltas = [f"delta_{m}" for m in ev.METRIC_DIRECTIONS]
-    assert set(deltas) <= set(df.columns) and set(ev.FIDELITY_COLUMNS) <= set(df.columns)
+    assert set(deltas) <= set(df.columns) and set(FIDELITY_METRICS) <= set(df.columns)
     for name in ("pytorch_fp32", "onnx_fp32"):
         assert (df.loc[name, deltas] == 0).all()
         assert df.loc[name, "cosine_min"] == pytest.approx(1.0, abs=1e-7)
@@ -405,7 +406,6 @@ def test_pca_projection_shared_axes(blobs):
 # pbmc68k_reduced loader
 # ---------------------------------------------------------------------------------------------
 def test_pbmc68k_counts():
-    pytest.importorskip("scanpy")
     import scanpy as sc
 
     from geneformer_triton.core.data.pbmc68k import load_pbmc68k_counts

@@ -12,10 +12,10 @@ import numpy as np
 import onnx
 import pytest
 
-from geneformer_triton.core.contract import PACKED_GRAPH
+from geneformer_triton.core.contract import EXPORTED_VARIANTS, PACKED_GRAPH
 from geneformer_triton.core.fidelity import compare_variant
 from geneformer_triton.core.tokenizer import pad_token_batch
-from geneformer_triton.export.formats import EMBEDDING_FORMATS, ENCODER_FORMATS
+from geneformer_triton.export.formats import EMBEDDING_FORMATS
 from geneformer_triton.export.onnx_export import OPSET, PORTABLE_NAME, onnx_input_names
 from geneformer_triton.model.runtimes import embed_token_cells, onnx_encode_fn, torchscript_encode_fn
 
@@ -23,7 +23,7 @@ SHAPES = [(1, 2048), (5, 2048), (1, 17), (5, 64)]  # (batch, length): maximum an
 
 
 def _runtime(repository, name):
-    fmt = ENCODER_FORMATS[name]
+    fmt = EXPORTED_VARIANTS[name]
     folder = repository / fmt.model / "1"
     return (onnx_encode_fn(folder / "model.onnx") if fmt.kind == "onnx" else torchscript_encode_fn(folder / "model.pt")), fmt
 
@@ -69,7 +69,7 @@ def test_onnx_files_are_valid_and_dynamic(exported_repository):
 
 
 def test_manifests_record_provenance(exported_repository, loaded_model):
-    for fmt in ENCODER_FORMATS.values():
+    for fmt in EXPORTED_VARIANTS.values():
         manifest = json.loads((exported_repository / fmt.model / "1" / "manifest.json").read_text())
         assert manifest["model_name"] == "gf-6L-10M-i2048"
         assert manifest["precision"] == fmt.precision

@@ -6,7 +6,10 @@ import numpy as np
 import pandas as pd
 
 from geneformer_triton.cli import build_parser
-from geneformer_triton.client.isp import CellTable, IspSpec, ResultStore, cell_rows
+from geneformer_triton.client.isp import CellTable
+from geneformer_triton.client.isp_run import cell_rows
+from geneformer_triton.client.isp_spec import IspSpec
+from geneformer_triton.client.isp_store import ResultStore
 
 
 def _store_two_cells(path) -> None:

@@ -23,7 +23,10 @@ import pandas as pd
 import pytest
 import tritonclient.grpc as grpcclient
 
-from geneformer_triton.client.isp import CellTable, IspSpec, ResultStore, cell_table_from_anndata, infer_cell, run_isp
+from geneformer_triton.client.isp import CellTable, cell_table_from_anndata
+from geneformer_triton.client.isp_run import run_isp
+from geneformer_triton.client.isp_spec import IspSpec, infer_cell
+from geneformer_triton.client.isp_store import ResultStore
 from geneformer_triton.client.triton_client import GeneformerClient, InferenceError
 from geneformer_triton.core.cell_inputs import InputOptions, SymbolMap
 from geneformer_triton.core.contract import ISP_ENCODERS, ISP_MODEL

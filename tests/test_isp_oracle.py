@@ -25,14 +25,10 @@ import pytest
 import scipy.sparse as sp
 from scipy import stats
 
-from geneformer_triton.client.isp import (
-    CellTable,
-    IspSpec,
-    ResultStore,
-    cell_table_from_anndata,
-    run_isp,
-    upstream_state_embedding,
-)
+from geneformer_triton.client.isp import CellTable, cell_table_from_anndata
+from geneformer_triton.client.isp_run import run_isp
+from geneformer_triton.client.isp_spec import IspSpec, upstream_state_embedding
+from geneformer_triton.client.isp_store import ResultStore
 from geneformer_triton.client.triton_client import GeneformerClient
 from geneformer_triton.core.cell_inputs import InputOptions, SymbolMap
 from geneformer_triton.core.isp_upstream import plan_upstream, score

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from geneformer_triton.client.isp import ResultStore
+from geneformer_triton.client.isp_store import ResultStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GFTRITON_SHARED_DIR", REPO_ROOT.parent / "shared"))
@@ -26,9 +26,9 @@ EXIT_CODE = 86
 # run the isp CLI, killing the process after the CRASH_BATCH-th part written into folder argv[1]
 CRASHING_CLI = """
 import os, sys
-import geneformer_triton.client.isp as isp
+import geneformer_triton.client.isp_store as isp_store
 folder, batch = sys.argv[1], int(sys.argv[2])
-write, seen = isp.ResultStore._write_parquet, []
+write, seen = isp_store.ResultStore._write_parquet, []
 def crashing(self, frame, target, name):
     path = write(self, frame, target, name)
     if target.name == folder:
@@ -36,7 +36,7 @@ def crashing(self, frame, target, name):
         if len(seen) == batch:
             os._exit(%d)
     return path
-isp.ResultStore._write_parquet = crashing
+isp_store.ResultStore._write_parquet = crashing
 from geneformer_triton.client.isp_cli import main
 sys.exit(main(sys.argv[3:]))
 """ % EXIT_CODE

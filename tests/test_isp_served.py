@@ -20,8 +20,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from geneformer_triton.client.isp import COLUMNS, ResultStore, infer_cell
+from geneformer_triton.client.isp_spec import infer_cell
+from geneformer_triton.client.isp_store import ResultStore
 from geneformer_triton.client.triton_client import GeneformerClient, InferenceError
+from geneformer_triton.core.isp_schema import COLUMNS
 from geneformer_triton.core.perturbation import cosine, plan_perturbations, run_plan
 from geneformer_triton.core.tokenizer import RankValueTokenizer, pad_token_batch
 
@@ -413,7 +415,9 @@ def test_csv_store_repairs_a_torn_append(tmp_path):
 
 def test_client_goal_state_from_reference_cells(triton_server, small_h5ad, tokenizer, v1_vocabulary, reference_encoder, tmp_path):
     """Goal state = mean embedding of reference cells (via the embedding ensemble); goal shifts == reference."""
-    from geneformer_triton.client.isp import IspSpec, cell_table, run_isp, state_embedding
+    from geneformer_triton.client.isp import cell_table
+    from geneformer_triton.client.isp_run import run_isp
+    from geneformer_triton.client.isp_spec import IspSpec, state_embedding
     from geneformer_triton.core.cell_inputs import read_cells
 
     cells = cell_table(read_cells(small_h5ad))
@@ -471,7 +475,9 @@ def test_engine_with_special_tokens_in_process(v2_vocabulary, top_gene_cells):
 
 
 def test_client_records_rejected_and_skipped_cells(triton_server, small_h5ad, tmp_path):
-    from geneformer_triton.client.isp import IspSpec, cell_table, run_isp
+    from geneformer_triton.client.isp import cell_table
+    from geneformer_triton.client.isp_run import run_isp
+    from geneformer_triton.client.isp_spec import IspSpec
     from geneformer_triton.core.cell_inputs import read_cells
 
     cells = cell_table(read_cells(small_h5ad))
@@ -523,7 +529,9 @@ def test_overexpress_absent_gene_in_control_cells(triton_server, exported_reposi
 def test_unknown_target_dropped_and_named_others_run(triton_server, small_h5ad, tmp_path):
     output = tmp_path / "drop.parquet"
     with GeneformerClient(triton_server.grpc_url, concurrency=2) as client:
-        from geneformer_triton.client.isp import IspSpec, cell_table, run_isp
+        from geneformer_triton.client.isp import cell_table
+        from geneformer_triton.client.isp_run import run_isp
+        from geneformer_triton.client.isp_spec import IspSpec
         from geneformer_triton.core.cell_inputs import read_cells
 
         cells = cell_table(read_cells(small_h5ad))

@@ -251,7 +251,7 @@ def _isp_result_rows(oracle: dict, run: str, dictionaries: GeneDictionaries) -> 
 def test_our_isp_results_adapter(oracle, dictionaries, tmp_path):
     """Our ISP output's rows carrying upstream's values give upstream's stats (function and CLI --input)."""
     from geneformer_triton.cli import main
-    from geneformer_triton.client.isp import STATE_PREFIX, UPSTREAM_SCORE
+    from geneformer_triton.core.isp_schema import STATE_PREFIX, UPSTREAM_SCORE
 
     assert (ISP_RESULT_COLUMNS["stateless"], ISP_RESULT_COLUMNS["state_prefix"]) == (UPSTREAM_SCORE, STATE_PREFIX), \
         "client/isp.py writes other columns: repoint ISP_RESULT_COLUMNS"

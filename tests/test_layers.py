@@ -2,13 +2,16 @@
 
 ``pip install .`` into a temporary folder (the wheel's layout, not the checkout's) must hold only
 ``geneformer_triton`` (client/, export/ and bench/ mapped into it, no generic top-level names) and every
-module of the checkout; the import-linter layers contract (pyproject ``[tool.importlinter]``) runs on
+module of the checkout, the python models' ``model_repository/<model>/1/model.py`` included (as
+``geneformer_triton/python_models``), from which the installed ``gftriton export`` writes a repository
+outside the checkout; the import-linter layers contract (pyproject ``[tool.importlinter]``) runs on
 that install; ruff (pyproject ``[tool.ruff]``) on the checkout. Each gate has a negative control: a
-module that imports upward, a file with unsorted and unused imports.
+module that imports upward, an install without a python model's source, a file with unsorted and unused imports.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +22,9 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MAPPED_FOLDERS = {"geneformer_triton": "geneformer_triton", "client": "geneformer_triton/client",
-                  "export": "geneformer_triton/export", "bench": "geneformer_triton/bench"}
+                  "export": "geneformer_triton/export", "bench": "geneformer_triton/bench",
+                  "model_repository": "geneformer_triton/python_models"}
+PYTHON_MODELS = sorted(p.relative_to(REPO_ROOT / "model_repository") for p in (REPO_ROOT / "model_repository").glob("*/1/model.py"))
 
 
 def _tool(name: str) -> str:
@@ -35,7 +40,7 @@ def installed(tmp_path_factory) -> Path:
     tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_ROOT, capture_output=True,
                              text=True, check=True).stdout.split()
     for rel in tracked:
-        if rel.startswith(("bench/results/", "tests/", "model_repository/")) or not (REPO_ROOT / rel).is_file():
+        if rel.startswith(("bench/results/", "tests/")) or not (REPO_ROOT / rel).is_file():
             continue
         (source / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO_ROOT / rel, source / rel)
@@ -65,6 +70,36 @@ def test_install_holds_every_module_of_the_checkout(installed):
             if not (installed / MAPPED_FOLDERS[folder] / rest).is_file():
                 missing.append(rel)
     assert not missing, f"not installed (add the package to [tool.setuptools] packages in pyproject.toml): {missing}"
+
+
+def _export_from(site: Path, repository: Path) -> subprocess.CompletedProcess:
+    """The installed ``gftriton export`` (random weights, TorchScript only), run outside the checkout."""
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    return subprocess.run([str(site / "bin" / "gftriton"), "export", "--random-weights", "--formats", "torchscript",
+                           "--repository", str(repository)], cwd=repository.parent, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_installed_export_writes_the_python_models(installed, tmp_path):
+    assert len(PYTHON_MODELS) >= 2, PYTHON_MODELS  # tokenizer and ISP
+    repository = tmp_path / "empty"
+    result = _export_from(installed, repository)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rel in PYTHON_MODELS:
+        assert (repository / rel).read_bytes() == (REPO_ROOT / "model_repository" / rel).read_bytes(), rel
+
+
+def test_installed_export_without_a_python_model_fails(installed, tmp_path):
+    """Negative control: an install lacking the ISP model's source is refused by name (so the test above
+    read the install's copies, not the checkout's)."""
+    site = tmp_path / "site"
+    shutil.copytree(installed, site, symlinks=True)
+    (site / "geneformer_triton" / "python_models" / "geneformer_isp" / "1" / "model.py").unlink()
+    repository = tmp_path / "empty"
+    result = _export_from(site, repository)
+    assert result.returncode != 0
+    assert "geneformer_isp/1/model.py missing" in result.stderr, result.stderr[-3000:]
+    assert not (repository / "geneformer_isp" / "1" / "model.py").exists()
 
 
 def test_layers_contract_holds(installed):

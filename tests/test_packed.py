@@ -22,9 +22,8 @@ from conftest import REPO_ROOT
 
 from geneformer_triton.client.check import check_server, discover_models, local_manifests
 from geneformer_triton.client.triton_client import GeneformerClient
-from geneformer_triton.core.contract import PACKED_GRAPH
+from geneformer_triton.core.contract import EXPORTED_VARIANTS, PACKED_GRAPH
 from geneformer_triton.core.fidelity import compare_variant
-from geneformer_triton.export.formats import ENCODER_FORMATS
 from geneformer_triton.export.packed_export import (
     DYNAMIC_AXES,
     INPUT_NAMES,
@@ -36,7 +35,7 @@ from geneformer_triton.export.packed_export import (
 from geneformer_triton.export.repository import export_model_repository
 from geneformer_triton.model.runtimes import embed_token_cells, onnx_encode_fn
 
-PACKED = [name for name, fmt in ENCODER_FORMATS.items() if fmt.graph == PACKED_GRAPH]
+PACKED = [name for name, fmt in EXPORTED_VARIANTS.items() if fmt.graph == PACKED_GRAPH]
 LEAKY = "geneformer_onnx_packed_leaky"
 N_CELLS = 6
 
@@ -50,7 +49,7 @@ class CrossCellAttention(PackedEncoder):
 
 def _export_leaky(loaded_model, repository: Path) -> None:
     """``LEAKY``: the fp32 packed model's config (renamed) serving :class:`CrossCellAttention`."""
-    source = repository / ENCODER_FORMATS["onnx_packed"].model
+    source = repository / EXPORTED_VARIANTS["onnx_packed"].model
     target = repository / LEAKY
     (target / "1").mkdir(parents=True)
     (target / "config.pbtxt").write_text((source / "config.pbtxt").read_text().replace(source.name, LEAKY))
@@ -72,7 +71,7 @@ def packed_repository(tmp_path_factory, loaded_model):
 
 
 def _served() -> list[str]:
-    return [m for name in PACKED for m in (ENCODER_FORMATS[name].model, ENCODER_FORMATS[name].ensemble)]
+    return [m for name in PACKED for m in (EXPORTED_VARIANTS[name].model, EXPORTED_VARIANTS[name].ensemble)]
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +134,7 @@ def test_served_packed_models_pass_their_gates(packed_server, packed_repository,
     with GeneformerClient(url, protocol) as client:
         models = discover_models(client, manifests, only=_served())
         assert {m.name: m.precision for m in models} == {
-            m: ENCODER_FORMATS[n].precision for n in PACKED for m in (ENCODER_FORMATS[n].model, ENCODER_FORMATS[n].ensemble)}
+            m: EXPORTED_VARIANTS[n].precision for n in PACKED for m in (EXPORTED_VARIANTS[n].model, EXPORTED_VARIANTS[n].ensemble)}
         report = check_server(client, loaded_model, n_cells=N_CELLS, models=models, manifests=manifests)
     assert report.token_mismatches == 0
     assert report.passed, [str(r) for r in report.results]

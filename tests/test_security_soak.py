@@ -8,15 +8,16 @@ import os
 
 import numpy as np
 
-from geneformer_triton.bench.soak import ENSEMBLES, ISP, TOKENIZER, Request, SoakReport, request_mix, run_soak, write_report
+from geneformer_triton.bench.soak import ENSEMBLES, Request, SoakReport, request_mix, run_soak, write_report
+from geneformer_triton.core.contract import ISP_MODEL, TOKENIZER_MODEL
 
-MODELS = [*ENSEMBLES, TOKENIZER, ISP]
+MODELS = [*ENSEMBLES, TOKENIZER_MODEL, ISP_MODEL]
 
 
 def test_soak_good_and_bad_requests_against_every_public_model(triton_server, exported_repository, tmp_path):
     seconds = float(os.environ.get("GFTRITON_SOAK_SECONDS", "20"))
     report = run_soak(triton_server.grpc_url, triton_server.http_url, triton_server.pid,
-                      exported_repository / TOKENIZER / "1", MODELS, seconds=seconds, clients=32)
+                      exported_repository / TOKENIZER_MODEL / "1", MODELS, seconds=seconds, clients=32)
     write_report(report, tmp_path)
     assert report.good_requests >= 50 and report.bad_requests >= 10, report
     assert report.good_errors == 0 and report.mismatches == 0 and report.bad_not_refused == 0, report.examples
@@ -26,7 +27,7 @@ def test_soak_good_and_bad_requests_against_every_public_model(triton_server, ex
 
 
 def test_soak_gates_fail_on_wrong_results_accepted_bad_input_and_growing_memory(exported_repository):
-    good, bad = request_mix(exported_repository / TOKENIZER / "1", MODELS)
+    good, bad = request_mix(exported_repository / TOKENIZER_MODEL / "1", MODELS)
     assert {r.model for r in good} == set(MODELS) and {r.model for r in bad} == set(MODELS)
     assert all(r.bad for r in bad) and not any(r.bad for r in good)
     assert isinstance(good[0], Request) and np.asarray(good[0].inputs["counts"]).dtype == np.float32

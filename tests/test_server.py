@@ -14,16 +14,15 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
+import torch
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
-torch = pytest.importorskip("torch")
-ort = pytest.importorskip("onnxruntime")
-httpclient = pytest.importorskip("tritonclient.http")
-grpcclient = pytest.importorskip("tritonclient.grpc")
-from tritonclient.utils import InferenceServerException  # noqa: E402
-
-from geneformer_triton.core.contract import PLAIN_TENSORS, TORCHSCRIPT_TENSORS  # noqa: E402
-from geneformer_triton.serving.server import (  # noqa: E402
+from geneformer_triton.core.contract import PLAIN_TENSORS, TORCHSCRIPT_TENSORS
+from geneformer_triton.serving.server import (
     GpuNotAvailableError,
     LocalTritonServer,
     TritonServerError,

@@ -19,8 +19,9 @@ from conftest import MODEL_NAME, REPO_ROOT, SHARED
 from geneformer_triton.cli import main
 from geneformer_triton.client.check import check_server, discover_models, local_manifests
 from geneformer_triton.client.triton_client import GeneformerClient
+from geneformer_triton.core.contract import EXPORTED_VARIANTS
 from geneformer_triton.core.fidelity import compare_variant
-from geneformer_triton.export.formats import ENCODER_FORMATS, formats_for
+from geneformer_triton.export.formats import formats_for
 from geneformer_triton.model.runtimes import embed_token_cells, torch_encode_fn
 
 VARIANTS = {"int8": "onnx_int8", "bf16": "torchscript_bf16"}
@@ -43,7 +44,7 @@ def variant_repository(tmp_path_factory):
 def _served_models() -> list[str]:
     models = ["geneformer_tokenizer"]
     for name in VARIANTS.values():
-        models += [ENCODER_FORMATS[name].model, ENCODER_FORMATS[name].ensemble]
+        models += [EXPORTED_VARIANTS[name].model, EXPORTED_VARIANTS[name].ensemble]
     return models
 
 
@@ -67,7 +68,7 @@ def test_precision_option_selects_formats():
 
 def test_export_writes_only_the_requested_precisions(variant_repository, loaded_model):
     for precision, name in VARIANTS.items():
-        fmt = ENCODER_FORMATS[name]
+        fmt = EXPORTED_VARIANTS[name]
         version = variant_repository / fmt.model / "1"
         manifest = json.loads((version / "manifest.json").read_text())
         assert manifest["precision"] == precision and manifest["triton_model"] == fmt.model
@@ -89,8 +90,8 @@ def test_served_variants_pass_their_fidelity_gate(variant_server, variant_reposi
     with GeneformerClient(url, protocol) as client:
         models = discover_models(client, manifests, only=_served_models()[1:])
         assert {m.name: m.precision for m in models} == {
-            **{ENCODER_FORMATS[n].model: p for p, n in VARIANTS.items()},
-            **{ENCODER_FORMATS[n].ensemble: p for p, n in VARIANTS.items()}}
+            **{EXPORTED_VARIANTS[n].model: p for p, n in VARIANTS.items()},
+            **{EXPORTED_VARIANTS[n].ensemble: p for p, n in VARIANTS.items()}}
         report = check_server(client, loaded_model, n_cells=N_CELLS, models=models, manifests=manifests)
     assert report.token_mismatches == 0
     assert report.passed, [str(r) for r in report.results]

@@ -87,9 +87,11 @@ def run_isp_demo(url: str, adata, loaded, options: DemoIsp) -> tuple[pd.DataFram
     embeddings, 0 = no shift) and ``mean_cell_shift`` (1 - cosine of the mean-pooled cell embeddings);
     and the run's size and speed.
     """
-    from geneformer_triton.client.isp import ISP_MODEL, IspSpec, cell_table_from_anndata, infer_cell
+    from geneformer_triton.client.isp import cell_table_from_anndata
+    from geneformer_triton.client.isp_spec import IspSpec, infer_cell
     from geneformer_triton.client.triton_client import GeneformerClient
     from geneformer_triton.core.cell_inputs import InputOptions
+    from geneformer_triton.core.contract import ISP_MODEL
 
     plan = isp_plan(adata, loaded, options)
     cells = cell_table_from_anndata(adata, InputOptions(gene_column="ensembl_id"), source="celltypist sample")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from geneformer_triton.core.contract import TOKENIZER_MODEL
 from geneformer_triton.core.dictionaries import load_vocabulary
 from geneformer_triton.core.fidelity import (
     FidelityResult,
@@ -20,7 +21,7 @@ from geneformer_triton.core.fidelity import (
     write_fidelity_report,
 )
 from geneformer_triton.core.tokenizer import RankValueTokenizer
-from geneformer_triton.export.formats import EMBEDDING_FORMATS, TOKENIZER_MODEL
+from geneformer_triton.export.formats import EMBEDDING_FORMATS
 from geneformer_triton.model.args import add_model_arguments, load_model_from_args
 from geneformer_triton.model.runtimes import EncodeFn, embed_token_cells, onnx_encode_fn, torch_encode_fn, torchscript_encode_fn
 

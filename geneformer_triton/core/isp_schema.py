@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from geneformer_triton.core.contract import ENSEMBLE_FOR, ISP_MODEL
-
 PERTURBATIONS = ("delete", "overexpress", "inhibit", "activate")
 SCORE_OUTPUTS = ("cell_shift", "gene_embedding_shift", "goal_shift", "start_shift")
 #: upstream's per-perturbation value (InSilicoPerturber's ``(perturbed, "cell_emb")`` without cell states)
@@ -18,8 +16,6 @@ COMMIT_FOLDER = "_commits"  # one empty marker per committed batch of parts
 GENE_COLUMNS = ("cell_id", "gene_id", "affected_gene_id", "affected_symbol", "cos")
 STATE_PREFIX = "state_shift_"  # + state name: upstream's value with cell_states_to_model
 ERROR_COLUMNS = ("cell_id", "error")
-#: encoder -> embedding ensemble built on it (to embed reference cells for goal/start states)
-EMBED_MODEL_FOR = ENSEMBLE_FOR
 RANK_BY = {  # summary ranking -> score column it is based on
     "cell": "cell_shift",
     "gene": "gene_embedding_shift",
@@ -32,6 +28,6 @@ class IspRunError(RuntimeError):
 
 
 __all__ = [
-    "COLUMNS", "COMMIT_FOLDER", "EMBED_MODEL_FOR", "ERROR_COLUMNS", "GENE_COLUMNS", "GENE_FOLDER", "ISP_MODEL",
+    "COLUMNS", "COMMIT_FOLDER", "ERROR_COLUMNS", "GENE_COLUMNS", "GENE_FOLDER",
     "PERTURBATIONS", "RANK_BY", "SCORE_OUTPUTS", "STATE_PREFIX", "UPSTREAM_SCORE", "IspRunError",
 ]

@@ -73,8 +73,6 @@ DEFAULT_PARAMS: dict[str, Any] = {
 }
 #: Chance-level references computed from the labels alone (identical for every method).
 CHANCE_COLUMNS = ("accuracy_majority", "knn_consistency_chance")
-#: Fidelity columns produced by :func:`embedding_fidelity`.
-FIDELITY_COLUMNS = FIDELITY_METRICS
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,7 +365,7 @@ def compare_methods(
     Returns:
         DataFrame indexed by method (reference first, then input order) with the columns of
         :func:`embedding_metrics`, ``delta_<metric>`` = method - reference for every metric of
-        :data:`METRIC_DIRECTIONS` (0 on the reference row), and :data:`FIDELITY_COLUMNS` against
+        :data:`METRIC_DIRECTIONS` (0 on the reference row), and :data:`geneformer_triton.core.fidelity.FIDELITY_METRICS` against
         the reference (cosine 1 and errors 0 on the reference row).
     """
     if reference not in embeddings:
@@ -573,7 +571,7 @@ def _report_markdown(df: pd.DataFrame, options: ReportOptions, reference: str, d
     md += ["## Downstream metrics", "", _md_table(df, metric_cols), ""]
     md += ["## Differences to the reference (method − reference)", "",
            _md_table(df, [f"delta_{c}" for c in metric_cols]), ""]
-    md += ["## Fidelity against the reference", "", _md_table(df, list(FIDELITY_COLUMNS)), ""]
+    md += ["## Fidelity against the reference", "", _md_table(df, list(FIDELITY_METRICS)), ""]
     md += _worst_deltas(df, reference, metric_cols)
     md += ["", "## Definitions", ""]
     md += [f"- **{k_}**: {v}" for k_, v in definitions.items()]

@@ -33,7 +33,8 @@ parameters (generated from ``geneformer_triton/core/contract.py``; TorchScript e
 ``token_embeddings`` output is requested only when the gene-embedding shift is computed. BLS outputs
 are requested in CPU memory. Every bad input fails only its own request with a TritonError naming
 the problem (INVALID_ARGUMENT / HTTP 400; inputs checked by ``geneformer_triton.core.validation`` first);
-encoder failures are INTERNAL / 500; the stub never crashes.
+encoder failures are INTERNAL / 500 (their text without tracebacks or server paths:
+``triton_errors.public_message``; the full text is logged); the stub never crashes.
 """
 
 import asyncio
@@ -61,7 +62,7 @@ from geneformer_triton.core.isp_service import (
 )
 from geneformer_triton.core.isp_upstream_service import UpstreamJob
 from geneformer_triton.core.perturbation import PackedBatch, PackedRun, reduce_token_rows
-from geneformer_triton.core.triton_errors import error_response
+from geneformer_triton.core.triton_errors import error_response, public_message
 from geneformer_triton.core.validation import check_rank_shift, validate_cell_inputs
 
 LOGGER = logging.getLogger("geneformer_isp")
@@ -234,8 +235,9 @@ class TritonPythonModel:
                 f"encoder model {encoder.name!r} is not loaded on this server: load it, or send encoder_model "
                 f"= one of the loaded encoders ({', '.join(sorted(self.allowed_encoders))} are allowed)"
             )
-        return EncoderError(f"encoder model {encoder.name!r} failed a batch of {list(shape)} tokens: "
-                            f"{response.error().message()}")
+        full = response.error().message()  # may hold a TorchScript traceback with server paths: logged, not sent
+        LOGGER.error("encoder model %r failed a batch of %s tokens:\n%s", encoder.name, list(shape), full)
+        return EncoderError(f"encoder model {encoder.name!r} failed a batch of {list(shape)} tokens: {public_message(full)}")
 
     async def _encode(self, encoder: EncoderInfo, ids: np.ndarray, mask: np.ndarray, want_tokens: bool):
         outputs = [encoder.cell_embedding] + ([encoder.token_embeddings] if want_tokens else [])
