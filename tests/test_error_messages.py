@@ -17,6 +17,7 @@ import transformers
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from geneformer_triton.client.isp_spec import infer_cell
 from geneformer_triton.client.triton_client import GeneformerClient, InferenceError
 from geneformer_triton.core.contract import ENCODER_VARIANTS, ISP_MODEL
 from geneformer_triton.core.triton_errors import public_message
@@ -124,7 +125,7 @@ def test_isp_relays_a_torchscript_failure_without_traceback_or_paths(failing_tor
         with GeneformerClient(url, protocol, concurrency=1, timeout_s=120) as client:
             client.wait_ready(60, ISP_MODEL)
             with pytest.raises(InferenceError) as info:
-                client.infer(ISP_MODEL, cell, ["cell_shift"])
+                infer_cell(client, ISP_MODEL, cell, ["cell_shift"])  # one cell, batch dim 1 added
         message = str(info.value)
         assert f"encoder model '{TORCHSCRIPT.model}' failed a batch" in message and WHAT in message, message
         assert not leaks(message), message
