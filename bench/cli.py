@@ -170,25 +170,11 @@ def _repository_matches(repository: Path, loaded, formats) -> list[str]:
     return stale
 
 
-def _refresh_python_models(source: Path, repository: Path) -> None:
-    """Copy the checkout's python model files over a reused export's (the weights match, the code may not)."""
-    import shutil
-
-    for file in source.rglob("*.py"):
-        if "__pycache__" in file.parts:
-            continue
-        target = repository / file.relative_to(source)
-        if not target.is_file() or target.read_bytes() != file.read_bytes():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(file, target)
-            LOGGER.info("refreshed %s in the reused export (the checkout's copy changed)", target.relative_to(repository))
-
-
 def prepare_repository(args: argparse.Namespace, loaded, work_dir: Path, formats) -> Path:
     """The repository to benchmark: ``--repository`` if its exports match the model, else our own export."""
     import shutil
 
-    from geneformer_triton.export.repository import export_model_repository
+    from geneformer_triton.export.repository import copy_python_models, export_model_repository
 
     if args.repository is not None:
         stale = _repository_matches(args.repository, loaded, formats)
@@ -198,8 +184,9 @@ def prepare_repository(args: argparse.Namespace, loaded, work_dir: Path, formats
     repository = work_dir / "export"
     source = Path(__file__).resolve().parents[1] / "model_repository"
     stale = _repository_matches(repository, loaded, formats) if repository.is_dir() else list(formats)
-    if not stale:
-        _refresh_python_models(source, repository)
+    if not stale:  # the weights match; the python models' code may not
+        for path in copy_python_models(repository):
+            LOGGER.info("refreshed %s in the reused export (the installed copy changed)", path.relative_to(repository))
     else:
         if repository.exists():
             shutil.rmtree(repository)

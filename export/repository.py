@@ -122,14 +122,15 @@ def write_repository_configs(repository: Path, shape: ServedShape, variants: lis
 
 
 def copy_python_models(repository: Path) -> list[Path]:
-    """Copy the python models (tokenizer, ISP) from the installed package (:data:`PYTHON_MODEL_SOURCES`)."""
+    """Copy the python models (tokenizer, ISP) from the installed package (:data:`PYTHON_MODEL_SOURCES`) into
+    ``repository``; a target that already has the same bytes is left alone. Returns the files written."""
     written = []
     for model in PYTHON_MODELS:
         source, target = PYTHON_MODEL_SOURCES / model / "1" / "model.py", repository / model / "1" / "model.py"
         if not source.is_file():
             raise FileNotFoundError(f"python model source {source} missing: the geneformer_triton install is incomplete; "
                                     "reinstall it (pip install --force-reinstall geneformer-triton, or from a checkout)")
-        if source.resolve() != target.resolve():
+        if source.resolve() != target.resolve() and not (target.is_file() and target.read_bytes() == source.read_bytes()):
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
             written.append(target)

@@ -223,22 +223,20 @@ def test_gpu_script_dry_run_on_cpu():
     assert json.loads(result.stdout)["served"]["geneformer_embed_torchscript_bf16"] == "torchscript_bf16_gpu"
 
 
-def test_a_reused_export_gets_the_checkouts_python_models(tmp_path):
+def test_a_reused_export_gets_the_installed_python_models(tmp_path):
     """A bench export reused for its matching weights must not serve stale model.py files (they import modules that moved)."""
-    from geneformer_triton.bench.cli import _refresh_python_models
+    from geneformer_triton.core.contract import ISP_MODEL, TOKENIZER_MODEL
+    from geneformer_triton.export.repository import PYTHON_MODEL_SOURCES, copy_python_models
 
-    source, export = tmp_path / "model_repository", tmp_path / "export"
-    (source / "m" / "1").mkdir(parents=True)
-    (source / "m" / "1" / "model.py").write_text("import geneformer_triton.core.tokenizer\n")
-    (source / "same" / "1").mkdir(parents=True)
-    (source / "same" / "1" / "model.py").write_text("x = 1\n")
-    (export / "m" / "1").mkdir(parents=True)
-    (export / "m" / "1" / "model.py").write_text("import geneformer_triton.dictionaries\n")
-    (export / "m" / "1" / "model.onnx").write_bytes(b"weights")
-    (export / "same" / "1").mkdir(parents=True)
-    (export / "same" / "1" / "model.py").write_text("x = 1\n")
-    os.utime(export / "same" / "1" / "model.py", (1, 1))
-    _refresh_python_models(source, export)
-    assert (export / "m" / "1" / "model.py").read_text() == "import geneformer_triton.core.tokenizer\n"
-    assert (export / "m" / "1" / "model.onnx").read_bytes() == b"weights"
-    assert (export / "same" / "1" / "model.py").stat().st_mtime == 1  # an unchanged file is left alone
+    export = tmp_path / "export"
+    stale, same = export / TOKENIZER_MODEL / "1" / "model.py", export / ISP_MODEL / "1" / "model.py"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("import geneformer_triton.dictionaries\n")
+    (stale.parent / "model.onnx").write_bytes(b"weights")
+    same.parent.mkdir(parents=True)
+    same.write_bytes((PYTHON_MODEL_SOURCES / ISP_MODEL / "1" / "model.py").read_bytes())
+    os.utime(same, (1, 1))
+    assert copy_python_models(export) == [stale]
+    assert stale.read_bytes() == (PYTHON_MODEL_SOURCES / TOKENIZER_MODEL / "1" / "model.py").read_bytes()
+    assert (stale.parent / "model.onnx").read_bytes() == b"weights"
+    assert same.stat().st_mtime == 1  # an unchanged file is left alone
