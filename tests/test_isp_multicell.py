@@ -199,6 +199,8 @@ def test_wire_batch_dimension_and_one_value_inputs_in_process():
     parsed = parse_request(one_cell_inputs(wire.get))
     assert list(parsed.gene_ids) == ["ENSG00000141510", "ENSG00000133703"] and parsed.n_counts == 10.0
     assert unbatched({"cell_shift": np.zeros((1, 3))})["cell_shift"].shape == (3,)
+    with pytest.raises(ValueError, match=r"cell_shift has shape \[2, 3\]; a geneformer_isp output has batch dimension 1"):
+        unbatched({"cell_shift": np.zeros((2, 3))})
     two = dict(wire, gene_ids=np.concatenate([wire["gene_ids"]] * 2))
     with pytest.raises(IspInputError, match=r"gene_ids has shape \[2, 2\]: geneformer_isp takes one cell per request"):
         parse_request(one_cell_inputs(two.get))

@@ -295,21 +295,25 @@ def parse_request(get: Callable[[str], Optional[np.ndarray]]) -> IspRequest:
     )
 
 
+def _without_batch_dim(name: str, value: np.ndarray, error: Callable[[str], Exception]) -> np.ndarray:
+    """``value[0]`` of a ``[1, ...]`` tensor; any other shape raises ``error("<name> has shape [...]")``."""
+    if value.ndim == 0 or value.shape[0] != 1:
+        raise error(f"{name} has shape {list(value.shape)}")
+    return value[0]
+
+
 def one_cell_inputs(get: Callable[[str], Optional[np.ndarray]]) -> Callable[[str], Optional[np.ndarray]]:
     """``get`` of a served request (every tensor [1, ...]: one cell per request) as the per-cell ``get`` that
     :func:`parse_request` reads (the leading batch dimension removed). An input whose batch dimension is not 1
     fails the request with the input's name and shape."""
 
+    def not_one_cell(where: str) -> IspInputError:
+        return IspInputError(f"{where}: geneformer_isp takes one cell per request, so every input needs a leading "
+                             "batch dimension of 1 (send cells as separate, concurrent requests; Triton merges them)")
+
     def cell_input(name: str) -> Optional[np.ndarray]:
         value = get(name)
-        if value is None:
-            return None
-        value = np.asarray(value)
-        if value.ndim == 0 or value.shape[0] != 1:
-            raise IspInputError(
-                f"{name} has shape {list(value.shape)}: geneformer_isp takes one cell per request, so every input "
-                "needs a leading batch dimension of 1 (send cells as separate, concurrent requests; Triton merges them)")
-        return value[0]
+        return None if value is None else _without_batch_dim(name, np.asarray(value), not_one_cell)
 
     return cell_input
 
@@ -322,12 +326,12 @@ def batched(tensors: dict[str, Optional[np.ndarray]]) -> dict[str, Optional[np.n
 
 def unbatched(tensors: dict[str, Optional[np.ndarray]]) -> dict[str, Optional[np.ndarray]]:
     """The inverse of :func:`batched` for a response (client side): ``[1, ...]`` -> ``[...]``."""
-    out = {}
-    for name, value in tensors.items():
-        if value is not None and (value.ndim == 0 or value.shape[0] != 1):
-            raise ValueError(f"{name} has shape {list(value.shape)}; a geneformer_isp output has batch dimension 1")
-        out[name] = None if value is None else value[0]
-    return out
+
+    def not_one_cell(where: str) -> ValueError:
+        return ValueError(f"{where}; a geneformer_isp output has batch dimension 1")
+
+    return {name: None if value is None else _without_batch_dim(name, np.asarray(value), not_one_cell)
+            for name, value in tensors.items()}
 
 
 def wants_gene_shift(request: IspRequest, requested_outputs: Sequence[str]) -> bool:

@@ -375,9 +375,8 @@ class TritonPythonModel:
     def _response(job, requested: list):
         outputs = job.outputs()
         wanted = set(requested) or set(outputs)
-        return pb_utils.InferenceResponse(  # [1, ...]: the request's batch dimension
-            output_tensors=[pb_utils.Tensor(name, value) for name, value in batched(outputs).items() if name in wanted]
-        )
+        kept = batched({name: value for name, value in outputs.items() if name in wanted})  # [1, ...]: one cell
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, value) for name, value in kept.items()])
 
     @staticmethod
     def _failure(error: BaseException):
