@@ -30,7 +30,18 @@ from geneformer_triton.client.run_store import (
     stored_settings,
     truncate_tail,
 )
-from geneformer_triton.core.isp_schema import COLUMNS, COMMIT_FOLDER, ERROR_COLUMNS, GENE_COLUMNS, GENE_FOLDER, IspRunError
+from geneformer_triton.core.isp_schema import (
+    COLUMNS,
+    COMMIT_FOLDER,
+    ERROR_COLUMNS,
+    GENE_COLUMNS,
+    GENE_FOLDER,
+    PART_GLOB,
+    IspRunError,
+    committed_parts,
+    part_batch,
+    part_file,
+)
 
 LOGGER = logging.getLogger(__name__)
 DISCARD_OPTION = "--overwrite"
@@ -96,17 +107,12 @@ class ResultStore:
     def _part_folders(self) -> tuple[Path, Path, Path]:
         return self.path, self.errors_path, self.genes_path
 
-    @staticmethod
-    def _batch(part: Path) -> str:
-        return part.name[len("part-"): -len(".parquet")]
-
     def _all_parts(self) -> list[Path]:
-        return [p for folder in self._part_folders() for p in folder.glob("part-*.parquet")]
+        return [p for folder in self._part_folders() for p in folder.glob(PART_GLOB)]
 
     def _parts(self, folder: Path) -> list[Path]:
         """Committed part files of ``folder`` (rows, ``_errors`` or ``_genes``), in write order."""
-        committed = self.commits.committed()
-        return [p for p in sorted(folder.glob("part-*.parquet")) if self._batch(p) in committed]
+        return committed_parts(folder, self.commits.committed())
 
     def _recover_parquet(self) -> None:
         """Remove leftovers of a killed run: temporary and uncommitted parts."""
@@ -114,11 +120,11 @@ class ResultStore:
             folder.mkdir(exist_ok=True)
         if not self.commits.folder.is_dir():  # written before commit markers: adopt every part
             self.commits.folder.mkdir()
-            for batch in sorted({self._batch(p) for p in self._all_parts()}):
+            for batch in sorted({part_batch(p) for p in self._all_parts()}):
                 self.commits.commit(batch)
         for folder in (*self._part_folders(), self.commits.folder):
             remove_temporaries(folder)
-        self.commits.sweep(self._all_parts(), self._batch)
+        self.commits.sweep(self._all_parts(), part_batch)
 
     def _recover_csv(self) -> None:
         """Remove leftovers of a killed run: torn last lines and partial cells."""
@@ -188,7 +194,7 @@ class ResultStore:
             if self.errors_path.is_file():
                 self.errors_path.unlink()
         else:
-            for part in self.errors_path.glob("part-*.parquet"):
+            for part in self.errors_path.glob(PART_GLOB):
                 part.unlink()
 
     # -- writing
@@ -198,7 +204,7 @@ class ResultStore:
         import pyarrow.parquet as pq
 
         table = pa.Table.from_pandas(frame, preserve_index=False)
-        return atomic_write(folder / f"part-{batch}.parquet", lambda tmp: pq.write_table(table, tmp))
+        return atomic_write(part_file(folder, batch), lambda tmp: pq.write_table(table, tmp))
 
     @staticmethod
     def _append_csv(frame: pd.DataFrame, file: Path, columns: Sequence[str]) -> None:

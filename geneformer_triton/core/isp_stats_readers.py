@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from geneformer_triton.core.isp_schema import COMMIT_FOLDER, STATE_PREFIX, UPSTREAM_SCORE
+from geneformer_triton.core.isp_schema import COMMIT_FOLDER, PART_GLOB, STATE_PREFIX, UPSTREAM_SCORE, committed_parts
 from geneformer_triton.core.isp_stats import CELL_EMB, SHIFT_COLUMNS, GeneDictionaries, IspStatsError, perturbed_key
 
 LOGGER = logging.getLogger(__name__)
@@ -163,10 +163,10 @@ def read_isp_results(path: str | Path) -> pd.DataFrame:
     if not path.exists():
         raise IspStatsError(f"ISP results not found: {path}")
     if path.is_dir():
-        parts = sorted(path.glob("part-*.parquet"))
+        parts = sorted(path.glob(PART_GLOB))
         commits = path / COMMIT_FOLDER
         if commits.is_dir():  # outputs written before commit markers have none: every part counts
-            committed = [p for p in parts if (commits / p.name[len("part-"):-len(".parquet")]).exists()]
+            committed = committed_parts(path, {marker.name for marker in commits.iterdir()})
             if len(committed) < len(parts):
                 LOGGER.warning("%s: ignoring %d uncommitted part(s) of an interrupted run; rerun the same `gftriton isp` "
                                "command to finish it", path, len(parts) - len(committed))
