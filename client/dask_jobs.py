@@ -154,10 +154,10 @@ def run_isp_on_cluster(args: argparse.Namespace, client: Any = None) -> int:
             "cells": fingerprint(cells.cell_ids, cells.counts.indptr, cells.counts.indices, cells.counts.data,
                                  cells.n_counts)}
     order = {c: i for i, c in enumerate(cells.cell_ids)}
-    with ResultStore(args.output, spec.fingerprint(), overwrite=args.overwrite, columns=spec.columns()) as final:
+    with (ResultStore(args.output, spec.fingerprint(), overwrite=args.overwrite, columns=spec.columns()) as final,
+          ShardStore(args.output) as shard_store):
         if args.retry_errors:
             final.forget_errors()
-        shard_store = ShardStore(args.output)
         resumed = shard_store.open(plan, restart=args.overwrite or args.retry_errors)
         finished = final.finished()
         todo = {s: [selected[r] for r in s.rows if cells.cell_ids[selected[r]] not in finished] for s in shards}
@@ -254,28 +254,28 @@ def run_embed_on_cluster(args: argparse.Namespace, client: Any = None) -> int:
     shards = plan_shards(cells.n_cells, options.shard_size)
     plan = {"job": "embed", "input": cells.fingerprint(), "model": args.model, "n_cells": cells.n_cells,
             "shard_size": options.shard_size, "tokenization": "server"}
-    shard_store = ShardStore(args.output)
-    resumed = shard_store.open(plan, restart=args.restart)
-    pending = [s for s in shards if not shard_store.is_done(s)]
-    LOGGER.info("%d cells in %d shards: %d to run, %d already stored in %s", cells.n_cells, len(shards),
-                len(pending), resumed, shard_store.folder)
+    with ShardStore(args.output) as shard_store:
+        resumed = shard_store.open(plan, restart=args.restart)
+        pending = [s for s in shards if not shard_store.is_done(s)]
+        LOGGER.info("%d cells in %d shards: %d to run, %d already stored in %s", cells.n_cells, len(shards),
+                    len(pending), resumed, shard_store.folder)
 
-    def payload(shard: Shard) -> tuple:
-        rows = shard.rows
-        return cells.counts[rows], cells.n_counts[rows], [cells.cell_ids[r] for r in rows]
+        def payload(shard: Shard) -> tuple:
+            rows = shard.rows
+            return cells.counts[rows], cells.n_counts[rows], [cells.cell_ids[r] for r in rows]
 
-    batch_size = args.batch_size or 32
-    job = EmbedShardJob(args.model, list(cells.gene_ids), vocabulary, batch_size, _connection(args, options))
-    failed = _run(client, options, pending, embed_shard_task, job, payload,
-                  lambda shard, result: shard_store.write(shard, result), not args.no_progress, args.model)
-    if failed:
-        raise ClusterError(f"{len(failed)} shard(s) failed ({failed[0][0].name}: {failed[0][1]}); finished shards are "
-                           f"saved in {shard_store.folder}: rerun the command to resume")
-    embeddings = np.concatenate([shard_store.read(s)["embeddings"] for s in shards]) if shards else np.zeros((0, 0))
-    info = {"model": args.model, "cluster": options.cluster or "", "servers": ",".join(t.url for t in options.servers),
-            "tokenization": "server", "input": cells.source}
-    write_embeddings(args.output, embeddings, cells.cell_ids, cells.adata, info)
-    shard_store.remove()
+        batch_size = args.batch_size or 32
+        job = EmbedShardJob(args.model, list(cells.gene_ids), vocabulary, batch_size, _connection(args, options))
+        failed = _run(client, options, pending, embed_shard_task, job, payload,
+                      lambda shard, result: shard_store.write(shard, result), not args.no_progress, args.model)
+        if failed:
+            raise ClusterError(f"{len(failed)} shard(s) failed ({failed[0][0].name}: {failed[0][1]}); finished shards are "
+                               f"saved in {shard_store.folder}: rerun the command to resume")
+        embeddings = np.concatenate([shard_store.read(s)["embeddings"] for s in shards]) if shards else np.zeros((0, 0))
+        info = {"model": args.model, "cluster": options.cluster or "", "servers": ",".join(t.url for t in options.servers),
+                "tokenization": "server", "input": cells.source}
+        write_embeddings(args.output, embeddings, cells.cell_ids, cells.adata, info)
+        shard_store.remove()
     LOGGER.info("wrote %d x %d embeddings to %s (%d shards run, %d resumed)", embeddings.shape[0],
                 embeddings.shape[1] if embeddings.ndim == 2 else 0, args.output, len(pending), resumed)
     return 0

@@ -20,12 +20,20 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import numpy as np
 import pandas as pd
 
-from geneformer_triton.client.run_store import CommitLog, ResumeMismatchError, RunLayout, atomic_write, open_run, remove_temporaries
+from geneformer_triton.client.run_store import (
+    CommitLog,
+    OpenRun,
+    ResumeMismatchError,
+    RunLayout,
+    atomic_write,
+    open_run,
+    remove_temporaries,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -83,7 +91,9 @@ def fingerprint(*parts: Iterable[str] | np.ndarray) -> str:
 class ShardStore:
     """Finished shards of one output, in ``<output>.shards/``; see the module docstring.
 
-    Not locked: only the client process of a run writes it (``gftriton isp`` holds the lock of its output).
+    While open (:meth:`open` .. :meth:`close` / :meth:`remove`, or a ``with`` block) it holds the folder's
+    lock: a second run on the same output is refused (:class:`~geneformer_triton.client.run_store.RunLockedError`)
+    before its reopening could delete the first run's pieces that are not yet marked done.
     """
 
     def __init__(self, output: str | Path) -> None:
@@ -91,6 +101,13 @@ class ShardStore:
         self.folder = output.with_name(output.name + ".shards")
         self.plan_path = self.folder / "_plan.json"
         self._done = CommitLog(self.folder, ".done")
+        self._run: Optional[OpenRun] = None
+
+    def __enter__(self) -> "ShardStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def open(self, plan: Mapping[str, Any], restart: bool = False) -> int:
         """Create the folder or resume it; returns the number of shards already done.
@@ -99,14 +116,26 @@ class ShardStore:
         :class:`ShardPlanMismatchError` (unless ``restart``, which discards the folder). Temporaries and
         pieces of shards without a marker (a killed run) are deleted.
         """
+        self.folder.mkdir(parents=True, exist_ok=True)
         layout = RunLayout(self.plan_path, (self.folder,), self.folder,
-                           "--overwrite (isp) or --restart (embed)",
+                           "--overwrite (isp) or --restart (embed)", lock=self.folder / "_lock",
                            mismatch=ShardPlanMismatchError)
-        open_run(layout, plan, discard=restart)
-        remove_temporaries(self.folder)
-        self._done.sweep([p for p in self.folder.glob("shard-*") if p.suffix != self._done.suffix],
-                         lambda piece: piece.name.split(".", 1)[0])
+        run = open_run(layout, plan, discard=restart)
+        try:
+            remove_temporaries(self.folder)
+            self._done.sweep([p for p in self.folder.glob("shard-*") if p.suffix != self._done.suffix],
+                             lambda piece: piece.name.split(".", 1)[0])
+        except BaseException:
+            run.close()
+            raise
+        self._run = run
         return len(self._done.committed())
+
+    def close(self) -> None:
+        """Release the lock (idempotent); the stored shards stay for a resume."""
+        if self._run is not None:
+            self._run.close()
+            self._run = None
 
     def is_done(self, shard: Shard) -> bool:
         return self._done.is_committed(shard.name)
@@ -145,5 +174,8 @@ class ShardStore:
         return pieces
 
     def remove(self) -> None:
+        """Delete the folder (the job assembled its output), then release the lock: a run that opens the
+        output after this starts on a new folder."""
         shutil.rmtree(self.folder, ignore_errors=True)
+        self.close()
 

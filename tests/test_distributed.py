@@ -295,12 +295,14 @@ def test_shard_store_resume_duplicates_and_plan_mismatch(tmp_path):
     pd.testing.assert_frame_equal(pieces["rows"], frame)
     assert pieces["emb"].shape == (2, 3)
     (store.folder / ".shard-00001.rows.parquet.123.tmp").write_bytes(b"torn")  # a killed write
-    again = ShardStore(output)
-    assert again.open(plan) == 1 and again.is_done(shards[0]) and not again.is_done(shards[1])
-    assert not list(again.folder.glob(".*.tmp"))
+    store.close()
+    with ShardStore(output) as again:
+        assert again.open(plan) == 1 and again.is_done(shards[0]) and not again.is_done(shards[1])
+        assert not list(again.folder.glob(".*.tmp"))
     with pytest.raises(ShardPlanMismatchError, match="shard_size"):
         ShardStore(output).open({**plan, "shard_size": 3})
-    assert ShardStore(output).open({**plan, "shard_size": 3}, restart=True) == 0
+    with ShardStore(output) as restarted:
+        assert restarted.open({**plan, "shard_size": 3}, restart=True) == 0
 
 
 def test_options_are_checked(tmp_path):

@@ -97,7 +97,8 @@ def test_every_store_refuses_a_mismatch_with_the_shared_error(tmp_path):
     with pytest.raises(ResumeMismatchError, match="model: stored 'm', now 'n'.*--restart"):
         PartialStore(tmp_path / "x.npy").open({**meta, "model": "n"})
 
-    ShardStore(tmp_path / "o.parquet").open({"job": "embed", "shard_size": 2})
+    with ShardStore(tmp_path / "o.parquet") as shards:
+        shards.open({"job": "embed", "shard_size": 2})
     with pytest.raises(ResumeMismatchError, match="shard_size: stored 2, now 3"):
         ShardStore(tmp_path / "o.parquet").open({"job": "embed", "shard_size": 3})
 
@@ -128,6 +129,13 @@ def test_a_second_writer_is_refused_and_cannot_discard(tmp_path):
         PartialStore(tmp_path / "e.npy").open({"hidden_size": 1})
     embed.close()
     PartialStore(tmp_path / "e.npy").open({"hidden_size": 1}, restart=True)  # negative control: released
+    shards = ShardStore(tmp_path / "d.parquet")
+    shards.open({"job": "embed", "shard_size": 2})
+    with pytest.raises(RunLockedError):  # a second Dask run on the same output would sweep the first's pieces
+        ShardStore(tmp_path / "d.parquet").open({"job": "embed", "shard_size": 2})
+    shards.close()
+    with ShardStore(tmp_path / "d.parquet") as again:  # negative control: released
+        assert again.open({"job": "embed", "shard_size": 2}) == 0
     with ResultStore(output, {"perturbation": "delete"}, overwrite=True) as second:  # negative control: lock released
         assert second.read().empty
 
