@@ -110,6 +110,15 @@ UPSTREAM_BATCH_NOTE = ("100 (its default) when every cell has <= {max_len} token
                        "2,048-token cells needs ~7 GB per attention map; on 448-574-token cells it peaked at 7.0 GB RSS)")
 
 
+def load_note(machine: dict) -> str:
+    """What the 1-minute load average when the run started says about the figures (``machine["before"]``)."""
+    load, cpus = (machine["before"].get("load_average") or [float("nan")])[0], os.cpu_count() or 1
+    if load >= 0.5 * cpus:
+        return (f"Other work was running when the run started (1-minute load {load:.2f} on {cpus} CPUs): absolute "
+                "figures are noisy; compare ratios from one run.")
+    return f"The machine was otherwise idle when the run started (1-minute load {load:.2f} on {cpus} CPUs)."
+
+
 def _markdown(report: dict) -> str:
     rows = report["results"]
     cells = report["cells"]
@@ -124,6 +133,8 @@ def _markdown(report: dict) -> str:
         f"loaded by upstream as `BertForMaskedLM` and by us; `emb_layer={report['emb_layer']}`. "
         f"Medians of {report['repeats']} repeats (min-max). Peak memory: peak sum of RSS over each method's process tree "
         "(psutil, 50 ms sampling; shared pages counted per process).",
+        "",
+        "## Results",
         "",
         "| method | emb_mode | perturbations/s | s per run | x upstream | peak RSS MiB | max abs diff cell_emb | max abs diff gene cos | agrees |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -226,8 +237,7 @@ def write_report(context: "BenchContext", results: list["MethodResult"], machine
                    "met": bool(served) and all(v >= CPU_TARGET for v in served.values())},
         "profile": profile,
         "notes": notes(context),
-        "note": ("The machine was shared with other jobs during the run (2 cores): absolute figures are noisy; "
-                 "compare ratios from one run."),
+        "note": load_note(machine),
         "files": {"csv": str(out / CSV_NAME), "json": str(out / JSON_NAME), "report": str(out / REPORT_NAME),
                   "plot": str(out / PLOT_NAME)},
     }

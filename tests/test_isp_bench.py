@@ -106,6 +106,20 @@ def test_quick_report_structure_and_equal_numbers(upstream_quick):
     assert report["profile"]["served"]["encoder_calls"] >= 1
     text = (out / "report.md").read_text()
     assert "x upstream" in text and "CPU target: served >= 5x upstream" in text and "Load average before" in text
+    assert "\n## Results\n" in text  # the table README quotes whole (tests/test_readme_figures.py)
+    assert report["note"] in text
+
+
+def test_the_report_says_what_the_load_when_it_started_means():
+    """The note follows the recorded 1-minute load (it once said "shared with other jobs" on every run)."""
+    import os
+
+    from geneformer_triton.bench.isp_upstream_report import load_note
+
+    cpus = os.cpu_count()
+    assert load_note({"before": {"load_average": [0.1, 1.0, 1.0]}}).startswith("The machine was otherwise idle")
+    busy = load_note({"before": {"load_average": [cpus * 1.2, 0.1, 0.1]}})
+    assert busy.startswith("Other work was running") and "noisy" in busy
 
 
 def test_agreement_check_rejects_wrong_numbers(upstream_quick):

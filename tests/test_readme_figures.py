@@ -2,8 +2,8 @@
 
 README.md marks each quoted region ``<!-- quote: bench/results/<run>/report.md -->`` ...
 ``<!-- end quote -->``. Every line inside must occur verbatim in that report (headings may drop one
-level: the report's ``## Targets`` is the README's ``### Targets``), and every row of the report's
-headline and targets tables must be inside (quoting a favourable subset is the defect this guards).
+level: the report's ``## Targets`` is the README's ``### Targets``), and every table row and bullet of
+the report's :data:`WHOLE_SECTIONS` must be inside (quoting a favourable subset is the defect this guards).
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from conftest import REPO_ROOT
 
 README = REPO_ROOT / "README.md"
 QUOTE = re.compile(r"<!-- quote: (?P<path>\S+) -->\n(?P<body>.*?)<!-- end quote -->", re.S)
-WHOLE_SECTIONS = ("## Headline", "## Targets")  # every table row of these report sections must be quoted
+# every table row and bullet of these report sections must be quoted (bench/cli.py reports: headline and
+# targets; bench/isp_upstream_bench.py reports: results and the CPU/GPU target verdicts)
+WHOLE_SECTIONS = ("## Headline", "## Targets", "## Results", "## CPU target", "## GPU target")
 
 
 def quoted_regions(text: str) -> list[tuple[str, list[str]]]:
@@ -24,12 +26,12 @@ def quoted_regions(text: str) -> list[tuple[str, list[str]]]:
 
 
 def section_rows(report: str, heading: str) -> list[str]:
-    """Table rows (``| ... |`` lines) of the report section that starts with ``heading``."""
+    """Table rows (``| ... |`` lines) and bullets of the report section that starts with ``heading``."""
     rows, inside = [], False
     for line in report.splitlines():
         if line.startswith("## "):
             inside = line.startswith(heading)
-        elif inside and line.startswith("|"):
+        elif inside and line.startswith(("|", "- ")):
             rows.append(line)
     return rows
 
@@ -56,16 +58,19 @@ def test_readme_quotes_a_report_whole():
 
 
 def test_an_edited_or_selective_quote_is_caught():
-    path, lines = quoted_regions(README.read_text())[0]
-    report = (REPO_ROOT / path).read_text()
-    rows = [i for i, line in enumerate(lines) if line.startswith("|") and re.search(r"\d", line)]
-    assert rows, "the quote has no table rows with figures"
-    edited = list(lines)
-    edited[rows[-1]] = re.sub(r"\d", lambda d: str((int(d.group()) + 1) % 10), edited[rows[-1]], count=1)
-    assert any("not in the report" in p for p in quote_problems(edited, report))
-    headline = section_rows(report, "## Headline")[-1]
-    selective = [line for line in lines if line != headline]
-    assert any("left out of ## Headline" in p for p in quote_problems(selective, report))
+    regions = quoted_regions(README.read_text())
+    for path, lines in regions:
+        report = (REPO_ROOT / path).read_text()
+        rows = [i for i, line in enumerate(lines) if line.startswith("|") and re.search(r"\d", line)]
+        assert rows, f"the quote of {path} has no table rows with figures"
+        edited = list(lines)
+        edited[rows[-1]] = re.sub(r"\d", lambda d: str((int(d.group()) + 1) % 10), edited[rows[-1]], count=1)
+        assert any("not in the report" in p for p in quote_problems(edited, report)), path
+        required = [(heading, row) for heading in WHOLE_SECTIONS for row in section_rows(report, heading)]
+        assert required, f"{path} has none of the sections {WHOLE_SECTIONS}"
+        heading, row = required[-1]
+        selective = [line for line in lines if line != row]
+        assert any(f"left out of {heading}" in p for p in quote_problems(selective, report)), path
 
 
 def test_quoted_report_path_is_relative_to_the_checkout():
