@@ -35,8 +35,10 @@ def with_ratios(rows: list[dict]) -> list[dict]:
 def environment() -> dict:
     import torch
 
+    from geneformer_triton.bench.report import cpu_name
+
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "processor": platform.processor(), "torch": torch.__version__}
+            "processor": cpu_name(), "torch": torch.__version__}
 
 
 def served_profile(result: "MethodResult", inprocess: "MethodResult | None") -> dict:
@@ -170,7 +172,8 @@ def _markdown(report: dict) -> str:
             lines += [f"In process (`{p['served_mode']}`): {i['total_s']:.2f} s = encoder {i['encoder_s']:.2f} s + "
                       f"planning and numpy reduction {i['plan_and_reduce_s']:.2f} s.", ""]
     lines += ["## Machine", "",
-              f"{report['environment']['platform']}, {report['environment']['cpu_count']} CPUs, torch "
+              f"{report['environment']['platform']}, {report['environment']['processor'] or 'CPU model not recorded'}, "
+              f"{report['environment']['cpu_count']} CPUs, torch "
               f"{report['environment']['torch']} (ours). Load average before {machine['before'].get('load_average')} "
               f"({machine['before']['utc']}), after {machine['after'].get('load_average')} ({machine['after']['utc']}); "
               f"whole run {machine['seconds']:.0f} s. {report['note']}", "", "## Notes", ""]

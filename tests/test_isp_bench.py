@@ -108,6 +108,7 @@ def test_quick_report_structure_and_equal_numbers(upstream_quick):
     assert "x upstream" in text and "CPU target: served >= 5x upstream" in text and "Load average before" in text
     assert "\n## Results\n" in text  # the table README quotes whole (tests/test_readme_figures.py)
     assert report["note"] in text
+    assert report["environment"]["processor"] and report["environment"]["processor"] in text  # ratios move with the CPU
 
 
 def test_the_report_says_what_the_load_when_it_started_means():
