@@ -163,3 +163,23 @@ def test_precision_comparison_scores_rankings(exported_repository, celltypist_to
     reversed_ = dict(fp32, cell_emb_shift=-fp32["cell_emb_shift"])
     bad = compare(fp32, reversed_)
     assert bad["spearman"] == pytest.approx(-1.0) and bad[f"top{TOP}_overlap"] == 0.0
+
+
+# ----------------------------------------------------------------------------- cells merged per execute
+
+
+def test_multicell_bench_runs_and_its_values_are_upstreams(tmp_path):
+    """``bench/isp_multicell_bench.py`` (its figures are in the README) on 3 real Norman cells: both served modes
+    and upstream's InSilicoPerturber run, and the served values are upstream's (same keys, max abs diff <= 1e-5)."""
+    from geneformer_triton.bench.isp_multicell_bench import MulticellOptions, run
+
+    report = run(MulticellOptions(cells=3, concurrency=3, cases=("overexpress_KLF1",), out=str(tmp_path / "out"),
+                                  work=str(tmp_path / "work")))
+    case = report["cases"]["overexpress_KLF1"]
+    assert set(case) >= {"one_at_a_time", "merged", "upstream"}
+    for mode in ("one_at_a_time", "merged"):
+        assert case[mode]["perturbations"] == 3, mode  # KLF1 is in no cell: one overexpression each
+        assert case[mode]["max_abs_diff_vs_upstream"] <= 1e-5, mode
+        assert case[mode]["triton"]["geneformer_isp"]["inferences"] == 3.0, mode
+    assert case["merged"]["max_abs_diff_vs_one_at_a_time"] <= 1e-5
+    assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "isp_multicell.json").is_file()
