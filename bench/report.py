@@ -52,6 +52,7 @@ def environment() -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu": cpu_name(),
+        "cpu_features": cpu_features(),
         "physical_cores": psutil.cpu_count(logical=False),
         "logical_cpus": psutil.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
@@ -74,6 +75,20 @@ def environment() -> dict:
     except Exception:  # noqa: BLE001
         pass
     return info
+
+
+#: CPU instruction sets that decide which reduced-precision paths run natively (``/proc/cpuinfo`` flag names)
+PRECISION_FEATURES = ("avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_fp16")
+
+
+def cpu_features() -> list[str]:
+    """The :data:`PRECISION_FEATURES` this CPU reports (empty where ``/proc/cpuinfo`` is unreadable)."""
+    try:
+        flags = set(next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                          if line.startswith("flags")), []))
+    except OSError:
+        return []
+    return [f for f in PRECISION_FEATURES if f in flags]
 
 
 def cpu_name() -> str:
@@ -366,7 +381,8 @@ def _markdown(results, inprocess, triton, scaling, targets, fits, plots) -> str:
     cells = results.get("cells", {})
     lines = [f"# Geneformer benchmark — {results.get('mode', '?')} mode, {env.get('host', '')}", ""]
     lines += [f"- started {env.get('started_at', '')}, {results.get('elapsed_s', 0):.0f} s; machine: {env.get('cpu', '')}, "
-              f"{env.get('physical_cores', '')} cores, {env.get('memory_gb', '')} GB"
+              f"{env.get('physical_cores', '')} cores, {env.get('memory_gb', '')} GB, "
+              f"{'/'.join(env.get('cpu_features') or []) or 'no VNNI/BF16/AMX/FP16'}"
               + (f", GPU {env['gpu']}" if env.get("gpu") else ", no GPU"),
               f"- software: torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')}, transformers {env.get('transformers')}, "
               f"tritonclient/perf_analyzer {env.get('tritonclient')}, python {env.get('python')}",
