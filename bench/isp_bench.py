@@ -116,8 +116,10 @@ def resolve_dtype(name: str, device: str):
     if name == "auto":
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-        return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+        from geneformer_triton.core.host import cpu_features
+
+        features = cpu_features()
+        return torch.bfloat16 if ("avx512_bf16" in features or "amx_bf16" in features) else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 

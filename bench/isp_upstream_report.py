@@ -35,7 +35,7 @@ def with_ratios(rows: list[dict]) -> list[dict]:
 def environment() -> dict:
     import torch
 
-    from geneformer_triton.bench.report import cpu_name
+    from geneformer_triton.core.host import cpu_name
 
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "processor": cpu_name(), "torch": torch.__version__}

@@ -29,6 +29,7 @@ from geneformer_triton.bench.methods import REFERENCE
 from geneformer_triton.bench.scaling import SCALING_COLUMNS, fit_cells_cost, fit_length_cost
 from geneformer_triton.bench.stats import range_text
 from geneformer_triton.bench.triton_bench import TRITON_COLUMNS
+from geneformer_triton.core.host import cpu_features, cpu_name
 
 LOGGER = logging.getLogger(__name__)
 
@@ -75,31 +76,6 @@ def environment() -> dict:
     except Exception:  # noqa: BLE001
         pass
     return info
-
-
-#: CPU instruction sets that decide which reduced-precision paths run natively (``/proc/cpuinfo`` flag names)
-PRECISION_FEATURES = ("avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_fp16")
-
-
-def cpu_features() -> list[str]:
-    """The :data:`PRECISION_FEATURES` this CPU reports (empty where ``/proc/cpuinfo`` is unreadable)."""
-    try:
-        flags = set(next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                          if line.startswith("flags")), []))
-    except OSError:
-        return []
-    return [f for f in PRECISION_FEATURES if f in flags]
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; else ``platform.processor()``)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _json_safe(value):

@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from geneformer_triton.core.host import cpu_features, default_embed_model
 from geneformer_triton.model.args import add_model_arguments, load_model_from_args
 
 LOGGER = logging.getLogger(__name__)
-
-DEMO_MODEL = "geneformer_embed_onnx_int8"  # fastest served path that holds its gate (bench/results/2026-12-01-vm)
 
 
 def _embed_throughput(url: str, protocol: str, adata, model: str, concurrency: int) -> dict:
@@ -139,10 +138,11 @@ def run_demo(args: argparse.Namespace) -> int:
     export_model_repository(loaded, args.repository)
     adata = load_celltypist_sample(n_cells=args.cells, symbol_to_ensembl=loaded.vocabulary.gene_name_to_id)
 
+    model = default_embed_model(cpu_features())
     with LocalTritonServer(args.repository, model_config_name="cpu", log_path=out / "tritonserver.log") as server:
         throughput = [
-            _embed_throughput(server.grpc_url, "grpc", adata, DEMO_MODEL, args.concurrency),
-            _embed_throughput(server.http_url, "http", adata, DEMO_MODEL, args.concurrency),
+            _embed_throughput(server.grpc_url, "grpc", adata, model, args.concurrency),
+            _embed_throughput(server.http_url, "http", adata, model, args.concurrency),
         ]
         with GeneformerClient(server.grpc_url, "grpc") as client:
             report = check_server(client, loaded, n_cells=args.check_cells, manifests=local_manifests(args.repository))
