@@ -112,9 +112,10 @@ UPSTREAM_BATCH_NOTE = ("100 (its default) when every cell has <= {max_len} token
                        "2,048-token cells needs ~7 GB per attention map; on 448-574-token cells it peaked at 7.0 GB RSS)")
 
 
-def load_note(machine: dict) -> str:
-    """What the 1-minute load average when the run started says about the figures (``machine["before"]``)."""
-    load, cpus = (machine["before"].get("load_average") or [float("nan")])[0], os.cpu_count() or 1
+def load_note(machine: dict, cpus: int) -> str:
+    """What the 1-minute load average when the run started (``machine["before"]``) says about the figures on a
+    host of ``cpus`` CPUs (the report's recorded ``environment["cpu_count"]``, not the rendering host's)."""
+    load = (machine["before"].get("load_average") or [float("nan")])[0]
     if load >= 0.5 * cpus:
         return (f"Other work was running when the run started (1-minute load {load:.2f} on {cpus} CPUs): absolute "
                 "figures are noisy; compare ratios from one run.")
@@ -228,19 +229,20 @@ def write_report(context: "BenchContext", results: list["MethodResult"], machine
         profile["served"] = served_profile(chosen["served"], chosen.get("inprocess"))
     if profile:
         profile["served_mode"] = mode
+    host = environment()
     report = {
         "mode": options.mode, "model": "gf-6L-10M-i2048", "seed": options.seed, "emb_layer": options.emb_layer,
         "repeats": options.repeats, "cells": [c.describe() for c in context.cells],
         "perturbations": int(sum(c.tokens.size for c in context.cells)),
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(options).items()},
-        "environment": environment(), "machine": machine, "results": rows,
+        "environment": host, "machine": machine, "results": rows,
         "descriptions": {f"{r.method}/{r.emb_mode}": r.description for r in results},
         "details": {f"{r.method}/{r.emb_mode}": r.details for r in results},
         "target": {"cpu_served_x_upstream": CPU_TARGET, "served_x_upstream": served,
                    "met": bool(served) and all(v >= CPU_TARGET for v in served.values())},
         "profile": profile,
         "notes": notes(context),
-        "note": load_note(machine),
+        "note": load_note(machine, host["cpu_count"] or 1),
         "files": {"csv": str(out / CSV_NAME), "json": str(out / JSON_NAME), "report": str(out / REPORT_NAME),
                   "plot": str(out / PLOT_NAME)},
     }

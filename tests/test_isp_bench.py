@@ -118,8 +118,8 @@ def test_the_report_says_what_the_load_when_it_started_means():
     from geneformer_triton.bench.isp_upstream_report import load_note
 
     cpus = os.cpu_count()
-    assert load_note({"before": {"load_average": [0.1, 1.0, 1.0]}}).startswith("The machine was otherwise idle")
-    busy = load_note({"before": {"load_average": [cpus * 1.2, 0.1, 0.1]}})
+    assert load_note({"before": {"load_average": [0.1, 1.0, 1.0]}}, cpus).startswith("The machine was otherwise idle")
+    busy = load_note({"before": {"load_average": [cpus * 1.2, 0.1, 0.1]}}, cpus)
     assert busy.startswith("Other work was running") and "noisy" in busy
 
 
